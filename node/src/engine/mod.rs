@@ -1,0 +1,923 @@
+//! The local engine: an ordered in-memory map made durable by a write-ahead
+//! log with group commit, snapshots, and deterministic recovery.
+//!
+//! What it promises: a write acknowledged as durable is never lost, and a
+//! write that was not is, after any crash, either wholly there or wholly
+//! absent. See `node/DESIGN.md` for the byte layouts and the argument.
+//!
+//! How a write flows (sync mode, `batch == 1`):
+//! 1. under the state lock the op is validated, given the next LSN, encoded
+//!    into the [`LogBuffer`] and queued for apply;
+//! 2. the writer waits until `durable_lsn >= lsn`. If no flush is running it
+//!    becomes the flusher itself (no thread hop on the fast path): it takes
+//!    every buffered chunk, writes and `fdatasync`s them *outside* the state
+//!    lock while other writers keep appending, then applies every queued op
+//!    that is now durable, in LSN order, and wakes all waiters. One sync
+//!    covers every writer that appended before it: group commit;
+//! 3. only then is the write visible to readers and acknowledged.
+//!
+//! In batch mode (`batch == N > 1`) a write is applied at once and
+//! acknowledged once *written* (handed to the OS: it survives a process kill),
+//! and every N-th write, `FLUSH` and the caller's flush timer make everything
+//! durable. Up to N-1 acknowledged writes (and at most one timer interval)
+//! can be lost to a power failure.
+//!
+//! The flusher is also drivable without threads: [`Engine::submit`] appends
+//! without waiting and [`Engine::flush_step`] runs one flush round, so a
+//! simulation can drive the engine on one thread.
+//!
+//! Positions, asserted on every change:
+//! `applied_lsn <= durable_lsn <= written_lsn <= last_lsn`.
+//!
+//! What it does not do: networking, replication decisions, or timers of its
+//! own (the caller runs the flush timer; see [`crate::timer`]).
+
+pub mod error;
+pub mod log_buffer;
+pub mod record;
+pub mod snapshot;
+pub mod state;
+pub mod wal;
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+
+pub use error::{EngineError, Result};
+use log_buffer::{BufferLimits, LogBuffer};
+pub use record::{Op, Record};
+use state::MapState;
+use wal::{Wal, WalConfig};
+
+use crate::storage::Storage;
+
+/// Engine settings. Every field has a default (see [`EngineConfig::new`]).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory for WAL segments and snapshots; created on demand.
+    pub data_dir: PathBuf,
+    /// Longest key accepted, in bytes. Default 1 KiB.
+    pub key_bytes_max: usize,
+    /// Longest value accepted, in bytes. Default 1 MiB.
+    pub value_bytes_max: usize,
+    /// A WAL segment is sealed once it holds this many bytes. Default 64 MiB.
+    pub segment_bytes_max: u64,
+    /// Take a snapshot automatically after this many WAL bytes since the last
+    /// one; 0 turns automatic snapshots off. Default 64 MiB.
+    pub snapshot_wal_bytes: u64,
+    /// Sync every `batch` writes; 1 (the default) syncs before every
+    /// acknowledgement.
+    pub batch: u32,
+    /// In batch mode, the longest a written write stays unsynced, in
+    /// milliseconds (enforced by [`crate::timer::FlushTimer`]). Default 100.
+    pub flush_interval_ms: u64,
+    /// Bytes one group commit writes at most. Default 4 MiB.
+    pub group_commit_bytes_max: usize,
+    /// Records one group commit writes at most. Default 16384.
+    pub group_commit_records_max: usize,
+}
+
+impl EngineConfig {
+    /// Defaults, with data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            key_bytes_max: 1024,
+            value_bytes_max: 1 << 20,
+            segment_bytes_max: 64 << 20,
+            snapshot_wal_bytes: 64 << 20,
+            batch: 1,
+            flush_interval_ms: 100,
+            group_commit_bytes_max: 4 << 20,
+            group_commit_records_max: 16384,
+        }
+    }
+
+    fn record_payload_bytes_max(&self) -> usize {
+        4 + self.key_bytes_max + self.value_bytes_max
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |why: &str| Err(EngineError::Config(why.to_owned()));
+        if self.key_bytes_max == 0 || self.key_bytes_max > u32::MAX as usize / 2 {
+            return bad("key_bytes_max must be between 1 and 2^31");
+        }
+        if self.value_bytes_max > u32::MAX as usize / 2 {
+            return bad("value_bytes_max must be at most 2^31");
+        }
+        if self.segment_bytes_max < 4096 {
+            return bad("segment_bytes_max must be at least 4096");
+        }
+        if self.batch == 0 {
+            return bad("batch must be at least 1");
+        }
+        if self.group_commit_bytes_max == 0 || self.group_commit_records_max == 0 {
+            return bad("group commit bounds must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What opening found, for the one-line start-up summary.
+#[derive(Debug, Clone, Default)]
+pub struct RecoverySummary {
+    /// LSN of the snapshot loaded, if any.
+    pub snapshot_lsn: Option<u64>,
+    /// Snapshots that failed to verify (renamed to `*.broken`), with reasons.
+    pub snapshots_rejected: Vec<(PathBuf, String)>,
+    /// WAL records replayed on top of the snapshot.
+    pub records_replayed: u64,
+    /// Bytes cut from a torn WAL tail.
+    pub tail_bytes_cut: u64,
+    /// A half-created last segment that was removed.
+    pub removed_segment: Option<PathBuf>,
+    /// Last LSN in the log.
+    pub last_lsn: u64,
+    /// Keys in the recovered map.
+    pub keys: usize,
+    /// State digest after recovery.
+    pub digest: u64,
+}
+
+impl std::fmt::Display for RecoverySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.snapshot_lsn {
+            Some(lsn) => write!(f, "snapshot LSN {lsn}")?,
+            None => write!(f, "no snapshot")?,
+        }
+        write!(
+            f,
+            ", {} WAL records replayed, {} bytes cut from the tail, last LSN {}, {} keys, digest {:016x}",
+            self.records_replayed, self.tail_bytes_cut, self.last_lsn, self.keys, self.digest
+        )?;
+        if !self.snapshots_rejected.is_empty() {
+            write!(
+                f,
+                ", {} bad snapshot(s) set aside",
+                self.snapshots_rejected.len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A point-in-time view of the engine's positions and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Last LSN appended.
+    pub last_lsn: u64,
+    /// Last LSN handed to the OS.
+    pub written_lsn: u64,
+    /// Last LSN covered by a completed `fdatasync`.
+    pub durable_lsn: u64,
+    /// Last LSN applied to the map.
+    pub applied_lsn: u64,
+    /// LSN of the newest snapshot on disk (0 if none).
+    pub snapshot_lsn: u64,
+    /// Keys in the map.
+    pub keys: usize,
+    /// State digest.
+    pub digest: u64,
+    /// WAL `fdatasync` calls made by group commit since open.
+    pub fsyncs: u64,
+    /// Current batch setting.
+    pub batch: u32,
+    /// Why the engine is poisoned, if it is.
+    pub poisoned: Option<String>,
+}
+
+/// Result of a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// LSN the snapshot covers.
+    pub lsn: u64,
+    /// Its path.
+    pub path: PathBuf,
+    /// Keys in it.
+    pub keys: usize,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// WAL segments deleted because the retained snapshots cover them.
+    pub segments_removed: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Written,
+    Durable,
+}
+
+#[derive(Debug)]
+struct State {
+    log: LogBuffer,
+    /// Every record with LSN <= this was handed to the OS.
+    written_lsn: u64,
+    /// Every record with LSN <= this is covered by a completed sync.
+    durable_lsn: u64,
+    /// Ops appended but not yet applied, in LSN order.
+    pending_apply: VecDeque<Record>,
+    /// In replicated mode, records above this are not applied even when
+    /// durable (they are not committed yet). `None`: single-node mode, where
+    /// durable means committed.
+    commit_lsn: Option<u64>,
+    /// A flush round (or another exclusive WAL operation) is running.
+    flushing: bool,
+    /// The highest LSN some waiter needs durable.
+    sync_wanted: u64,
+    poisoned: Option<String>,
+    batch: u32,
+    term: u64,
+    wal_bytes_since_snapshot: u64,
+    snapshot_lsn: u64,
+}
+
+/// The engine. Share it between threads with an `Arc`.
+pub struct Engine {
+    storage: Arc<dyn Storage>,
+    config: EngineConfig,
+    state: Mutex<State>,
+    /// Signalled whenever a flush round ends or the engine is poisoned.
+    flushed: Condvar,
+    /// Lock order: `state` before `map`; `wal` is never taken with `state` held.
+    map: RwLock<MapState>,
+    wal: Mutex<Wal>,
+    snapshot_lock: Mutex<()>,
+    snapshot_running: AtomicBool,
+    fsyncs: AtomicU64,
+    recovery: RecoverySummary,
+    _dir_lock: Box<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("data_dir", &self.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock is a bug that already failed loudly; the
+    // guarded data is kept consistent by the code holding it, so go on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Engine {
+    /// Opens the engine on `config.data_dir`, recovering whatever is there:
+    /// load the newest snapshot that verifies, replay the WAL after it, cut a
+    /// torn tail, refuse mid-log corruption.
+    pub fn open(storage: Arc<dyn Storage>, config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let dir = config.data_dir.clone();
+        storage
+            .create_dir_all(&dir)
+            .map_err(EngineError::io("create data directory", &dir))?;
+        let dir_lock = storage.lock_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                EngineError::Locked { dir: dir.clone() }
+            } else {
+                EngineError::Io {
+                    op: "lock data directory",
+                    path: dir.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        remove_snapshot_temps(&*storage, &dir)?;
+
+        let mut summary = RecoverySummary::default();
+        let loaded = snapshot::load_newest(&*storage, &dir)?;
+        for (path, reason) in &loaded.rejected {
+            let broken = path.with_extension("snap.broken");
+            tracing::warn!(path = %path.display(), %reason, "snapshot does not verify; set aside as .broken");
+            storage
+                .rename(path, &broken)
+                .map_err(EngineError::io("set aside bad snapshot", path))?;
+            storage
+                .sync_dir(&dir)
+                .map_err(EngineError::io("sync data directory", &dir))?;
+        }
+        summary.snapshots_rejected = loaded.rejected;
+        let mut map = match loaded.snapshot {
+            Some(s) => {
+                summary.snapshot_lsn = Some(s.lsn);
+                MapState::from_snapshot(s.map, s.lsn, s.term, s.digest)
+            }
+            None => MapState::default(),
+        };
+        let snapshot_lsn = map.applied_lsn();
+
+        let wal_config = WalConfig {
+            segment_bytes_max: config.segment_bytes_max,
+            record_payload_bytes_max: config.record_payload_bytes_max(),
+        };
+        let (wal, rec) = Wal::open(
+            storage.clone(),
+            &dir,
+            wal_config,
+            snapshot_lsn + 1,
+            snapshot_lsn + 1,
+            |r| map.apply(r.lsn, r.term, r.op),
+        )?;
+        let first_path = wal.segments()[0].path.clone();
+        if wal.first_lsn() > snapshot_lsn + 1 {
+            return Err(EngineError::Corrupt {
+                file: first_path,
+                offset: 0,
+                lsn: Some(snapshot_lsn + 1),
+                reason: format!(
+                    "the WAL starts at LSN {} but the snapshot covers only through {snapshot_lsn}: records are missing",
+                    wal.first_lsn()
+                ),
+            });
+        }
+        if wal.last_lsn() < snapshot_lsn {
+            return Err(EngineError::Corrupt {
+                file: first_path,
+                offset: 0,
+                lsn: Some(wal.last_lsn() + 1),
+                reason: format!(
+                    "the WAL ends at LSN {} before the snapshot LSN {snapshot_lsn}",
+                    wal.last_lsn()
+                ),
+            });
+        }
+        assert_eq!(
+            map.applied_lsn(),
+            wal.last_lsn(),
+            "recovery applies the whole log"
+        );
+
+        summary.records_replayed = rec.replayed;
+        summary.tail_bytes_cut = rec.tail_bytes_cut;
+        summary.removed_segment = rec.removed_segment;
+        summary.last_lsn = wal.last_lsn();
+        summary.keys = map.len();
+        summary.digest = map.digest();
+        // The term of the last record: from the WAL if it holds any record,
+        // else from the snapshot.
+        let last_term = if wal.last_lsn() >= wal.first_lsn() {
+            rec.last_term
+        } else {
+            map.applied_term()
+        };
+
+        let limits = BufferLimits {
+            segment_bytes_max: config.segment_bytes_max,
+            group_commit_bytes_max: config.group_commit_bytes_max,
+            group_commit_records_max: config.group_commit_records_max,
+        };
+        let last = wal.last_lsn();
+        let state = State {
+            log: LogBuffer::new(
+                limits,
+                wal.active_header(),
+                wal.active_bytes(),
+                last,
+                last_term,
+            ),
+            written_lsn: last,
+            durable_lsn: last,
+            pending_apply: VecDeque::new(),
+            commit_lsn: None,
+            flushing: false,
+            sync_wanted: 0,
+            poisoned: None,
+            batch: config.batch,
+            term: last_term,
+            wal_bytes_since_snapshot: 0,
+            snapshot_lsn,
+        };
+        Ok(Engine {
+            storage,
+            config,
+            state: Mutex::new(state),
+            flushed: Condvar::new(),
+            map: RwLock::new(map),
+            wal: Mutex::new(wal),
+            snapshot_lock: Mutex::new(()),
+            snapshot_running: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            recovery: summary,
+            _dir_lock: dir_lock,
+        })
+    }
+
+    /// What recovery found when this engine was opened.
+    pub fn recovery(&self) -> &RecoverySummary {
+        &self.recovery
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Checks a key and value against the configured limits.
+    pub fn validate(&self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        if key.is_empty() {
+            return Err(EngineError::EmptyKey);
+        }
+        if key.len() > self.config.key_bytes_max {
+            return Err(EngineError::KeyTooLarge {
+                len: key.len(),
+                max: self.config.key_bytes_max,
+            });
+        }
+        if let Some(v) = value {
+            if v.len() > self.config.value_bytes_max {
+                return Err(EngineError::ValueTooLarge {
+                    len: v.len(),
+                    max: self.config.value_bytes_max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `key` to `value`; returns the write's LSN once it is acknowledged
+    /// (durable in sync mode, written in batch mode).
+    pub fn put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<u64> {
+        self.validate(&key, Some(&value))?;
+        self.write(Op::Put { key, value })
+    }
+
+    /// Removes `key` (acknowledged like [`Engine::put`]).
+    pub fn delete(&self, key: Vec<u8>) -> Result<u64> {
+        self.validate(&key, None)?;
+        self.write(Op::Delete { key })
+    }
+
+    /// The value of `key`, as of the applied state.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        read(&self.map).get(key).cloned()
+    }
+
+    /// Number of keys in the applied state.
+    pub fn len(&self) -> usize {
+        read(&self.map).len()
+    }
+
+    /// True if the applied state has no keys.
+    pub fn is_empty(&self) -> bool {
+        read(&self.map).is_empty()
+    }
+
+    /// Digest of the applied state and the LSN it reflects.
+    pub fn digest(&self) -> (u64, u64) {
+        let map = read(&self.map);
+        (map.digest(), map.applied_lsn())
+    }
+
+    /// Recomputes the digest from every entry and checks it against the
+    /// incremental one; returns it. For tests and `kv check`.
+    pub fn verify_digest(&self) -> u64 {
+        let map = read(&self.map);
+        let full = map.digest_full();
+        assert_eq!(full, map.digest(), "incremental digest matches the entries");
+        full
+    }
+
+    /// Calls `f` with every entry in key order (under the read lock).
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for (k, v) in read(&self.map).iter() {
+            f(k, v);
+        }
+    }
+
+    fn write(&self, op: Op) -> Result<u64> {
+        let (lsn, level) = {
+            let mut st = lock(&self.state);
+            self.check_writable(&st)?;
+            let term = st.term;
+            let len = op.record_len() as u64;
+            let lsn = st.log.append(term, &op);
+            st.wal_bytes_since_snapshot += len;
+            let record = Record { lsn, term, op };
+            let level = if st.batch <= 1 || st.commit_lsn.is_some() {
+                st.pending_apply.push_back(record);
+                Level::Durable
+            } else if st.pending_apply.is_empty() {
+                write(&self.map).apply(record.lsn, record.term, record.op);
+                if lsn - st.durable_lsn >= u64::from(st.batch) {
+                    Level::Durable
+                } else {
+                    Level::Written
+                }
+            } else {
+                // Older writes still wait to be applied (the mode just
+                // changed): keep the order, and wait until they are applied.
+                st.pending_apply.push_back(record);
+                Level::Durable
+            };
+            (lsn, level)
+        };
+        self.wait_for(lsn, level)?;
+        self.maybe_snapshot();
+        Ok(lsn)
+    }
+
+    fn check_writable(&self, st: &State) -> Result<()> {
+        match &st.poisoned {
+            Some(cause) => Err(EngineError::Poisoned {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends a write without waiting for it; returns its LSN. It becomes
+    /// durable and visible after a flush round ([`Engine::flush_step`], or any
+    /// waiting writer's). For callers that drive the flusher themselves.
+    pub fn submit(&self, op: Op) -> Result<u64> {
+        self.validate(
+            op.key(),
+            match &op {
+                Op::Put { value, .. } => Some(value),
+                Op::Delete { .. } => None,
+            },
+        )?;
+        let mut st = lock(&self.state);
+        self.check_writable(&st)?;
+        let term = st.term;
+        st.wal_bytes_since_snapshot += op.record_len() as u64;
+        let lsn = st.log.append(term, &op);
+        st.pending_apply.push_back(Record { lsn, term, op });
+        Ok(lsn)
+    }
+
+    /// Runs one flush round if none is running and there is anything to
+    /// write or sync: writes the buffered records, syncs, applies what became
+    /// durable (committed), wakes waiters. Returns whether it ran.
+    pub fn flush_step(&self) -> Result<bool> {
+        {
+            let mut st = lock(&self.state);
+            self.check_writable(&st)?;
+            if st.flushing || (st.log.is_empty() && st.written_lsn == st.durable_lsn) {
+                return Ok(false);
+            }
+            st.sync_wanted = st.sync_wanted.max(st.log.last_lsn());
+            st.flushing = true;
+        }
+        self.flush_round();
+        self.check_writable(&lock(&self.state))?;
+        Ok(true)
+    }
+
+    /// Blocks until every record up to `lsn` is durable.
+    pub fn wait_durable(&self, lsn: u64) -> Result<()> {
+        self.wait_for(lsn, Level::Durable)
+    }
+
+    /// Makes every write appended before the call durable (`FLUSH`).
+    pub fn flush(&self) -> Result<()> {
+        let last = lock(&self.state).log.last_lsn();
+        self.wait_for(last, Level::Durable)
+    }
+
+    /// Changes the batch setting; makes everything so far durable first.
+    pub fn set_batch(&self, batch: u32) -> Result<()> {
+        if batch == 0 {
+            return Err(EngineError::Config("batch must be at least 1".into()));
+        }
+        self.flush()?;
+        lock(&self.state).batch = batch;
+        self.flush()
+    }
+
+    /// The current batch setting.
+    pub fn batch(&self) -> u32 {
+        lock(&self.state).batch
+    }
+
+    /// True if some write is not yet durable (the flush timer's question).
+    pub fn has_unsynced(&self) -> bool {
+        let st = lock(&self.state);
+        st.durable_lsn < st.log.last_lsn()
+    }
+
+    fn wait_for(&self, lsn: u64, level: Level) -> Result<()> {
+        let mut st = lock(&self.state);
+        if level == Level::Durable {
+            st.sync_wanted = st.sync_wanted.max(lsn);
+        }
+        loop {
+            let reached = match level {
+                Level::Written => st.written_lsn >= lsn,
+                // The flusher applies what became durable in the same
+                // critical section that advances `durable_lsn`, so a durable
+                // single-node write is also visible here.
+                Level::Durable => st.durable_lsn >= lsn,
+            };
+            if reached {
+                return Ok(());
+            }
+            self.check_writable(&st)?;
+            if !st.flushing {
+                st.flushing = true;
+                drop(st);
+                self.flush_round();
+                st = lock(&self.state);
+                continue;
+            }
+            st = self
+                .flushed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// One group commit. The caller has set `flushing`; this clears it.
+    fn flush_round(&self) {
+        let (chunks, target, sync) = {
+            let mut st = lock(&self.state);
+            debug_assert!(st.flushing);
+            let chunks = st.log.take_group();
+            let target = chunks.last().map_or(st.written_lsn, |c| c.last_lsn);
+            let sync = st.sync_wanted > st.durable_lsn;
+            (chunks, target, sync)
+        };
+        let result = (|| {
+            let mut wal = lock(&self.wal);
+            for chunk in &chunks {
+                wal.write_chunk(chunk)?;
+            }
+            if sync {
+                wal.sync()?;
+            }
+            Ok::<(), EngineError>(())
+        })();
+        let mut st = lock(&self.state);
+        match result {
+            Ok(()) => {
+                st.written_lsn = target;
+                if sync {
+                    st.durable_lsn = target;
+                    self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                self.apply_ready(&mut st);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "WAL write or sync failed; the engine is poisoned");
+                st.poisoned = Some(e.to_string());
+            }
+        }
+        assert!(st.durable_lsn <= st.written_lsn, "durable <= written");
+        assert!(st.written_lsn <= st.log.last_lsn(), "written <= last");
+        st.flushing = false;
+        drop(st);
+        self.flushed.notify_all();
+    }
+
+    /// Applies queued records that are durable and (in replicated mode)
+    /// committed, in LSN order.
+    fn apply_ready(&self, st: &mut State) {
+        let limit = match st.commit_lsn {
+            Some(commit) => commit,
+            None => st.durable_lsn,
+        };
+        if st.pending_apply.front().is_none_or(|r| r.lsn > limit) {
+            return;
+        }
+        let mut map = write(&self.map);
+        while st.pending_apply.front().is_some_and(|r| r.lsn <= limit) {
+            if let Some(r) = st.pending_apply.pop_front() {
+                map.apply(r.lsn, r.term, r.op);
+            }
+        }
+        assert!(map.applied_lsn() <= st.log.last_lsn(), "applied <= last");
+    }
+
+    /// The engine's positions and counters.
+    pub fn stats(&self) -> EngineStats {
+        let st = lock(&self.state);
+        let map = read(&self.map);
+        EngineStats {
+            last_lsn: st.log.last_lsn(),
+            written_lsn: st.written_lsn,
+            durable_lsn: st.durable_lsn,
+            applied_lsn: map.applied_lsn(),
+            snapshot_lsn: st.snapshot_lsn,
+            keys: map.len(),
+            digest: map.digest(),
+            fsyncs: self.fsyncs.load(Ordering::Relaxed),
+            batch: st.batch,
+            poisoned: st.poisoned.clone(),
+        }
+    }
+
+    /// Takes a snapshot of the applied state: the WAL is made durable through
+    /// its LSN first, then the file is written durably (temp, sync, rename,
+    /// sync dir); then only the two newest snapshots are kept, and WAL
+    /// segments wholly covered by the *older* of them are deleted, so either
+    /// snapshot can be recovered from.
+    pub fn snapshot(&self) -> Result<SnapshotInfo> {
+        let _one_at_a_time = lock(&self.snapshot_lock);
+        lock(&self.state).wal_bytes_since_snapshot = 0;
+        let (bytes, lsn, keys) = {
+            let map = read(&self.map);
+            let bytes = snapshot::encode(
+                map.applied_lsn(),
+                map.applied_term(),
+                map.digest(),
+                map.len(),
+                map.iter(),
+            );
+            (bytes, map.applied_lsn(), map.len())
+        };
+        // Never let a snapshot hold a write the WAL could still lose.
+        self.wait_for(lsn, Level::Durable)?;
+        let dir = &self.config.data_dir;
+        let path = snapshot::write(&*self.storage, dir, lsn, &bytes)?;
+        lock(&self.state).snapshot_lsn = lsn;
+
+        let mut retained = snapshot::list(&*self.storage, dir)?;
+        let old = retained.split_off(retained.len().min(2));
+        for lsn in &old {
+            let p = dir.join(snapshot::snapshot_name(*lsn));
+            self.storage
+                .remove_file(&p)
+                .map_err(EngineError::io("remove old snapshot", &p))?;
+        }
+        if !old.is_empty() {
+            self.storage
+                .sync_dir(dir)
+                .map_err(EngineError::io("sync data directory", dir))?;
+        }
+        let segments_removed = match retained.get(1) {
+            Some(&older) => lock(&self.wal).remove_segments_through(older)?,
+            None => 0,
+        };
+        Ok(SnapshotInfo {
+            lsn,
+            path,
+            keys,
+            bytes: bytes.len() as u64,
+            segments_removed,
+        })
+    }
+
+    fn maybe_snapshot(&self) {
+        let threshold = self.config.snapshot_wal_bytes;
+        if threshold == 0 || lock(&self.state).wal_bytes_since_snapshot < threshold {
+            return;
+        }
+        if self.snapshot_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.snapshot() {
+            tracing::warn!(error = %e, "automatic snapshot failed");
+        }
+        self.snapshot_running.store(false, Ordering::Release);
+    }
+
+    // ----- replication hooks: the WAL as a log of records at given LSNs -----
+
+    /// Sets the term stamped on records appended from now on.
+    pub fn set_term(&self, term: u64) {
+        lock(&self.state).term = term;
+    }
+
+    /// Switches to replicated mode: records are applied only once `commit`
+    /// covers them (and they are durable locally only as the caller waits).
+    /// `commit` never goes backwards.
+    pub fn set_commit_lsn(&self, commit: u64) {
+        let mut st = lock(&self.state);
+        let commit = commit.min(st.log.last_lsn());
+        let previous = st.commit_lsn.unwrap_or(0);
+        st.commit_lsn = Some(previous.max(commit));
+        self.apply_ready(&mut st);
+    }
+
+    /// Appends records received from a leader at their own LSNs and terms.
+    /// The first must follow the last LSN; the rest must be contiguous.
+    /// Returns the last LSN; wait with [`Engine::wait_durable`].
+    pub fn append_records(&self, records: Vec<Record>) -> Result<u64> {
+        let mut st = lock(&self.state);
+        self.check_writable(&st)?;
+        for r in records {
+            let expected = st.log.last_lsn() + 1;
+            if r.lsn != expected {
+                return Err(EngineError::InvalidLogOp(format!(
+                    "append at LSN {} where {expected} is next",
+                    r.lsn
+                )));
+            }
+            self.validate(
+                r.op.key(),
+                match &r.op {
+                    Op::Put { value, .. } => Some(value),
+                    Op::Delete { .. } => None,
+                },
+            )?;
+            st.wal_bytes_since_snapshot += r.op.record_len() as u64;
+            let lsn = st.log.append(r.term, &r.op);
+            debug_assert_eq!(lsn, r.lsn);
+            st.pending_apply.push_back(r);
+        }
+        Ok(st.log.last_lsn())
+    }
+
+    /// Reads up to `max` records from the WAL starting at `from` (which must
+    /// be durable: callers ship only durable records).
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>> {
+        let durable = lock(&self.state).durable_lsn;
+        let mut records = lock(&self.wal).read_from(from, max)?;
+        records.retain(|r| r.lsn <= durable);
+        Ok(records)
+    }
+
+    /// Durably removes every record after `lsn`. Refuses to remove an applied
+    /// (committed) record. Everything buffered is flushed first.
+    pub fn truncate_after(&self, lsn: u64) -> Result<()> {
+        self.flush()?;
+        let mut st = lock(&self.state);
+        while st.flushing {
+            st = self
+                .flushed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        self.check_writable(&st)?;
+        let applied = read(&self.map).applied_lsn();
+        if lsn < applied {
+            return Err(EngineError::InvalidLogOp(format!(
+                "truncate after LSN {lsn} would remove applied records (applied through {applied})"
+            )));
+        }
+        if !st.log.is_empty() {
+            return Err(EngineError::InvalidLogOp(
+                "truncate while appends are in flight".into(),
+            ));
+        }
+        st.flushing = true;
+        drop(st);
+        let result = (|| {
+            let mut wal = lock(&self.wal);
+            wal.truncate_after(lsn)?;
+            Ok::<_, EngineError>((wal.active_header(), wal.active_bytes(), wal.last_lsn()))
+        })();
+        let mut st = lock(&self.state);
+        let outcome = match result {
+            Ok((header, bytes, last)) => {
+                let term = st
+                    .pending_apply
+                    .iter()
+                    .rev()
+                    .find(|r| r.lsn <= last)
+                    .map(|r| r.term);
+                st.pending_apply.retain(|r| r.lsn <= last);
+                let term = term.unwrap_or_else(|| read(&self.map).applied_term());
+                st.log.reset(header, bytes, last, term);
+                st.written_lsn = last;
+                st.durable_lsn = last;
+                Ok(())
+            }
+            Err(e) => {
+                st.poisoned = Some(e.to_string());
+                Err(e)
+            }
+        };
+        st.flushing = false;
+        drop(st);
+        self.flushed.notify_all();
+        outcome
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+}
+
+fn remove_snapshot_temps(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    let names = storage
+        .list_dir(dir)
+        .map_err(EngineError::io("list data directory", dir))?;
+    let mut removed = false;
+    for name in names.iter().filter(|n| snapshot::is_snapshot_temp(n)) {
+        let p = dir.join(name);
+        storage
+            .remove_file(&p)
+            .map_err(EngineError::io("remove unfinished snapshot", &p))?;
+        removed = true;
+    }
+    if removed {
+        storage
+            .sync_dir(dir)
+            .map_err(EngineError::io("sync data directory", dir))?;
+    }
+    Ok(())
+}
