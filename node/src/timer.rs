@@ -33,11 +33,11 @@ impl FlushTimer {
                     if flag.load(Ordering::Acquire) {
                         break;
                     }
-                    if engine.has_unsynced() {
-                        if let Err(e) = engine.flush() {
-                            tracing::error!(error = %e, "timed flush failed");
-                            break;
-                        }
+                    if engine.has_unsynced()
+                        && let Err(e) = engine.flush()
+                    {
+                        tracing::error!(error = %e, "timed flush failed");
+                        break;
                     }
                 }
             })

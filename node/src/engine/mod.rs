@@ -332,17 +332,6 @@ impl Engine {
             |r| map.apply(r.lsn, r.term, r.op),
         )?;
         let first_path = wal.segments()[0].path.clone();
-        if wal.first_lsn() > snapshot_lsn + 1 {
-            return Err(EngineError::Corrupt {
-                file: first_path,
-                offset: 0,
-                lsn: Some(snapshot_lsn + 1),
-                reason: format!(
-                    "the WAL starts at LSN {} but the snapshot covers only through {snapshot_lsn}: records are missing",
-                    wal.first_lsn()
-                ),
-            });
-        }
         if wal.last_lsn() < snapshot_lsn {
             return Err(EngineError::Corrupt {
                 file: first_path,
@@ -436,13 +425,13 @@ impl Engine {
                 max: self.config.key_bytes_max,
             });
         }
-        if let Some(v) = value {
-            if v.len() > self.config.value_bytes_max {
-                return Err(EngineError::ValueTooLarge {
-                    len: v.len(),
-                    max: self.config.value_bytes_max,
-                });
-            }
+        if let Some(v) = value
+            && v.len() > self.config.value_bytes_max
+        {
+            return Err(EngineError::ValueTooLarge {
+                len: v.len(),
+                max: self.config.value_bytes_max,
+            });
         }
         Ok(())
     }

@@ -138,10 +138,10 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
         let (kl, vl) = (u32_of(lens) as usize, u32_of(&lens[4..]) as usize);
         let key = take(body, &mut at, kl)?.to_vec();
         let value = take(body, &mut at, vl)?.to_vec();
-        if let Some((prev, _)) = entries.last() {
-            if *prev >= key {
-                return Err(format!("keys out of order at offset {at}"));
-            }
+        if let Some((prev, _)) = entries.last()
+            && *prev >= key
+        {
+            return Err(format!("keys out of order at offset {at}"));
         }
         digest.add(entry_hash(&key, &value));
         entries.push((key, value));

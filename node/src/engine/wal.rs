@@ -279,17 +279,27 @@ impl Wal {
                     ),
                 ));
             }
-            if let Some(prev) = segments.last() {
-                if scan.header.first_lsn != prev.last_lsn + 1 {
-                    return Err(corrupt(
-                        0,
-                        Some(prev.last_lsn + 1),
-                        format!(
-                            "LSN gap: previous segment ends at {}, this one starts at {}",
-                            prev.last_lsn, scan.header.first_lsn
-                        ),
-                    ));
-                }
+            if segments.is_empty() && scan.header.first_lsn > replay_from {
+                return Err(corrupt(
+                    0,
+                    Some(replay_from),
+                    format!(
+                        "the WAL starts at LSN {} but LSN {replay_from} is the first not covered by a snapshot: records are missing",
+                        scan.header.first_lsn
+                    ),
+                ));
+            }
+            if let Some(prev) = segments.last()
+                && scan.header.first_lsn != prev.last_lsn + 1
+            {
+                return Err(corrupt(
+                    0,
+                    Some(prev.last_lsn + 1),
+                    format!(
+                        "LSN gap: previous segment ends at {}, this one starts at {}",
+                        prev.last_lsn, scan.header.first_lsn
+                    ),
+                ));
             }
             let mut valid_bytes = scan.valid_bytes;
             if let Some(damage) = &scan.damage {
@@ -339,9 +349,16 @@ impl Wal {
         }
 
         let active = match segments.last() {
-            Some(seg) => storage
-                .open(&seg.path)
-                .map_err(EngineError::io("open wal segment", &seg.path))?,
+            Some(seg) => {
+                // What survived a process kill may sit in the page cache
+                // only; sync it so everything recovery exposes is durable.
+                let file = storage
+                    .open(&seg.path)
+                    .map_err(EngineError::io("open wal segment", &seg.path))?;
+                file.sync_data()
+                    .map_err(EngineError::io("sync wal segment", &seg.path))?;
+                file
+            }
             None => {
                 let header = SegmentHeader {
                     first_lsn: empty_log_start,

@@ -1,0 +1,624 @@
+//! Recovery: the case table of `shared/design/storage.md`, row by row; torn
+//! tails at every byte offset and every flipped bit of the last records;
+//! snapshots and their fallback; determinism; the replication hooks.
+
+mod common;
+
+use std::path::Path;
+
+use common::{DIR, config, contents, open, segment, sim, snapshot};
+use kv_node::engine::record::{RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+use kv_node::engine::{EngineError, Op, Record};
+use kv_node::storage::{SimStorage, Storage};
+
+fn key(i: u64) -> Vec<u8> {
+    format!("key-{i:04}").into_bytes()
+}
+
+fn value(i: u64) -> Vec<u8> {
+    // Varying lengths, so record boundaries fall everywhere.
+    format!("value-{i}-{}", "x".repeat((i * 7 % 23) as usize)).into_bytes()
+}
+
+/// Writes keys 1..=n in sync mode.
+fn fill(sim: &SimStorage, n: u64) {
+    let engine = open(sim, &config()).unwrap();
+    for i in 1..=n {
+        assert_eq!(engine.put(key(i), value(i)).unwrap(), i);
+    }
+}
+
+/// Byte offset where record `lsn` starts in the first segment (every record
+/// of `fill` is a put).
+fn record_start(lsn: u64) -> usize {
+    SEGMENT_HEADER_BYTES
+        + (1..lsn)
+            .map(|i| RECORD_HEADER_BYTES + 4 + key(i).len() + value(i).len())
+            .sum::<usize>()
+}
+
+fn assert_holds_exactly(sim: &SimStorage, n: u64) {
+    let engine = open(sim, &config()).unwrap();
+    assert_eq!(engine.stats().last_lsn, n);
+    assert_eq!(engine.len() as u64, n);
+    for i in 1..=n {
+        assert_eq!(engine.get(&key(i)), Some(value(i)), "key {i}");
+    }
+}
+
+fn expect_corrupt(sim: &SimStorage, file: &Path, lsn: u64) -> String {
+    match open(sim, &config()) {
+        Err(EngineError::Corrupt {
+            file: f, lsn: l, ..
+        }) if f == file && l == Some(lsn) => open(sim, &config()).unwrap_err().to_string(),
+        other => panic!(
+            "expected corruption in {} at LSN {lsn}, got {other:?}",
+            file.display()
+        ),
+    }
+}
+
+#[test]
+fn row_torn_tail_incomplete_record_is_cut_and_synced() {
+    let s = sim();
+    fill(&s, 10);
+    let seg = segment(1);
+    let bytes = s.file_bytes(&seg).unwrap();
+    let cut_at = bytes.len() - 5;
+    s.set_file_bytes(&seg, bytes[..cut_at].to_vec()).unwrap();
+
+    let engine = open(&s, &config()).unwrap();
+    let rec = engine.recovery();
+    assert_eq!(rec.last_lsn, 9);
+    assert_eq!(rec.tail_bytes_cut, (cut_at - record_start(10)) as u64);
+    assert_eq!(
+        s.file_bytes(&seg).unwrap().len(),
+        record_start(10),
+        "the cut is on disk"
+    );
+    // A new write lands right after the last valid record, not behind garbage,
+    // and survives a crash.
+    assert_eq!(
+        engine.put(b"new".to_vec(), b"after cut".to_vec()).unwrap(),
+        10
+    );
+    drop(engine);
+    s.crash();
+    let engine = open(&s, &config()).unwrap();
+    assert_eq!(engine.get(b"new"), Some(b"after cut".to_vec()));
+    assert_eq!(engine.recovery().tail_bytes_cut, 0);
+}
+
+#[test]
+fn row_torn_tail_bad_crc_in_last_record_is_cut() {
+    let s = sim();
+    fill(&s, 10);
+    let seg = segment(1);
+    let mut bytes = s.file_bytes(&seg).unwrap();
+    let at = record_start(10) + RECORD_HEADER_BYTES + 2;
+    bytes[at] ^= 0x40;
+    s.set_file_bytes(&seg, bytes).unwrap();
+    assert_holds_exactly(&s, 9);
+}
+
+#[test]
+fn row_mid_log_damage_is_refused_and_nothing_changes() {
+    let s = sim();
+    fill(&s, 10);
+    let seg = segment(1);
+    let mut bytes = s.file_bytes(&seg).unwrap();
+    bytes[record_start(5) + RECORD_HEADER_BYTES + 1] ^= 0x01;
+    s.set_file_bytes(&seg, bytes.clone()).unwrap();
+    let msg = expect_corrupt(&s, &seg, 5);
+    assert!(
+        msg.contains(&format!("offset {}", record_start(5))),
+        "{msg}"
+    );
+    assert!(msg.contains("middle of the log"), "{msg}");
+    assert_eq!(
+        s.file_bytes(&seg).unwrap(),
+        bytes,
+        "a refused open changes nothing"
+    );
+}
+
+#[test]
+fn row_damage_in_a_sealed_segment_is_refused() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    let names = s.list_dir(Path::new(DIR)).unwrap();
+    let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
+    assert!(segs.len() >= 3, "small segments roll: {segs:?}");
+    // Cut the last record of the first (sealed) segment: in the last segment
+    // this would be a torn tail; here it loses acknowledged writes.
+    let first = segment(1);
+    let bytes = s.file_bytes(&first).unwrap();
+    s.set_file_bytes(&first, bytes[..bytes.len() - 3].to_vec())
+        .unwrap();
+    let engine_err = open(&s, &c).unwrap_err();
+    assert!(
+        matches!(&engine_err, EngineError::Corrupt { file, reason, .. } if *file == first && reason.contains("sealed")),
+        "{engine_err}"
+    );
+}
+
+#[test]
+fn row_lsn_gap_between_segments_is_refused() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    let names = s.list_dir(Path::new(DIR)).unwrap();
+    let segs: Vec<_> = names
+        .iter()
+        .filter(|n| n.starts_with("wal-"))
+        .cloned()
+        .collect();
+    let middle = Path::new(DIR).join(&segs[1]);
+    s.remove_file(&middle).unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    let err = open(&s, &c).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Corrupt { reason, .. } if reason.contains("LSN gap")),
+        "{err}"
+    );
+
+    // A missing first segment with no snapshot to cover it is a hole too.
+    let s = sim();
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    s.remove_file(&segment(1)).unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    let err = open(&s, &c).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Corrupt { reason, .. } if reason.contains("records are missing")),
+        "{err}"
+    );
+}
+
+#[test]
+fn row_half_created_last_segment_is_removed() {
+    let s = sim();
+    fill(&s, 5);
+    // A crash while creating segment 6: the name is durable, the header is not.
+    let half = segment(6);
+    let f = s.create(&half).unwrap();
+    f.write_at(b"KVWALSEG\x01\x00", 0).unwrap();
+    f.sync_data().unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    let engine = open(&s, &config()).unwrap();
+    assert_eq!(
+        engine.recovery().removed_segment.as_deref(),
+        Some(half.as_path())
+    );
+    assert_eq!(engine.put(key(6), value(6)).unwrap(), 6);
+    drop(engine);
+    s.crash();
+    assert_holds_exactly(&s, 6);
+}
+
+#[test]
+fn a_segment_whose_name_disagrees_with_its_header_is_refused() {
+    let s = sim();
+    fill(&s, 5);
+    let bytes = s.file_bytes(&segment(1)).unwrap();
+    let wrong = segment(7);
+    let f = s.create(&wrong).unwrap();
+    f.write_at(&bytes, 0).unwrap();
+    f.sync_data().unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    let err = open(&s, &config()).unwrap_err();
+    assert!(err.to_string().contains("name says first LSN 7"), "{err}");
+}
+
+/// Truncates the log at every byte offset from the start of record 7 of 10
+/// to the end: recovery never panics, keeps every whole record before the cut
+/// and nothing after it.
+#[test]
+fn torn_tail_at_every_offset_of_the_last_records() {
+    let base = sim();
+    fill(&base, 10);
+    let seg = segment(1);
+    let bytes = base.file_bytes(&seg).unwrap();
+    for cut in record_start(7)..=bytes.len() {
+        let s = sim();
+        s.create_dir_all(Path::new(DIR)).unwrap();
+        let f = s.create(&seg).unwrap();
+        f.write_at(&bytes[..cut], 0).unwrap();
+        f.sync_data().unwrap();
+        s.sync_dir(Path::new(DIR)).unwrap();
+        let whole = (1..=10).filter(|&i| record_start(i + 1) <= cut).count() as u64;
+        let engine = open(&s, &config()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        assert_eq!(engine.stats().last_lsn, whole, "cut at {cut}");
+        assert_eq!(
+            engine.recovery().tail_bytes_cut,
+            (cut - record_start(whole + 1)) as u64
+        );
+        for i in 1..=whole {
+            assert_eq!(engine.get(&key(i)), Some(value(i)), "cut at {cut}, key {i}");
+        }
+        assert_eq!(engine.get(&key(whole + 1)), None);
+    }
+}
+
+/// Flips every bit of the last three records: damage in the last record is a
+/// torn tail (cut, earlier records kept); damage in an earlier one has a
+/// valid record after it, so recovery refuses and names the LSN.
+#[test]
+fn every_bit_flip_in_the_last_records() {
+    let base = sim();
+    fill(&base, 10);
+    let seg = segment(1);
+    let bytes = base.file_bytes(&seg).unwrap();
+    for at in record_start(8)..bytes.len() {
+        let lsn = (1..=10).rev().find(|&i| record_start(i) <= at).unwrap();
+        for bit in 0..8 {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1 << bit;
+            let s = sim();
+            s.create_dir_all(Path::new(DIR)).unwrap();
+            let f = s.create(&seg).unwrap();
+            f.write_at(&damaged, 0).unwrap();
+            f.sync_data().unwrap();
+            s.sync_dir(Path::new(DIR)).unwrap();
+            let result = open(&s, &config());
+            if lsn == 10 {
+                let engine = result.unwrap_or_else(|e| panic!("byte {at} bit {bit}: {e}"));
+                assert_eq!(engine.stats().last_lsn, 9, "byte {at} bit {bit}");
+                assert_eq!(engine.get(&key(9)), Some(value(9)));
+            } else {
+                match result {
+                    Err(EngineError::Corrupt {
+                        lsn: Some(l),
+                        offset,
+                        ..
+                    }) => {
+                        assert_eq!(l, lsn, "byte {at} bit {bit}");
+                        assert_eq!(offset, record_start(lsn) as u64);
+                    }
+                    other => panic!("byte {at} bit {bit}: expected refusal, got {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn recovery_is_deterministic() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=300 {
+        engine.put(key(i % 37), value(i)).unwrap();
+        if i % 5 == 0 {
+            engine.delete(key(i % 11)).unwrap();
+        }
+        if i == 150 {
+            engine.snapshot().unwrap();
+        }
+    }
+    let live = (engine.digest(), contents(&engine));
+    drop(engine);
+    let first = open(&s, &c).unwrap();
+    let once = (first.digest(), contents(&first), first.verify_digest());
+    drop(first);
+    let second = open(&s, &c).unwrap();
+    let twice = (second.digest(), contents(&second), second.verify_digest());
+    assert_eq!(once, twice);
+    assert_eq!((once.0, once.1), live);
+}
+
+#[test]
+fn snapshot_truncates_the_wal_and_recovers_with_a_tail() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    let first = engine.snapshot().unwrap();
+    assert_eq!(first.lsn, 200);
+    assert_eq!(
+        first.segments_removed, 0,
+        "one snapshot: the WAL stays as its fallback"
+    );
+    for i in 201..=400 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    let second = engine.snapshot().unwrap();
+    assert!(
+        second.segments_removed > 0,
+        "segments below the older snapshot go"
+    );
+    for i in 401..=420 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    let digest = engine.digest();
+    drop(engine);
+    s.crash();
+    let engine = open(&s, &c).unwrap();
+    assert_eq!(engine.recovery().snapshot_lsn, Some(400));
+    assert_eq!(engine.recovery().records_replayed, 20);
+    assert_eq!(engine.digest(), digest);
+    let names = s.list_dir(Path::new(DIR)).unwrap();
+    assert!(!names.contains(&"wal-00000000000000000001.wal".to_owned()));
+    assert!(names.contains(&"snap-00000000000000000200.snap".to_owned()));
+}
+
+#[test]
+fn a_bad_snapshot_falls_back_to_the_previous_one() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    engine.snapshot().unwrap();
+    for i in 201..=400 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    engine.snapshot().unwrap();
+    for i in 401..=410 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    let digest = engine.digest();
+    drop(engine);
+    let newest = snapshot(400);
+    let mut bytes = s.file_bytes(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    s.set_file_bytes(&newest, bytes).unwrap();
+
+    let engine = open(&s, &c).unwrap();
+    let rec = engine.recovery();
+    assert_eq!(rec.snapshot_lsn, Some(200));
+    assert_eq!(rec.records_replayed, 210);
+    assert_eq!(rec.snapshots_rejected.len(), 1);
+    assert_eq!(engine.digest(), digest);
+    let names = s.list_dir(Path::new(DIR)).unwrap();
+    assert!(
+        names.contains(&"snap-00000000000000000400.snap.broken".to_owned()),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn leftover_snapshot_temp_file_is_removed() {
+    let s = sim();
+    fill(&s, 3);
+    let tmp = Path::new(DIR).join("snap-00000000000000000003.snap.tmp");
+    let f = s.create(&tmp).unwrap();
+    f.write_at(b"half a snapshot", 0).unwrap();
+    f.sync_data().unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    assert_holds_exactly(&s, 3);
+    assert!(
+        !s.list_dir(Path::new(DIR))
+            .unwrap()
+            .iter()
+            .any(|n| n.ends_with(".tmp"))
+    );
+}
+
+#[test]
+fn a_failed_sync_poisons_the_engine() {
+    let s = sim();
+    let engine = open(&s, &config()).unwrap();
+    engine.put(b"a".to_vec(), b"1".to_vec()).unwrap();
+    s.fail_next_sync();
+    let err = engine.put(b"b".to_vec(), b"2".to_vec()).unwrap_err();
+    assert!(err.is_fatal(), "{err}");
+    assert_eq!(
+        engine.get(b"b"),
+        None,
+        "an unacknowledged sync-mode write is not visible"
+    );
+    let later = engine.put(b"c".to_vec(), b"3".to_vec()).unwrap_err();
+    assert!(matches!(later, EngineError::Poisoned { .. }), "{later}");
+    assert!(engine.flush().is_err());
+    assert!(engine.stats().poisoned.is_some());
+    assert_eq!(engine.get(b"a"), Some(b"1".to_vec()), "reads still work");
+    drop(engine);
+    s.crash();
+    let engine = open(&s, &config()).unwrap();
+    assert_eq!(engine.get(b"a"), Some(b"1".to_vec()));
+    assert_eq!(engine.get(b"c"), None);
+}
+
+#[test]
+fn a_failed_write_poisons_every_waiter() {
+    let s = sim();
+    let engine = std::sync::Arc::new(open(&s, &config()).unwrap());
+    s.fail_next_write();
+    let err = engine.put(b"a".to_vec(), b"1".to_vec()).unwrap_err();
+    assert!(err.is_fatal());
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let e = engine.clone();
+            std::thread::spawn(move || e.put(vec![b'k', i], b"v".to_vec()))
+        })
+        .collect();
+    for t in threads {
+        assert!(matches!(
+            t.join().unwrap(),
+            Err(EngineError::Poisoned { .. })
+        ));
+    }
+}
+
+#[test]
+fn batch_mode_syncs_every_n_writes_and_on_flush() {
+    let s = sim();
+    let mut c = config();
+    c.batch = 4;
+    let engine = open(&s, &c).unwrap();
+    let syncs_before = s.syncs();
+    for i in 1..=8 {
+        engine.put(key(i), value(i)).unwrap();
+        assert_eq!(
+            engine.get(&key(i)),
+            Some(value(i)),
+            "acknowledged writes are visible"
+        );
+    }
+    assert_eq!(engine.stats().durable_lsn, 8);
+    assert_eq!(
+        s.syncs() - syncs_before,
+        2,
+        "8 writes at batch 4: two syncs"
+    );
+    engine.put(key(9), value(9)).unwrap();
+    let st = engine.stats();
+    assert_eq!(
+        (st.written_lsn, st.durable_lsn),
+        (9, 8),
+        "written, not durable"
+    );
+    engine.flush().unwrap();
+    assert_eq!(engine.stats().durable_lsn, 9);
+    engine.put(key(10), value(10)).unwrap();
+    drop(engine);
+    // Power loss: the unsynced write is gone, everything flushed is there.
+    s.crash();
+    let engine = open(&s, &c).unwrap();
+    assert_eq!(engine.stats().last_lsn, 9);
+}
+
+#[test]
+fn the_flusher_can_be_driven_step_by_step_on_one_thread() {
+    let s = sim();
+    let engine = open(&s, &config()).unwrap();
+    let a = engine
+        .submit(Op::Put {
+            key: b"a".to_vec(),
+            value: b"1".to_vec(),
+        })
+        .unwrap();
+    let b = engine
+        .submit(Op::Put {
+            key: b"b".to_vec(),
+            value: b"2".to_vec(),
+        })
+        .unwrap();
+    assert_eq!((a, b), (1, 2));
+    assert_eq!(engine.get(b"a"), None, "not visible before it is durable");
+    assert_eq!(engine.stats().durable_lsn, 0);
+    let syncs = s.syncs();
+    assert!(engine.flush_step().unwrap());
+    assert_eq!(s.syncs() - syncs, 1, "one sync covers both: group commit");
+    let st = engine.stats();
+    assert_eq!((st.durable_lsn, st.applied_lsn), (2, 2));
+    assert_eq!(engine.get(b"b"), Some(b"2".to_vec()));
+    assert!(!engine.flush_step().unwrap(), "nothing left to do");
+}
+
+#[test]
+fn concurrent_writers_share_syncs() {
+    let s = sim();
+    let engine = std::sync::Arc::new(open(&s, &config()).unwrap());
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let e = engine.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u8 {
+                    e.put(vec![t, i], vec![i; 10]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let st = engine.stats();
+    assert_eq!(st.durable_lsn, 400);
+    assert_eq!(st.keys, 400);
+    assert!(st.fsyncs <= 400);
+    drop(engine);
+    s.crash();
+    assert_eq!(open(&s, &config()).unwrap().len(), 400);
+}
+
+#[test]
+fn replication_hooks_read_append_and_truncate() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    engine.set_term(3);
+    for i in 1..=100 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    let shipped = engine.read_from(41, 30).unwrap();
+    assert_eq!(shipped.len(), 30);
+    assert_eq!(shipped[0].lsn, 41);
+    assert_eq!(shipped[0].term, 3);
+    assert_eq!(
+        shipped[0].op,
+        Op::Put {
+            key: key(41),
+            value: value(41)
+        }
+    );
+    assert_eq!(engine.read_from(95, 100).unwrap().len(), 6);
+
+    // A follower: records at the leader's LSNs and terms, applied on commit.
+    let f = sim();
+    let follower = open(&f, &c).unwrap();
+    follower.set_commit_lsn(0);
+    let all = engine.read_from(1, 1000).unwrap();
+    assert_eq!(follower.append_records(all[..60].to_vec()).unwrap(), 60);
+    let wrong = Record {
+        lsn: 99,
+        term: 3,
+        op: Op::Delete { key: key(1) },
+    };
+    assert!(matches!(
+        follower.append_records(vec![wrong]),
+        Err(EngineError::InvalidLogOp(_))
+    ));
+    follower.wait_durable(60).unwrap();
+    assert_eq!(follower.len(), 0, "durable but not committed: not applied");
+    follower.set_commit_lsn(50);
+    assert_eq!(follower.stats().applied_lsn, 50);
+    assert!(
+        follower.truncate_after(45).is_err(),
+        "never below the commit point"
+    );
+    follower.truncate_after(55).unwrap();
+    assert_eq!(follower.stats().last_lsn, 55);
+    // A conflicting record from a newer term replaces the truncated ones.
+    let newer = Record {
+        lsn: 56,
+        term: 4,
+        op: Op::Put {
+            key: b"t4".to_vec(),
+            value: b"x".to_vec(),
+        },
+    };
+    follower.append_records(vec![newer]).unwrap();
+    follower.wait_durable(56).unwrap();
+    follower.set_commit_lsn(56);
+    drop(follower);
+    f.crash();
+    let follower = open(&f, &c).unwrap();
+    assert_eq!(follower.stats().last_lsn, 56);
+    assert_eq!(follower.get(b"t4"), Some(b"x".to_vec()));
+    assert_eq!(follower.get(&key(56)), None);
+    assert_eq!(follower.read_from(56, 1).unwrap()[0].term, 4);
+}
