@@ -215,6 +215,14 @@ impl SimStorage {
         st.fail_after_ops = Some(st.ops + n);
     }
 
+    /// Drops every injected fault not yet triggered.
+    pub fn clear_faults(&self) {
+        let mut st = self.lock();
+        st.fail_after_ops = None;
+        st.fail_next_sync = false;
+        st.fail_next_write = false;
+    }
+
     /// Operations counted so far (each trait call is one).
     pub fn ops(&self) -> u64 {
         self.lock().ops
