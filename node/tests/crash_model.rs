@@ -25,6 +25,9 @@ fn small_config() -> EngineConfig {
     c.segment_bytes_max = 4096;
     c.snapshot_wal_bytes = 16 * 1024;
     c.group_commit_records_max = 4;
+    // Small preallocation: segments grow in zeroed steps that writes then
+    // overwrite, so torn overwrites are exercised too.
+    c.segment_preallocate_bytes = 1000;
     c
 }
 

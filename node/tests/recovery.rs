@@ -622,3 +622,102 @@ fn replication_hooks_read_append_and_truncate() {
     assert_eq!(follower.get(&key(56)), None);
     assert_eq!(follower.read_from(56, 1).unwrap()[0].term, 4);
 }
+
+fn prealloc_config() -> kv_node::engine::EngineConfig {
+    let mut c = config();
+    c.segment_preallocate_bytes = 4096;
+    c
+}
+
+#[test]
+fn preallocated_zeros_are_not_damage_and_get_reused() {
+    let s = sim();
+    let c = prealloc_config();
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=10 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    s.crash();
+    let seg = segment(1);
+    let len_before = s.file_bytes(&seg).unwrap().len();
+    assert!(len_before > record_start(11), "the segment is preallocated");
+    let engine = open(&s, &c).unwrap();
+    assert_eq!(
+        engine.recovery().tail_bytes_cut,
+        0,
+        "zeros are free space, not a torn tail"
+    );
+    assert_eq!(engine.stats().last_lsn, 10);
+    engine.put(key(11), value(11)).unwrap();
+    drop(engine);
+    s.crash();
+    assert_eq!(
+        s.file_bytes(&seg).unwrap().len(),
+        len_before,
+        "the new record went into the zeros"
+    );
+    let engine = open(&s, &c).unwrap();
+    assert_eq!(engine.get(&key(11)), Some(value(11)));
+}
+
+#[test]
+fn a_torn_record_over_preallocated_zeros_is_cut() {
+    let s = sim();
+    let c = prealloc_config();
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=10 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    let seg = segment(1);
+    let mut bytes = s.file_bytes(&seg).unwrap();
+    // Half of record 10 reached the disk, the rest is still zeros.
+    for b in &mut bytes[record_start(10) + 20..record_start(11)] {
+        *b = 0;
+    }
+    s.set_file_bytes(&seg, bytes.clone()).unwrap();
+    let engine = open(&s, &c).unwrap();
+    assert_eq!(engine.stats().last_lsn, 9);
+    assert_eq!(
+        engine.recovery().tail_bytes_cut,
+        (bytes.len() - record_start(10)) as u64
+    );
+    drop(engine);
+
+    // But a valid record beyond a zeroed hole is mid-log damage.
+    let s = sim();
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=10 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    let mut bytes = s.file_bytes(&seg).unwrap();
+    for b in &mut bytes[record_start(9)..record_start(10)] {
+        *b = 0;
+    }
+    s.set_file_bytes(&seg, bytes).unwrap();
+    expect_corrupt(&s, &seg, 9);
+}
+
+#[test]
+fn sealed_segments_end_exactly_at_their_last_record() {
+    let s = sim();
+    let mut c = prealloc_config();
+    c.segment_bytes_max = 4096;
+    let engine = open(&s, &c).unwrap();
+    for i in 1..=200 {
+        engine.put(key(i), value(i)).unwrap();
+    }
+    drop(engine);
+    let names = s.list_dir(Path::new(DIR)).unwrap();
+    let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
+    assert!(segs.len() >= 3);
+    for name in &segs[..segs.len() - 1] {
+        let bytes = s.file_bytes(&Path::new(DIR).join(name)).unwrap();
+        assert_ne!(bytes.last(), Some(&0), "{name} ends in zeros");
+        assert!(bytes.len() <= 4096 + 200, "{name} is {} bytes", bytes.len());
+    }
+    s.crash();
+    assert_eq!(open(&s, &c).unwrap().stats().last_lsn, 200);
+}

@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub value_bytes_max: usize,
     /// A WAL segment is sealed once it holds this many bytes. Default 64 MiB.
     pub segment_bytes_max: u64,
+    /// The active segment grows by this many zeroed bytes at a time, so
+    /// syncs rarely change the file size. 0: no preallocation. Default 1 MiB.
+    pub segment_preallocate_bytes: u64,
     /// Take a snapshot automatically after this many WAL bytes since the last
     /// one; 0 turns automatic snapshots off. Default 64 MiB.
     pub snapshot_wal_bytes: u64,
@@ -89,6 +92,7 @@ impl EngineConfig {
             key_bytes_max: 1024,
             value_bytes_max: 1 << 20,
             segment_bytes_max: 64 << 20,
+            segment_preallocate_bytes: 1 << 20,
             snapshot_wal_bytes: 64 << 20,
             batch: 1,
             flush_interval_ms: 100,
@@ -322,6 +326,7 @@ impl Engine {
         let wal_config = WalConfig {
             segment_bytes_max: config.segment_bytes_max,
             record_payload_bytes_max: config.record_payload_bytes_max(),
+            preallocate_bytes: config.segment_preallocate_bytes,
         };
         let (wal, rec) = Wal::open(
             storage.clone(),

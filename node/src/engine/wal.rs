@@ -41,6 +41,10 @@ pub struct WalConfig {
     pub segment_bytes_max: u64,
     /// Upper bound on a record's payload length accepted when reading.
     pub record_payload_bytes_max: usize,
+    /// The active segment is extended with zeros this many bytes at a time,
+    /// so most syncs overwrite allocated blocks and need no metadata update
+    /// (on ext4 that is ~1.5x more syncs per second). 0 turns it off.
+    pub preallocate_bytes: u64,
 }
 
 /// A sealed or active segment.
@@ -140,6 +144,8 @@ pub fn scan_segment(
                 ));
                 break;
             }
+            // Zeros to the end are preallocated space, not damage.
+            Err(_) if bytes[offset..].iter().all(|b| *b == 0) => break,
             Err(e) => {
                 damage = Some((offset, e.to_string()));
                 break;
@@ -172,11 +178,23 @@ fn find_valid_record_after(
 ) -> Option<u64> {
     let last_start = bytes.len().checked_sub(RECORD_HEADER_BYTES)?;
     (damaged_at + 1..=last_start).find_map(|at| {
+        // Cheap filter first (kind byte, padding, salt) so scanning a long
+        // zeroed or garbage tail costs no CRC per offset.
+        if !could_start_record(&bytes[at..], salt) {
+            return None;
+        }
         match decode_record(&bytes[at..], salt, payload_max) {
             Ok((rec, _)) if rec.lsn >= expected => Some(at as u64),
             _ => None,
         }
     })
+}
+
+fn could_start_record(b: &[u8], salt: u32) -> bool {
+    b.len() >= RECORD_HEADER_BYTES
+        && matches!(b[4], 1 | 2)
+        && b[5..8] == [0, 0, 0]
+        && b[12..16] == salt.to_le_bytes()
 }
 
 /// The log files of one data directory.
@@ -188,6 +206,8 @@ pub struct Wal {
     segments: Vec<SegmentInfo>,
     /// Handle of the active segment.
     active: Box<dyn StorageFile>,
+    /// Length of the active segment's file: its records, then zeros.
+    active_allocated: u64,
     /// Successful `sync_data` calls on segment files.
     syncs: u64,
 }
@@ -234,6 +254,8 @@ impl Wal {
 
         let mut recovery = WalRecovery::default();
         let mut segments: Vec<SegmentInfo> = Vec::new();
+        // File length of the last segment seen (records plus zeros).
+        let mut allocated = 0;
         let count = firsts.len();
         for (i, first) in firsts.iter().copied().enumerate() {
             let path = dir.join(segment_name(first));
@@ -302,6 +324,7 @@ impl Wal {
                 ));
             }
             let mut valid_bytes = scan.valid_bytes;
+            allocated = bytes.len() as u64;
             if let Some(damage) = &scan.damage {
                 if !is_last {
                     return Err(corrupt(
@@ -331,6 +354,7 @@ impl Wal {
                     .map_err(EngineError::io("sync truncated wal segment", &path))?;
                 recovery.tail_bytes_cut = bytes.len() as u64 - damage.offset;
                 valid_bytes = damage.offset;
+                allocated = damage.offset;
             }
             let last_lsn = scan.header.first_lsn + scan.records.len() as u64 - 1;
             for rec in scan.records {
@@ -366,6 +390,7 @@ impl Wal {
                     salt: 1,
                 };
                 let (info, file) = create_segment(&*storage, dir, header)?;
+                allocated = info.bytes;
                 segments.push(info);
                 file
             }
@@ -379,6 +404,7 @@ impl Wal {
             config,
             segments,
             active,
+            active_allocated: allocated,
             syncs: 0,
         };
         Ok((wal, recovery))
@@ -437,6 +463,17 @@ impl Wal {
             "chunks are written in LSN order"
         );
         let (path, offset) = (info.path.clone(), info.bytes);
+        let end = offset + chunk.bytes.len() as u64;
+        if self.config.preallocate_bytes > 0 && end > self.active_allocated {
+            // Zeros first, then the records over them; the group's one sync
+            // covers both.
+            let target = end + self.config.preallocate_bytes;
+            let zeros = vec![0u8; (target - self.active_allocated) as usize];
+            self.active
+                .write_at(&zeros, self.active_allocated)
+                .map_err(EngineError::io("preallocate wal segment", &path))?;
+            self.active_allocated = target;
+        }
         self.active
             .write_at(&chunk.bytes, offset)
             .map_err(EngineError::io("write wal segment", &path))?;
@@ -444,6 +481,7 @@ impl Wal {
         let info = &mut self.segments[n - 1];
         info.bytes += chunk.bytes.len() as u64;
         info.last_lsn = chunk.last_lsn;
+        self.active_allocated = self.active_allocated.max(info.bytes);
         Ok(())
     }
 
@@ -466,9 +504,17 @@ impl Wal {
             self.last_lsn(),
             "roll continues the log"
         );
+        // A sealed segment ends exactly at its last record.
+        let (bytes, path) = (self.active_bytes(), self.active_info().path.clone());
+        if self.active_allocated > bytes {
+            self.active
+                .set_len(bytes)
+                .map_err(EngineError::io("trim sealed wal segment", &path))?;
+        }
         self.sync()?;
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
         self.syncs += 1;
+        self.active_allocated = info.bytes;
         self.segments.push(info);
         self.active = file;
         Ok(())
@@ -607,6 +653,7 @@ impl Wal {
             .set_len(offset as u64)
             .map_err(EngineError::io("truncate wal segment", &seg.path))?;
         self.sync()?;
+        self.active_allocated = offset as u64;
         let info = &mut self.segments[keep];
         info.bytes = offset as u64;
         info.last_lsn = lsn;

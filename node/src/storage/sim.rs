@@ -190,19 +190,10 @@ impl SimStorage {
             let Some(inode) = st.inodes.get_mut(&id) else {
                 continue;
             };
-            let mut survived = inode.durable.clone();
-            if let Some(roll) = keep_extra {
-                // Only an unsynced *extension* of the durable bytes can partly
-                // survive; any other unsynced change is dropped whole.
-                if inode.written.len() > survived.len() && inode.written.starts_with(&survived) {
-                    let tail = inode.written.len() - survived.len();
-                    let sectors = tail.div_ceil(SECTOR_BYTES);
-                    let keep_sectors = (roll % (sectors as u64 + 1)) as usize;
-                    let keep = (keep_sectors * SECTOR_BYTES).min(tail);
-                    let start = survived.len();
-                    survived.extend_from_slice(&inode.written[start..start + keep]);
-                }
-            }
+            let survived = match keep_extra {
+                Some(roll) => torn(&inode.durable, &inode.written, roll),
+                None => inode.durable.clone(),
+            };
             inode.written = survived.clone();
             inode.durable = survived;
         }
@@ -265,6 +256,37 @@ impl SimStorage {
         }
         Ok(())
     }
+}
+
+/// What a power loss leaves of a file whose durable bytes are `durable` and
+/// whose written bytes are `written`: the durable bytes with a prefix of the
+/// unsynced changes applied, cut at a sector boundary (`roll` picks how many
+/// sectors). An unsynced shrink is either wholly lost or wholly kept.
+fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
+    let common = durable.len().min(written.len());
+    let first_diff = (0..common)
+        .find(|&i| durable[i] != written[i])
+        .unwrap_or(common);
+    if written.len() < durable.len() && first_diff == common {
+        return if roll % 2 == 0 {
+            durable.to_vec()
+        } else {
+            written.to_vec()
+        };
+    }
+    if first_diff == written.len() {
+        return durable.to_vec();
+    }
+    let start = first_diff / SECTOR_BYTES * SECTOR_BYTES;
+    let sectors = (written.len() - start).div_ceil(SECTOR_BYTES);
+    let keep_sectors = (roll % (sectors as u64 + 1)) as usize;
+    let end = (start + keep_sectors * SECTOR_BYTES).min(written.len());
+    let mut out = durable.to_vec();
+    if out.len() < end {
+        out.resize(end, 0);
+    }
+    out[start..end].copy_from_slice(&written[start..end]);
+    out
 }
 
 struct SimFile {

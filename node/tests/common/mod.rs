@@ -19,10 +19,12 @@ pub fn sim() -> SimStorage {
     })
 }
 
-/// Default config on `/data`, with automatic snapshots off.
+/// Default config on `/data`, with automatic snapshots off and no
+/// preallocation (so tests can compute byte offsets from record sizes).
 pub fn config() -> EngineConfig {
     let mut c = EngineConfig::new(DIR);
     c.snapshot_wal_bytes = 0;
+    c.segment_preallocate_bytes = 0;
     c
 }
 
