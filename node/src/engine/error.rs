@@ -14,12 +14,13 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// An I/O call failed. `op` names the step (e.g. "sync wal segment").
-    #[error("{op} {}: {source}", path.display())]
+    /// (The OS error is part of the message, not a separate `source`, so a
+    /// printed error chain shows it once.)
+    #[error("{op} {}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 
     /// Bytes on disk that recovery must not accept: mid-log damage, damage in
@@ -74,7 +75,7 @@ impl EngineError {
     /// Builds an [`EngineError::Io`] for `op` on `path`.
     pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> EngineError {
         let path = path.into();
-        move |source| EngineError::Io { op, path, source }
+        move |error| EngineError::Io { op, path, error }
     }
 
     /// True if the engine cannot go on after this error (restart needed).

@@ -295,7 +295,7 @@ impl Engine {
                 EngineError::Io {
                     op: "lock data directory",
                     path: dir.clone(),
-                    source: e,
+                    error: e,
                 }
             }
         })?;
