@@ -14,6 +14,9 @@
 //!
 //! Seeds: `CRASH_SEEDS=n` runs more (default 60); a failure names its seed.
 
+// Tests unwrap: a failed unwrap is a test failure with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{DIR, Model, Rng, config, contents, open};

@@ -2,6 +2,9 @@
 //! tails at every byte offset and every flipped bit of the last records;
 //! snapshots and their fallback; determinism; the replication hooks.
 
+// Tests unwrap: a failed unwrap is a test failure with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

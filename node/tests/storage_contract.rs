@@ -2,6 +2,9 @@
 //! temporary directory, and the simulated disk), plus the simulated disk's
 //! crash semantics: only durable names and bytes survive a power loss.
 
+// Tests unwrap: a failed unwrap is a test failure with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use kv_node::storage::{FsStorage, SimOptions, SimStorage, Storage};
@@ -171,7 +174,7 @@ fn torn_tails_keep_a_sector_aligned_prefix_of_unsynced_bytes() {
         assert_eq!(&got[..100], &[1u8; 100], "durable bytes always survive");
         let kept = got.len() - 100;
         assert!(
-            kept == 0 || kept == 2000 || (100 + kept) % 512 == 0,
+            kept == 0 || kept == 2000 || (100 + kept).is_multiple_of(512),
             "kept {kept}"
         );
         assert_eq!(&got[100..], &tail[..kept], "a prefix of what was written");

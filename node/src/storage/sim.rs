@@ -268,7 +268,7 @@ fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
         .find(|&i| durable[i] != written[i])
         .unwrap_or(common);
     if written.len() < durable.len() && first_diff == common {
-        return if roll % 2 == 0 {
+        return if roll.is_multiple_of(2) {
             durable.to_vec()
         } else {
             written.to_vec()
