@@ -65,10 +65,10 @@ pub fn check(config: &EngineConfig) -> anyhow::Result<CheckReport> {
                 }
             }
         } else if parse_segment_name(name).is_some() {
-            match scan_segment(&bytes, payload_max) {
+            match scan_segment(&bytes, payload_max, &mut |_| {}) {
                 Ok(scan) => {
                     let first = scan.header.first_lsn;
-                    let records = scan.records.len() as u64;
+                    let records = scan.records;
                     let range = if records == 0 {
                         "no records".to_owned()
                     } else {

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use super::error::{EngineError, Result};
 use super::record::{
-    RECORD_HEADER_BYTES, Record, RecordError, SEGMENT_HEADER_BYTES, SegmentHeader, decode_record,
+    RECORD_HEADER_BYTES, Record, RecordError, RecordView, SEGMENT_HEADER_BYTES, SegmentHeader,
+    decode_record, decode_record_view,
 };
 use crate::storage::{Storage, StorageFile};
 
@@ -97,8 +98,10 @@ pub struct WalRecovery {
 pub struct SegmentScan {
     /// Decoded header.
     pub header: SegmentHeader,
-    /// Valid records, in order.
-    pub records: Vec<Record>,
+    /// Number of valid records.
+    pub records: u64,
+    /// Term of the last valid record, if any.
+    pub last_term: Option<u64>,
     /// Byte offset just past the last valid record.
     pub valid_bytes: u64,
     /// Where the first bad record starts, why it is bad, and whether a valid
@@ -124,16 +127,20 @@ pub struct Damage {
 pub fn scan_segment(
     bytes: &[u8],
     payload_max: usize,
+    on_record: &mut dyn FnMut(RecordView<'_>),
 ) -> std::result::Result<SegmentScan, &'static str> {
     let header = SegmentHeader::decode(bytes)?;
-    let mut records = Vec::new();
+    let mut records = 0;
+    let mut last_term = None;
     let mut offset = SEGMENT_HEADER_BYTES;
     let mut expected = header.first_lsn;
     let mut damage = None;
     while offset < bytes.len() {
-        match decode_record(&bytes[offset..], header.salt, payload_max) {
+        match decode_record_view(&bytes[offset..], header.salt, payload_max) {
             Ok((rec, used)) if rec.lsn == expected => {
-                records.push(rec);
+                records += 1;
+                last_term = Some(rec.term);
+                on_record(rec);
                 offset += used;
                 expected += 1;
             }
@@ -161,6 +168,7 @@ pub fn scan_segment(
     Ok(SegmentScan {
         header,
         records,
+        last_term,
         valid_bytes: offset as u64,
         damage,
     })
@@ -269,8 +277,8 @@ impl Wal {
                 lsn,
                 reason,
             };
-            let scan = match scan_segment(&bytes, config.record_payload_bytes_max) {
-                Ok(scan) => scan,
+            let header = match SegmentHeader::decode(&bytes) {
+                Ok(header) => header,
                 Err(reason) => {
                     // A header that does not verify. Only the last segment may
                     // have one, and only if nothing valid follows: it was being
@@ -291,38 +299,49 @@ impl Wal {
                     continue;
                 }
             };
-            if scan.header.first_lsn != first {
+            if header.first_lsn != first {
                 return Err(corrupt(
                     0,
                     Some(first),
                     format!(
                         "segment name says first LSN {first}, header says {}",
-                        scan.header.first_lsn
+                        header.first_lsn
                     ),
                 ));
             }
-            if segments.is_empty() && scan.header.first_lsn > replay_from {
+            if segments.is_empty() && header.first_lsn > replay_from {
                 return Err(corrupt(
                     0,
                     Some(replay_from),
                     format!(
                         "the WAL starts at LSN {} but LSN {replay_from} is the first not covered by a snapshot: records are missing",
-                        scan.header.first_lsn
+                        header.first_lsn
                     ),
                 ));
             }
             if let Some(prev) = segments.last()
-                && scan.header.first_lsn != prev.last_lsn + 1
+                && header.first_lsn != prev.last_lsn + 1
             {
                 return Err(corrupt(
                     0,
                     Some(prev.last_lsn + 1),
                     format!(
                         "LSN gap: previous segment ends at {}, this one starts at {}",
-                        prev.last_lsn, scan.header.first_lsn
+                        prev.last_lsn, header.first_lsn
                     ),
                 ));
             }
+            // The header continues the log: replay its records (records
+            // below `replay_from` are only validated, never copied).
+            let mut replayed = 0;
+            let scan = scan_segment(&bytes, config.record_payload_bytes_max, &mut |view| {
+                if view.lsn >= replay_from {
+                    replayed += 1;
+                    replay(view.to_record());
+                }
+            })
+            .map_err(|reason| corrupt(0, Some(first), reason.to_owned()))?;
+            recovery.replayed += replayed;
             let mut valid_bytes = scan.valid_bytes;
             allocated = bytes.len() as u64;
             if let Some(damage) = &scan.damage {
@@ -356,13 +375,9 @@ impl Wal {
                 valid_bytes = damage.offset;
                 allocated = damage.offset;
             }
-            let last_lsn = scan.header.first_lsn + scan.records.len() as u64 - 1;
-            for rec in scan.records {
-                recovery.last_term = rec.term;
-                if rec.lsn >= replay_from {
-                    recovery.replayed += 1;
-                    replay(rec);
-                }
+            let last_lsn = scan.header.first_lsn + scan.records - 1;
+            if let Some(term) = scan.last_term {
+                recovery.last_term = term;
             }
             segments.push(SegmentInfo {
                 header: scan.header,
@@ -542,15 +557,17 @@ impl Wal {
                 break;
             }
             let bytes = self.read_segment(seg)?;
-            let scan =
-                scan_segment(&bytes, self.config.record_payload_bytes_max).map_err(|reason| {
-                    EngineError::Corrupt {
-                        file: seg.path.clone(),
-                        offset: 0,
-                        lsn: None,
-                        reason: reason.to_owned(),
-                    }
-                })?;
+            let scan = scan_segment(&bytes, self.config.record_payload_bytes_max, &mut |view| {
+                if view.lsn >= from && out.len() < max_records {
+                    out.push(view.to_record());
+                }
+            })
+            .map_err(|reason| EngineError::Corrupt {
+                file: seg.path.clone(),
+                offset: 0,
+                lsn: None,
+                reason: reason.to_owned(),
+            })?;
             if let Some(d) = scan.damage.filter(|d| d.offset < seg.bytes) {
                 return Err(EngineError::Corrupt {
                     file: seg.path.clone(),
@@ -559,13 +576,6 @@ impl Wal {
                     reason: d.reason,
                 });
             }
-            let wanted = max_records - out.len();
-            out.extend(
-                scan.records
-                    .into_iter()
-                    .filter(|r| r.lsn >= from)
-                    .take(wanted),
-            );
         }
         Ok(out)
     }
