@@ -87,16 +87,6 @@ pub fn encode<'a>(
     out
 }
 
-fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> std::result::Result<&'a [u8], String> {
-    let end = at
-        .checked_add(n)
-        .filter(|&e| e <= bytes.len())
-        .ok_or_else(|| format!("entry at offset {at} runs past the end of the file"))?;
-    let s = &bytes[*at..end];
-    *at = end;
-    Ok(s)
-}
-
 fn u32_of(s: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&s[..4]);
@@ -109,45 +99,109 @@ fn u64_of(s: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Decodes and verifies snapshot bytes (CRC, counts, key order, digest).
-pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
-    if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
-        return Err(format!("{} bytes is too short for a snapshot", bytes.len()));
+/// Reads a snapshot body front to back in bounded blocks, feeding every byte
+/// to the CRC, so loading never holds the whole file in memory.
+struct BodyReader<'a> {
+    read_at: &'a mut dyn FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    /// Next file offset to read from.
+    offset: u64,
+    /// End of the body (the CRC follows it).
+    end: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    crc: crc32fast::Hasher,
+}
+
+const READ_BLOCK_BYTES: usize = 4 << 20;
+
+impl BodyReader<'_> {
+    /// Bytes of the body not yet consumed.
+    fn remaining(&self) -> u64 {
+        self.end - self.offset + (self.buf.len() - self.pos) as u64
     }
-    if bytes[..8] != SNAPSHOT_MAGIC {
+
+    /// The next `n` bytes; `n` is checked against what is left first, so a
+    /// damaged length never causes a large allocation.
+    fn take(&mut self, n: usize) -> std::result::Result<&[u8], String> {
+        if n as u64 > self.remaining() {
+            return Err(format!(
+                "an entry needs {n} bytes but only {} are left before the CRC",
+                self.remaining()
+            ));
+        }
+        if self.buf.len() - self.pos < n {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            let want = (n - self.buf.len()).max(READ_BLOCK_BYTES) as u64;
+            let len = want.min(self.end - self.offset) as usize;
+            let start = self.buf.len();
+            self.buf.resize(start + len, 0);
+            (self.read_at)(&mut self.buf[start..], self.offset)
+                .map_err(|e| format!("read at offset {}: {e}", self.offset))?;
+            self.crc.update(&self.buf[start..]);
+            self.offset += len as u64;
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+}
+
+/// Decodes and verifies a snapshot of `len` bytes read through `read_at`
+/// (CRC, counts, key order, digest), streaming it in bounded blocks.
+pub fn decode_with(
+    len: u64,
+    read_at: &mut dyn FnMut(&mut [u8], u64) -> std::io::Result<()>,
+) -> std::result::Result<Snapshot, String> {
+    if len < (SNAPSHOT_HEADER_BYTES + 4) as u64 {
+        return Err(format!("{len} bytes is too short for a snapshot"));
+    }
+    let mut crc_bytes = [0u8; 4];
+    read_at(&mut crc_bytes, len - 4).map_err(|e| format!("read CRC: {e}"))?;
+    let crc_stored = u32::from_le_bytes(crc_bytes);
+    let mut r = BodyReader {
+        read_at,
+        offset: 0,
+        end: len - 4,
+        buf: Vec::new(),
+        pos: 0,
+        crc: crc32fast::Hasher::new(),
+    };
+    let header = r.take(SNAPSHOT_HEADER_BYTES)?.to_vec();
+    if header[..8] != SNAPSHOT_MAGIC {
         return Err("bad magic".into());
     }
-    let body_len = bytes.len() - 4;
-    let crc = u32_of(&bytes[body_len..]);
-    if crc32fast::hash(&bytes[..body_len]) != crc {
-        return Err("CRC mismatch".into());
-    }
-    let body = &bytes[..body_len];
-    if u32_of(&body[8..]) != SNAPSHOT_VERSION {
+    if u32_of(&header[8..]) != SNAPSHOT_VERSION {
         return Err("unsupported version".into());
     }
-    let lsn = u64_of(&body[16..]);
-    let term = u64_of(&body[24..]);
-    let count = u64_of(&body[32..]);
-    let digest_stored = u64_of(&body[40..]);
-    let mut at = SNAPSHOT_HEADER_BYTES;
-    let mut entries = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(body.len() / 8));
+    let lsn = u64_of(&header[16..]);
+    let term = u64_of(&header[24..]);
+    let count = u64_of(&header[32..]);
+    let digest_stored = u64_of(&header[40..]);
+    // Every entry takes at least 8 bytes: bound the count before trusting it.
+    if count > r.remaining() / 8 {
+        return Err(format!("entry count {count} cannot fit in the file"));
+    }
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count as usize);
     let mut digest = Digest::default();
-    for _ in 0..count {
-        let lens = take(body, &mut at, 8)?;
+    for i in 0..count {
+        let lens = r.take(8)?;
         let (kl, vl) = (u32_of(lens) as usize, u32_of(&lens[4..]) as usize);
-        let key = take(body, &mut at, kl)?.to_vec();
-        let value = take(body, &mut at, vl)?.to_vec();
+        let key = r.take(kl)?.to_vec();
+        let value = r.take(vl)?.to_vec();
         if let Some((prev, _)) = entries.last()
             && *prev >= key
         {
-            return Err(format!("keys out of order at offset {at}"));
+            return Err(format!("keys out of order at entry {i}"));
         }
         digest.add(entry_hash(&key, &value));
         entries.push((key, value));
     }
-    if at != body.len() {
-        return Err(format!("{} bytes after the last entry", body.len() - at));
+    if r.remaining() != 0 {
+        return Err(format!("{} bytes after the last entry", r.remaining()));
+    }
+    if r.crc.clone().finalize() != crc_stored {
+        return Err("CRC mismatch".into());
     }
     if digest.value() != digest_stored {
         return Err("state digest does not match the entries".into());
@@ -159,6 +213,18 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
         term,
         map,
         digest: digest_stored,
+    })
+}
+
+/// Decodes and verifies snapshot bytes held in memory.
+pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
+    decode_with(bytes.len() as u64, &mut |buf, offset| {
+        let start = offset as usize;
+        let src = bytes
+            .get(start..start + buf.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
     })
 }
 
@@ -213,10 +279,28 @@ pub fn load_newest(storage: &dyn Storage, dir: &Path) -> Result<Loaded> {
     let mut loaded = Loaded::default();
     for lsn in list(storage, dir)? {
         let path = dir.join(snapshot_name(lsn));
-        let bytes = storage
-            .read_file(&path)
-            .map_err(EngineError::io("read snapshot", &path))?;
-        match decode(&bytes) {
+        let file = storage
+            .open(&path)
+            .map_err(EngineError::io("open snapshot", &path))?;
+        let len = file
+            .len()
+            .map_err(EngineError::io("read snapshot length", &path))?;
+        // An I/O error is the disk's failure, not the snapshot's: report it
+        // rather than setting a possibly good snapshot aside.
+        let mut io_error = None;
+        let decoded = decode_with(len, &mut |buf, offset| {
+            file.read_at(buf, offset).inspect_err(|e| {
+                io_error = Some(std::io::Error::new(e.kind(), e.to_string()));
+            })
+        });
+        if let Some(error) = io_error {
+            return Err(EngineError::Io {
+                op: "read snapshot",
+                path,
+                error,
+            });
+        }
+        match decoded {
             Ok(snap) if snap.lsn == lsn => {
                 loaded.snapshot = Some(snap);
                 loaded.path = Some(path);
@@ -230,4 +314,55 @@ pub fn load_newest(storage: &dyn Storage, dir: &Path) -> Result<Loaded> {
         }
     }
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (BTreeMap<Vec<u8>, Vec<u8>>, Vec<u8>) {
+        let mut map = BTreeMap::new();
+        let mut digest = Digest::default();
+        for i in 0..50u32 {
+            let (k, v) = (format!("key{i:03}").into_bytes(), vec![i as u8; i as usize]);
+            digest.add(entry_hash(&k, &v));
+            map.insert(k, v);
+        }
+        let bytes = encode(77, 2, digest.value(), map.len(), map.iter());
+        (map, bytes)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (map, bytes) = sample();
+        let snap = decode(&bytes).unwrap();
+        assert_eq!((snap.lsn, snap.term), (77, 2));
+        assert_eq!(snap.map, map);
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_rejected() {
+        let (_, bytes) = sample();
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut} accepted");
+        }
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x08;
+            assert!(decode(&bad).is_err(), "flip at {at} accepted");
+        }
+    }
+
+    #[test]
+    fn damaged_lengths_never_allocate_on_trust() {
+        let (_, mut bytes) = sample();
+        // An absurd entry count, with a CRC that matches it: refused by the
+        // size bound, not by running out of memory.
+        bytes[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        let body = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..body]);
+        bytes[body..].copy_from_slice(&crc.to_le_bytes());
+        let err = decode(&bytes).unwrap_err();
+        assert!(err.contains("cannot fit"), "{err}");
+    }
 }
