@@ -209,6 +209,14 @@ pub struct SnapshotInfo {
     pub segments_removed: usize,
 }
 
+/// One flush round's work, decided under the state lock.
+struct RoundPlan {
+    chunks: Vec<wal::Chunk>,
+    /// Last LSN in `chunks` (or the written LSN if there are none).
+    target: u64,
+    sync: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Level {
     Written,
@@ -230,6 +238,14 @@ struct State {
     commit_lsn: Option<u64>,
     /// A flush round (or another exclusive WAL operation) is running.
     flushing: bool,
+    /// Flush rounds completed; the round in progress (if `flushing`) is
+    /// `rounds_done + 1`. Waiters sleep on `wakeups[round % 2]` for the round
+    /// that will cover them.
+    rounds_done: u64,
+    /// The last LSN the round in progress writes.
+    round_target: u64,
+    /// Whether the round in progress syncs.
+    round_syncs: bool,
     /// The highest LSN some waiter needs durable.
     sync_wanted: u64,
     poisoned: Option<String>,
@@ -244,8 +260,11 @@ pub struct Engine {
     storage: Arc<dyn Storage>,
     config: EngineConfig,
     state: Mutex<State>,
-    /// Signalled whenever a flush round ends or the engine is poisoned.
-    flushed: Condvar,
+    /// Waiters for round `r` sleep on `wakeups[r % 2]`. When round `r` ends,
+    /// all of `wakeups[r % 2]` wake (their writes are covered) and one of
+    /// `wakeups[(r + 1) % 2]` wakes to run the next round: no thundering herd
+    /// of waiters that the round did not cover.
+    wakeups: [Condvar; 2],
     /// Lock order: `state` before `map`; `wal` is never taken with `state` held.
     map: RwLock<MapState>,
     wal: Mutex<Wal>,
@@ -387,6 +406,9 @@ impl Engine {
             pending_apply: VecDeque::new(),
             commit_lsn: None,
             flushing: false,
+            rounds_done: 0,
+            round_target: 0,
+            round_syncs: false,
             sync_wanted: 0,
             poisoned: None,
             batch: config.batch,
@@ -398,7 +420,7 @@ impl Engine {
             storage,
             config,
             state: Mutex::new(state),
-            flushed: Condvar::new(),
+            wakeups: [Condvar::new(), Condvar::new()],
             map: RwLock::new(map),
             wal: Mutex::new(wal),
             snapshot_lock: Mutex::new(()),
@@ -556,16 +578,16 @@ impl Engine {
     /// write or sync: writes the buffered records, syncs, applies what became
     /// durable (committed), wakes waiters. Returns whether it ran.
     pub fn flush_step(&self) -> Result<bool> {
-        {
+        let plan = {
             let mut st = lock(&self.state);
             self.check_writable(&st)?;
             if st.flushing || (st.log.is_empty() && st.written_lsn == st.durable_lsn) {
                 return Ok(false);
             }
             st.sync_wanted = st.sync_wanted.max(st.log.last_lsn());
-            st.flushing = true;
-        }
-        self.flush_round();
+            Self::begin_round(&mut st)
+        };
+        self.run_round(plan);
         self.check_writable(&lock(&self.state))?;
         Ok(true)
     }
@@ -620,29 +642,47 @@ impl Engine {
             }
             self.check_writable(&st)?;
             if !st.flushing {
-                st.flushing = true;
+                let plan = Self::begin_round(&mut st);
                 drop(st);
-                self.flush_round();
+                self.run_round(plan);
                 st = lock(&self.state);
                 continue;
             }
-            st = self
-                .flushed
+            // A round is running: sleep until the round that covers us ends.
+            let covered = lsn <= st.round_target && (level == Level::Written || st.round_syncs);
+            let round = st.rounds_done + if covered { 1 } else { 2 };
+            st = self.wakeups[(round % 2) as usize]
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
-    /// One group commit. The caller has set `flushing`; this clears it.
-    fn flush_round(&self) {
-        let (chunks, target, sync) = {
-            let mut st = lock(&self.state);
-            debug_assert!(st.flushing);
-            let chunks = st.log.take_group();
-            let target = chunks.last().map_or(st.written_lsn, |c| c.last_lsn);
-            let sync = st.sync_wanted > st.durable_lsn;
-            (chunks, target, sync)
-        };
+    /// Starts a flush round under the state lock: takes the buffered chunks
+    /// and decides whether the round syncs.
+    fn begin_round(st: &mut State) -> RoundPlan {
+        assert!(!st.flushing, "one flush round at a time");
+        st.flushing = true;
+        let chunks = st.log.take_group();
+        let target = chunks.last().map_or(st.written_lsn, |c| c.last_lsn);
+        let sync = st.sync_wanted > st.durable_lsn;
+        st.round_target = target;
+        st.round_syncs = sync;
+        RoundPlan {
+            chunks,
+            target,
+            sync,
+        }
+    }
+
+    /// Runs a round begun by [`Engine::begin_round`]: writes and syncs
+    /// without the state lock, then publishes the new positions, applies what
+    /// became durable, and wakes the waiters.
+    fn run_round(&self, plan: RoundPlan) {
+        let RoundPlan {
+            chunks,
+            target,
+            sync,
+        } = plan;
         let result = (|| {
             let mut wal = lock(&self.wal);
             for chunk in &chunks {
@@ -671,8 +711,22 @@ impl Engine {
         assert!(st.durable_lsn <= st.written_lsn, "durable <= written");
         assert!(st.written_lsn <= st.log.last_lsn(), "written <= last");
         st.flushing = false;
+        st.rounds_done += 1;
+        let done = st.rounds_done;
+        let poisoned = st.poisoned.is_some();
         drop(st);
-        self.flushed.notify_all();
+        if poisoned {
+            self.wake_all();
+        } else {
+            self.wakeups[(done % 2) as usize].notify_all();
+            self.wakeups[((done + 1) % 2) as usize].notify_one();
+        }
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakeups {
+            w.notify_all();
+        }
     }
 
     /// Applies queued records that are durable and (in replicated mode)
@@ -839,8 +893,8 @@ impl Engine {
         self.flush()?;
         let mut st = lock(&self.state);
         while st.flushing {
-            st = self
-                .flushed
+            let round = st.rounds_done + 1;
+            st = self.wakeups[(round % 2) as usize]
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
         }
@@ -886,7 +940,7 @@ impl Engine {
         };
         st.flushing = false;
         drop(st);
-        self.flushed.notify_all();
+        self.wake_all();
         outcome
     }
 
