@@ -124,12 +124,17 @@ impl LogBuffer {
     /// Takes the oldest chunks, up to the group-commit bounds (at least one).
     pub fn take_group(&mut self) -> Vec<Chunk> {
         let mut out: Vec<Chunk> = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut records) = (0, 0);
         while let Some(front) = self.chunks.front() {
-            if !out.is_empty() && bytes + front.bytes.len() > self.limits.group_commit_bytes_max {
+            let front_records = (front.last_lsn - front.first_lsn + 1) as usize;
+            if !out.is_empty()
+                && (bytes + front.bytes.len() > self.limits.group_commit_bytes_max
+                    || records + front_records > self.limits.group_commit_records_max)
+            {
                 break;
             }
             bytes += front.bytes.len();
+            records += front_records;
             if let Some(c) = self.chunks.pop_front() {
                 out.push(c);
             }

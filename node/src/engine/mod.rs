@@ -49,7 +49,7 @@ use std::sync::{
 
 pub use error::{EngineError, Result};
 use log_buffer::{BufferLimits, LogBuffer};
-pub use record::{Op, Record};
+pub use record::{Op, RECORD_PAYLOAD_BYTES_MAX, Record};
 use state::MapState;
 use wal::{Wal, WalConfig};
 
@@ -101,17 +101,22 @@ impl EngineConfig {
         }
     }
 
-    fn record_payload_bytes_max(&self) -> usize {
-        4 + self.key_bytes_max + self.value_bytes_max
-    }
-
     fn validate(&self) -> Result<()> {
         let bad = |why: &str| Err(EngineError::Config(why.to_owned()));
-        if self.key_bytes_max == 0 || self.key_bytes_max > u32::MAX as usize / 2 {
-            return bad("key_bytes_max must be between 1 and 2^31");
+        if self.key_bytes_max == 0 {
+            return bad("key_bytes_max must be at least 1");
         }
-        if self.value_bytes_max > u32::MAX as usize / 2 {
-            return bad("value_bytes_max must be at most 2^31");
+        let payload = self
+            .key_bytes_max
+            .checked_add(self.value_bytes_max)
+            .and_then(|n| n.checked_add(4));
+        if payload.is_none_or(|n| n > RECORD_PAYLOAD_BYTES_MAX) {
+            return bad(
+                "key_bytes_max + value_bytes_max must be under 64 MiB (the WAL format's record limit)",
+            );
+        }
+        if self.segment_preallocate_bytes > 1 << 30 {
+            return bad("segment_preallocate_bytes must be at most 1 GiB");
         }
         if self.segment_bytes_max < 4096 {
             return bad("segment_bytes_max must be at least 4096");
@@ -209,6 +214,30 @@ pub struct SnapshotInfo {
     pub segments_removed: usize,
 }
 
+/// Poisons the engine if a flush round unwinds (a panic mid-round).
+struct RoundGuard<'a> {
+    engine: &'a Engine,
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.engine.state);
+        st.poisoned = Some("a flush round panicked".into());
+        st.flushing = false;
+        drop(st);
+        self.engine.wake_all();
+    }
+}
+
+/// A record waiting to be applied, and when it may be (single-node mode).
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    /// `Durable`: sync mode, visible once durable. `Written`: batch mode,
+    /// visible once handed to the OS.
+    visible_at: Level,
+}
+
 /// One flush round's work, decided under the state lock.
 struct RoundPlan {
     chunks: Vec<wal::Chunk>,
@@ -230,8 +259,13 @@ struct State {
     written_lsn: u64,
     /// Every record with LSN <= this is covered by a completed sync.
     durable_lsn: u64,
-    /// Ops appended but not yet applied, in LSN order.
-    pending_apply: VecDeque<Record>,
+    /// Records appended but not yet applied, in LSN order.
+    pending_apply: VecDeque<Pending>,
+    /// Mirror of the map's applied LSN (readable without the map lock).
+    applied_lsn: u64,
+    /// Bumped by every truncation, so a waiter for a truncated LSN fails
+    /// instead of waiting for a different record with the same LSN.
+    truncations: u64,
     /// In replicated mode, records above this are not applied even when
     /// durable (they are not committed yet). `None`: single-node mode, where
     /// durable means committed.
@@ -318,21 +352,20 @@ impl Engine {
                 }
             }
         })?;
-        remove_snapshot_temps(&*storage, &dir)?;
+        // Make the directory's own name durable (a first start creates it).
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        storage.sync_dir(&parent).map_err(EngineError::io(
+            "sync parent of the data directory",
+            &parent,
+        ))?;
 
+        // Decide first (load, replay, judge), change files only once the
+        // verdict is "open": a refused open leaves the directory as it was.
         let mut summary = RecoverySummary::default();
         let loaded = snapshot::load_newest(&*storage, &dir)?;
-        for (path, reason) in &loaded.rejected {
-            let broken = path.with_extension("snap.broken");
-            tracing::warn!(path = %path.display(), %reason, "snapshot does not verify; set aside as .broken");
-            storage
-                .rename(path, &broken)
-                .map_err(EngineError::io("set aside bad snapshot", path))?;
-            storage
-                .sync_dir(&dir)
-                .map_err(EngineError::io("sync data directory", &dir))?;
-        }
-        summary.snapshots_rejected = loaded.rejected;
         let mut map = match loaded.snapshot {
             Some(s) => {
                 summary.snapshot_lsn = Some(s.lsn);
@@ -341,37 +374,32 @@ impl Engine {
             None => MapState::default(),
         };
         let snapshot_lsn = map.applied_lsn();
-
         let wal_config = WalConfig {
             segment_bytes_max: config.segment_bytes_max,
-            record_payload_bytes_max: config.record_payload_bytes_max(),
             preallocate_bytes: config.segment_preallocate_bytes,
         };
-        let (wal, rec) = Wal::open(
-            storage.clone(),
-            &dir,
-            wal_config,
-            snapshot_lsn + 1,
-            snapshot_lsn + 1,
-            |r| map.apply(r.lsn, r.term, r.op),
-        )?;
-        let first_path = wal.segments()[0].path.clone();
-        if wal.last_lsn() < snapshot_lsn {
-            return Err(EngineError::Corrupt {
-                file: first_path,
-                offset: 0,
-                lsn: Some(wal.last_lsn() + 1),
-                reason: format!(
-                    "the WAL ends at LSN {} before the snapshot LSN {snapshot_lsn}",
-                    wal.last_lsn()
-                ),
-            });
-        }
+        let (wal, rec) = Wal::open(storage.clone(), &dir, wal_config, snapshot_lsn, |r| {
+            map.apply(r.lsn, r.term, r.op)
+        })?;
         assert_eq!(
             map.applied_lsn(),
             wal.last_lsn(),
             "recovery applies the whole log"
         );
+        for (path, reason) in &loaded.rejected {
+            let broken = unused_name(&*storage, &dir, path)?;
+            tracing::warn!(path = %path.display(), %reason, "snapshot does not verify; set aside as {}", broken.display());
+            storage
+                .rename(path, &broken)
+                .map_err(EngineError::io("set aside bad snapshot", path))?;
+        }
+        let temps_removed = remove_snapshot_temps(&*storage, &dir)?;
+        if temps_removed || !loaded.rejected.is_empty() {
+            storage
+                .sync_dir(&dir)
+                .map_err(EngineError::io("sync data directory", &dir))?;
+        }
+        summary.snapshots_rejected = loaded.rejected;
 
         summary.records_replayed = rec.replayed;
         summary.tail_bytes_cut = rec.tail_bytes_cut;
@@ -404,6 +432,8 @@ impl Engine {
             written_lsn: last,
             durable_lsn: last,
             pending_apply: VecDeque::new(),
+            applied_lsn: last,
+            truncations: 0,
             commit_lsn: None,
             flushing: false,
             rounds_done: 0,
@@ -517,32 +547,41 @@ impl Engine {
         let (lsn, level) = {
             let mut st = lock(&self.state);
             self.check_writable(&st)?;
-            let term = st.term;
-            let len = op.record_len() as u64;
-            let lsn = st.log.append(term, &op);
-            st.wal_bytes_since_snapshot += len;
-            let record = Record { lsn, term, op };
-            let level = if st.batch <= 1 || st.commit_lsn.is_some() {
-                st.pending_apply.push_back(record);
+            let batch = u64::from(st.batch);
+            let visible_at = if batch <= 1 {
                 Level::Durable
-            } else if st.pending_apply.is_empty() {
-                write(&self.map).apply(record.lsn, record.term, record.op);
-                if lsn - st.durable_lsn >= u64::from(st.batch) {
-                    Level::Durable
-                } else {
-                    Level::Written
-                }
             } else {
-                // Older writes still wait to be applied (the mode just
-                // changed): keep the order, and wait until they are applied.
-                st.pending_apply.push_back(record);
+                Level::Written
+            };
+            let term = st.term;
+            let lsn = Self::append_locked(&mut st, term, op, visible_at);
+            // In batch mode the write that is `batch` past the durable LSN
+            // syncs; the others only need to be written.
+            let level = if batch <= 1 || lsn - st.durable_lsn >= batch {
                 Level::Durable
+            } else {
+                Level::Written
             };
             (lsn, level)
         };
         self.wait_for(lsn, level)?;
         self.maybe_snapshot();
         Ok(lsn)
+    }
+
+    /// Appends one record to the log buffer and the apply queue.
+    fn append_locked(st: &mut State, term: u64, op: Op, visible_at: Level) -> u64 {
+        st.wal_bytes_since_snapshot += op.record_len() as u64;
+        let lsn = st.log.append(term, &op);
+        if visible_at == Level::Durable {
+            // Its visibility waits for a sync: make sure the next round syncs.
+            st.sync_wanted = st.sync_wanted.max(lsn);
+        }
+        st.pending_apply.push_back(Pending {
+            record: Record { lsn, term, op },
+            visible_at,
+        });
+        lsn
     }
 
     fn check_writable(&self, st: &State) -> Result<()> {
@@ -568,10 +607,7 @@ impl Engine {
         let mut st = lock(&self.state);
         self.check_writable(&st)?;
         let term = st.term;
-        st.wal_bytes_since_snapshot += op.record_len() as u64;
-        let lsn = st.log.append(term, &op);
-        st.pending_apply.push_back(Record { lsn, term, op });
-        Ok(lsn)
+        Ok(Self::append_locked(&mut st, term, op, Level::Durable))
     }
 
     /// Runs one flush round if none is running and there is anything to
@@ -626,18 +662,31 @@ impl Engine {
 
     fn wait_for(&self, lsn: u64, level: Level) -> Result<()> {
         let mut st = lock(&self.state);
+        let truncations = st.truncations;
         if level == Level::Durable {
             st.sync_wanted = st.sync_wanted.max(lsn);
         }
         loop {
-            let reached = match level {
-                Level::Written => st.written_lsn >= lsn,
-                // The flusher applies what became durable in the same
-                // critical section that advances `durable_lsn`, so a durable
-                // single-node write is also visible here.
-                Level::Durable => st.durable_lsn >= lsn,
+            if st.truncations != truncations && lsn > st.log.last_lsn() {
+                return Err(EngineError::InvalidLogOp(format!(
+                    "LSN {lsn} was truncated while waiting for it"
+                )));
+            }
+            if lsn > st.log.last_lsn() {
+                return Err(EngineError::InvalidLogOp(format!(
+                    "LSN {lsn} is past the end of the log ({})",
+                    st.log.last_lsn()
+                )));
+            }
+            let position = match level {
+                Level::Written => st.written_lsn,
+                Level::Durable => st.durable_lsn,
             };
-            if reached {
+            // Single-node writes are acknowledged once visible; the flusher
+            // applies them in the same critical section that advances the
+            // positions. In replicated mode, commit decides visibility.
+            let visible = st.commit_lsn.is_some() || st.applied_lsn >= lsn;
+            if position >= lsn && visible {
                 return Ok(());
             }
             self.check_writable(&st)?;
@@ -683,6 +732,9 @@ impl Engine {
             target,
             sync,
         } = plan;
+        // If anything below panics, the guard poisons the engine and wakes
+        // everyone, instead of leaving `flushing` set and all writers asleep.
+        let guard = RoundGuard { engine: self };
         let result = (|| {
             let mut wal = lock(&self.wal);
             for chunk in &chunks {
@@ -715,6 +767,7 @@ impl Engine {
         let done = st.rounds_done;
         let poisoned = st.poisoned.is_some();
         drop(st);
+        std::mem::forget(guard);
         if poisoned {
             self.wake_all();
         } else {
@@ -729,23 +782,34 @@ impl Engine {
         }
     }
 
-    /// Applies queued records that are durable and (in replicated mode)
-    /// committed, in LSN order.
+    /// Applies queued records in LSN order: in single-node mode each once it
+    /// is visible (durable, or written in batch mode), in replicated mode
+    /// once it is committed and durable here.
     fn apply_ready(&self, st: &mut State) {
-        let limit = match st.commit_lsn {
-            Some(commit) => commit,
-            None => st.durable_lsn,
-        };
-        if st.pending_apply.front().is_none_or(|r| r.lsn > limit) {
-            return;
-        }
-        let mut map = write(&self.map);
-        while st.pending_apply.front().is_some_and(|r| r.lsn <= limit) {
-            if let Some(r) = st.pending_apply.pop_front() {
-                map.apply(r.lsn, r.term, r.op);
+        let mut map = None;
+        while let Some(front) = st.pending_apply.front() {
+            let limit = match (st.commit_lsn, front.visible_at) {
+                (Some(commit), _) => commit.min(st.durable_lsn),
+                (None, Level::Written) => st.written_lsn,
+                (None, Level::Durable) => st.durable_lsn,
+            };
+            if front.record.lsn > limit {
+                break;
             }
+            let Some(p) = st.pending_apply.pop_front() else {
+                break;
+            };
+            let map = map.get_or_insert_with(|| write(&self.map));
+            map.apply(p.record.lsn, p.record.term, p.record.op);
+            st.applied_lsn = map.applied_lsn();
         }
-        assert!(map.applied_lsn() <= st.log.last_lsn(), "applied <= last");
+        assert!(st.applied_lsn <= st.written_lsn, "applied <= written");
+        if st.commit_lsn.is_some() {
+            assert!(
+                st.applied_lsn <= st.durable_lsn,
+                "applied <= durable (replicated)"
+            );
+        }
     }
 
     /// The engine's positions and counters.
@@ -771,8 +835,32 @@ impl Engine {
     /// sync dir); then only the two newest snapshots are kept, and WAL
     /// segments wholly covered by the *older* of them are deleted, so either
     /// snapshot can be recovered from.
+    ///
+    /// A failed write or sync on the way poisons the engine (storage.md: a
+    /// failed fsync is fatal), so nothing is ever deleted on the strength of
+    /// a rename whose durability is unknown.
     pub fn snapshot(&self) -> Result<SnapshotInfo> {
         let _one_at_a_time = lock(&self.snapshot_lock);
+        self.check_writable(&lock(&self.state))?;
+        self.snapshot_locked().inspect_err(|e| {
+            if matches!(e, EngineError::Io { .. }) {
+                self.poison(e);
+            }
+        })
+    }
+
+    /// Records a fatal error and wakes every waiter so they see it.
+    fn poison(&self, e: &EngineError) {
+        tracing::error!(error = %e, "I/O failure; the engine is poisoned");
+        let mut st = lock(&self.state);
+        if st.poisoned.is_none() {
+            st.poisoned = Some(e.to_string());
+        }
+        drop(st);
+        self.wake_all();
+    }
+
+    fn snapshot_locked(&self) -> Result<SnapshotInfo> {
         lock(&self.state).wal_bytes_since_snapshot = 0;
         let (bytes, lsn, keys) = {
             let map = read(&self.map);
@@ -839,8 +927,7 @@ impl Engine {
     }
 
     /// Switches to replicated mode: records are applied only once `commit`
-    /// covers them (and they are durable locally only as the caller waits).
-    /// `commit` never goes backwards.
+    /// covers them and they are durable here. `commit` never goes backwards.
     pub fn set_commit_lsn(&self, commit: u64) {
         let mut st = lock(&self.state);
         let commit = commit.min(st.log.last_lsn());
@@ -855,8 +942,8 @@ impl Engine {
     pub fn append_records(&self, records: Vec<Record>) -> Result<u64> {
         let mut st = lock(&self.state);
         self.check_writable(&st)?;
-        for r in records {
-            let expected = st.log.last_lsn() + 1;
+        // Validate the whole batch first: all of it is appended or none.
+        for (expected, r) in (st.log.last_lsn() + 1..).zip(&records) {
             if r.lsn != expected {
                 return Err(EngineError::InvalidLogOp(format!(
                     "append at LSN {} where {expected} is next",
@@ -870,10 +957,10 @@ impl Engine {
                     Op::Delete { .. } => None,
                 },
             )?;
-            st.wal_bytes_since_snapshot += r.op.record_len() as u64;
-            let lsn = st.log.append(r.term, &r.op);
-            debug_assert_eq!(lsn, r.lsn);
-            st.pending_apply.push_back(r);
+        }
+        for r in records {
+            let lsn = Self::append_locked(&mut st, r.term, r.op, Level::Durable);
+            assert_eq!(lsn, r.lsn, "validated above");
         }
         Ok(st.log.last_lsn())
     }
@@ -881,8 +968,11 @@ impl Engine {
     /// Reads up to `max` records from the WAL starting at `from` (which must
     /// be durable: callers ship only durable records).
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>> {
+        // Holding `wal` keeps truncation out while `durable` is read.
+        let wal = lock(&self.wal);
+        let mut records = wal.read_from(from, max)?;
         let durable = lock(&self.state).durable_lsn;
-        let mut records = lock(&self.wal).read_from(from, max)?;
+        drop(wal);
         records.retain(|r| r.lsn <= durable);
         Ok(records)
     }
@@ -899,7 +989,7 @@ impl Engine {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         self.check_writable(&st)?;
-        let applied = read(&self.map).applied_lsn();
+        let applied = st.applied_lsn;
         if lsn < applied {
             return Err(EngineError::InvalidLogOp(format!(
                 "truncate after LSN {lsn} would remove applied records (applied through {applied})"
@@ -924,13 +1014,15 @@ impl Engine {
                     .pending_apply
                     .iter()
                     .rev()
-                    .find(|r| r.lsn <= last)
-                    .map(|r| r.term);
-                st.pending_apply.retain(|r| r.lsn <= last);
+                    .find(|p| p.record.lsn <= last)
+                    .map(|p| p.record.term);
+                st.pending_apply.retain(|p| p.record.lsn <= last);
                 let term = term.unwrap_or_else(|| read(&self.map).applied_term());
                 st.log.reset(header, bytes, last, term);
                 st.written_lsn = last;
                 st.durable_lsn = last;
+                st.sync_wanted = st.sync_wanted.min(last);
+                st.truncations += 1;
                 Ok(())
             }
             Err(e) => {
@@ -950,22 +1042,38 @@ impl Engine {
     }
 }
 
-fn remove_snapshot_temps(storage: &dyn Storage, dir: &Path) -> Result<()> {
+/// `<path>.broken`, or `<path>.broken.<n>` if that exists already.
+fn unused_name(storage: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
+    let names = storage
+        .list_dir(dir)
+        .map_err(EngineError::io("list data directory", dir))?;
+    let base = format!("{}.broken", path.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    while candidate
+        .file_name()
+        .and_then(|f| f.to_str())
+        .is_some_and(|f| names.iter().any(|x| x == f))
+    {
+        candidate = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    Ok(candidate)
+}
+
+/// Removes temp files of interrupted snapshots (the caller syncs the dir);
+/// returns whether there were any.
+fn remove_snapshot_temps(storage: &dyn Storage, dir: &Path) -> Result<bool> {
     let names = storage
         .list_dir(dir)
         .map_err(EngineError::io("list data directory", dir))?;
     let mut removed = false;
     for name in names.iter().filter(|n| snapshot::is_snapshot_temp(n)) {
+        removed = true;
         let p = dir.join(name);
         storage
             .remove_file(&p)
             .map_err(EngineError::io("remove unfinished snapshot", &p))?;
-        removed = true;
     }
-    if removed {
-        storage
-            .sync_dir(dir)
-            .map_err(EngineError::io("sync data directory", dir))?;
-    }
-    Ok(())
+    Ok(removed)
 }

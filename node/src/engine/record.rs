@@ -14,6 +14,11 @@ pub const SEGMENT_HEADER_BYTES: usize = 40;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"KVWALSEG";
 /// Version of the segment and record format.
 pub const FORMAT_VERSION: u32 = 1;
+/// The longest record payload the format allows. Reading is bounded by this
+/// constant (and by the bytes left in the file), never by the configured key
+/// and value limits, so restarting with smaller limits cannot turn old,
+/// valid records into "damage". The configured limits must fit under it.
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 << 20;
 
 const _: () = assert!(RECORD_HEADER_BYTES == 4 + 1 + 3 + 4 + 4 + 8 + 8);
 const _: () = assert!(SEGMENT_HEADER_BYTES == 8 + 4 + 4 + 8 + 8 + 4 + 4);
@@ -253,8 +258,8 @@ pub fn decode_record_view(
 pub struct SegmentHeader {
     /// LSN of the first record this segment holds (or will hold).
     pub first_lsn: u64,
-    /// LSN of the last record of the previous segment (`first_lsn - 1`);
-    /// recorded so a missing segment is detected even when it was the last.
+    /// LSN of the last record of the previous segment (`first_lsn - 1`),
+    /// so the header alone states where the log before it must end.
     pub prev_last_lsn: u64,
     /// Salt every record in this segment carries.
     pub salt: u32,

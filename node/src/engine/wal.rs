@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use super::error::{EngineError, Result};
 use super::record::{
-    RECORD_HEADER_BYTES, Record, RecordError, RecordView, SEGMENT_HEADER_BYTES, SegmentHeader,
-    decode_record, decode_record_view,
+    RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX, Record, RecordError, RecordView,
+    SEGMENT_HEADER_BYTES, SegmentHeader, decode_record, decode_record_view,
 };
 use crate::storage::{Storage, StorageFile};
 
@@ -40,8 +40,6 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 pub struct WalConfig {
     /// A segment is sealed and a new one started once it holds this many bytes.
     pub segment_bytes_max: u64,
-    /// Upper bound on a record's payload length accepted when reading.
-    pub record_payload_bytes_max: usize,
     /// The active segment is extended with zeros this many bytes at a time,
     /// so most syncs overwrite allocated blocks and need no metadata update
     /// (on ext4 that is ~1.5x more syncs per second). 0 turns it off.
@@ -118,7 +116,9 @@ pub struct Damage {
     pub lsn: u64,
     /// What is wrong.
     pub reason: String,
-    /// Offset of a valid record with a higher LSN found after the damage.
+    /// Offset of a record that verifies at or after the damage (the damage
+    /// itself, if it is a verified record with the wrong LSN): proof that
+    /// this is not a torn tail.
     pub valid_record_after: Option<u64>,
 }
 
@@ -138,32 +138,43 @@ pub fn scan_segment(
     while offset < bytes.len() {
         match decode_record_view(&bytes[offset..], header.salt, payload_max) {
             Ok((rec, used)) if rec.lsn == expected => {
+                let Some(next) = expected.checked_add(1) else {
+                    damage = Some((offset, "LSN overflow".to_owned(), true));
+                    break;
+                };
                 records += 1;
                 last_term = Some(rec.term);
                 on_record(rec);
                 offset += used;
-                expected += 1;
+                expected = next;
             }
+            // A record that verifies but is out of sequence was written by
+            // us: it is never a torn tail.
             Ok((rec, _)) => {
                 damage = Some((
                     offset,
                     format!("record has LSN {} where {expected} was expected", rec.lsn),
+                    true,
                 ));
                 break;
             }
             // Zeros to the end are preallocated space, not damage.
             Err(_) if bytes[offset..].iter().all(|b| *b == 0) => break,
             Err(e) => {
-                damage = Some((offset, e.to_string()));
+                damage = Some((offset, e.to_string(), false));
                 break;
             }
         }
     }
-    let damage = damage.map(|(at, reason)| Damage {
+    let damage = damage.map(|(at, reason, valid_itself)| Damage {
         offset: at as u64,
         lsn: expected,
         reason,
-        valid_record_after: find_valid_record_after(bytes, at, header.salt, expected, payload_max),
+        valid_record_after: if valid_itself {
+            Some(at as u64)
+        } else {
+            find_valid_record_after(bytes, at, header.salt, expected, payload_max)
+        },
     });
     Ok(SegmentScan {
         header,
@@ -231,38 +242,49 @@ impl std::fmt::Debug for Wal {
 
 impl Wal {
     /// Opens (or creates) the log in `dir` and recovers it, handing every
-    /// valid record with LSN >= `replay_from` to `replay`, in order.
+    /// valid record above `snapshot_lsn` to `replay`, in order.
     ///
-    /// `empty_log_start` is the LSN the log starts at if there are no segments
-    /// (1 for a new node, snapshot LSN + 1 after a snapshot).
+    /// `snapshot_lsn` is the LSN the loaded snapshot covers (0 without one):
+    /// the log must hold every record after it, and if there are no segments
+    /// it starts at `snapshot_lsn + 1`.
     ///
-    /// The case table (one row per arm, tested row by row):
+    /// Recovery decides first and repairs after: every segment is read and
+    /// judged before anything on disk changes, so a refused open changes
+    /// nothing. The case table (one row per arm, tested row by row):
     ///
     /// | where the bad bytes are | what follows | verdict |
     /// |---|---|---|
     /// | last segment, incomplete record at the end | nothing | torn tail: truncate, sync |
     /// | last segment, bad CRC/header | no valid record with a higher LSN | torn tail: truncate, sync |
-    /// | any segment | a valid record with a higher LSN | mid-log corruption: refuse |
+    /// | any segment | a valid record with a higher LSN, or a valid record with the wrong LSN | mid-log corruption: refuse |
     /// | sealed segment, any damage | - | corruption: refuse |
-    /// | last segment, unreadable header | no valid record after it | half-created: remove, sync dir |
+    /// | last segment, unreadable header | no valid record in the file | half-created: remove, sync dir |
     /// | LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
+    /// | the log starts after `snapshot_lsn + 1` or ends before `snapshot_lsn` | - | records missing: refuse |
+    /// | any segment, zeros to the end | - | preallocated space: keep |
     pub fn open(
         storage: Arc<dyn Storage>,
         dir: &Path,
         config: WalConfig,
-        empty_log_start: u64,
-        replay_from: u64,
+        snapshot_lsn: u64,
         mut replay: impl FnMut(Record),
     ) -> Result<(Wal, WalRecovery)> {
+        let replay_from = snapshot_lsn.checked_add(1).ok_or_else(|| {
+            EngineError::InvalidLogOp("snapshot LSN is the largest LSN there is".into())
+        })?;
         let names = storage
             .list_dir(dir)
             .map_err(EngineError::io("list data directory", dir))?;
         let mut firsts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         firsts.sort_unstable();
 
+        // Phase 1: read and judge; change nothing.
         let mut recovery = WalRecovery::default();
         let mut segments: Vec<SegmentInfo> = Vec::new();
-        // File length of the last segment seen (records plus zeros).
+        let mut half_created: Option<PathBuf> = None;
+        // (path, offset to cut at) for a torn tail.
+        let mut torn_tail: Option<(PathBuf, u64)> = None;
+        // File length of the last segment (its records, then zeros).
         let mut allocated = 0;
         let count = firsts.len();
         for (i, first) in firsts.iter().copied().enumerate() {
@@ -279,23 +301,15 @@ impl Wal {
             };
             let header = match SegmentHeader::decode(&bytes) {
                 Ok(header) => header,
-                Err(reason) => {
-                    // A header that does not verify. Only the last segment may
-                    // have one, and only if nothing valid follows: it was being
-                    // created when the machine stopped, and records are only
-                    // appended after its header is durable.
-                    let salvageable =
-                        is_last && !any_valid_record(&bytes, config.record_payload_bytes_max);
-                    if !salvageable {
-                        return Err(corrupt(0, Some(first), reason.to_owned()));
-                    }
-                    storage
-                        .remove_file(&path)
-                        .map_err(EngineError::io("remove half-created wal segment", &path))?;
-                    storage
-                        .sync_dir(dir)
-                        .map_err(EngineError::io("sync data directory", dir))?;
-                    recovery.removed_segment = Some(path.clone());
+                // A header that does not verify. Only the last segment may
+                // have one, and only if nothing valid is in the file: it was
+                // being created when the machine stopped (records are only
+                // appended after its header is durable).
+                Err(reason) if !is_last || any_valid_record(&bytes, RECORD_PAYLOAD_BYTES_MAX) => {
+                    return Err(corrupt(0, Some(first), reason.to_owned()));
+                }
+                Err(_) => {
+                    half_created = Some(path.clone());
                     continue;
                 }
             };
@@ -332,9 +346,9 @@ impl Wal {
                 ));
             }
             // The header continues the log: replay its records (records
-            // below `replay_from` are only validated, never copied).
+            // at or below the snapshot are only validated, never copied).
             let mut replayed = 0;
-            let scan = scan_segment(&bytes, config.record_payload_bytes_max, &mut |view| {
+            let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
                 if view.lsn >= replay_from {
                     replayed += 1;
                     replay(view.to_record());
@@ -357,51 +371,72 @@ impl Wal {
                         damage.offset,
                         Some(damage.lsn),
                         format!(
-                            "corruption in the middle of the log ({}); a valid later record starts at offset {after}",
+                            "corruption in the middle of the log ({}); a valid record starts at offset {after}",
                             damage.reason
                         ),
                     ));
                 }
-                // Torn tail: cut it and make the cut durable before anything
-                // new is appended behind it.
-                let file = storage
-                    .open(&path)
-                    .map_err(EngineError::io("open wal segment", &path))?;
-                file.set_len(damage.offset)
-                    .map_err(EngineError::io("truncate torn wal tail", &path))?;
-                file.sync_data()
-                    .map_err(EngineError::io("sync truncated wal segment", &path))?;
-                recovery.tail_bytes_cut = bytes.len() as u64 - damage.offset;
+                // Count the garbage, not the preallocated zeros behind it.
+                let garbage_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1) as u64;
+                recovery.tail_bytes_cut = garbage_end.saturating_sub(damage.offset);
+                torn_tail = Some((path.clone(), damage.offset));
                 valid_bytes = damage.offset;
                 allocated = damage.offset;
             }
-            let last_lsn = scan.header.first_lsn + scan.records - 1;
             if let Some(term) = scan.last_term {
                 recovery.last_term = term;
             }
             segments.push(SegmentInfo {
                 header: scan.header,
                 path,
-                last_lsn,
+                // The scan stops before an LSN could overflow.
+                last_lsn: scan.header.first_lsn + scan.records - 1,
                 bytes: valid_bytes,
             });
         }
+        let last_lsn = segments.last().map_or(snapshot_lsn, |s| s.last_lsn);
+        if last_lsn < snapshot_lsn {
+            let file = segments
+                .last()
+                .map_or_else(|| dir.to_path_buf(), |s| s.path.clone());
+            return Err(EngineError::Corrupt {
+                file,
+                offset: 0,
+                lsn: Some(last_lsn + 1),
+                reason: format!(
+                    "the WAL ends at LSN {last_lsn}, before the snapshot LSN {snapshot_lsn}: records are missing"
+                ),
+            });
+        }
 
+        // Phase 2: the verdict is "open"; repair, then make it all durable.
+        if let Some(path) = &half_created {
+            storage
+                .remove_file(path)
+                .map_err(EngineError::io("remove half-created wal segment", path))?;
+            recovery.removed_segment = Some(path.clone());
+        }
         let active = match segments.last() {
             Some(seg) => {
-                // What survived a process kill may sit in the page cache
-                // only; sync it so everything recovery exposes is durable.
                 let file = storage
                     .open(&seg.path)
                     .map_err(EngineError::io("open wal segment", &seg.path))?;
+                if let Some((path, offset)) = &torn_tail {
+                    assert_eq!(*path, seg.path, "only the last segment has a torn tail");
+                    // Cut the tail before anything new is appended behind it.
+                    file.set_len(*offset)
+                        .map_err(EngineError::io("truncate torn wal tail", path))?;
+                }
+                // What survived a process kill may sit in the page cache
+                // only; sync it so everything recovery exposes is durable.
                 file.sync_data()
                     .map_err(EngineError::io("sync wal segment", &seg.path))?;
                 file
             }
             None => {
                 let header = SegmentHeader {
-                    first_lsn: empty_log_start,
-                    prev_last_lsn: empty_log_start - 1,
+                    first_lsn: replay_from,
+                    prev_last_lsn: snapshot_lsn,
                     salt: 1,
                 };
                 let (info, file) = create_segment(&*storage, dir, header)?;
@@ -410,6 +445,11 @@ impl Wal {
                 file
             }
         };
+        // Names too: a segment whose creation was interrupted by a process
+        // kill may have a name that was never made durable.
+        storage
+            .sync_dir(dir)
+            .map_err(EngineError::io("sync data directory", dir))?;
         recovery.segments = segments.len();
         recovery.first_lsn = segments[0].header.first_lsn;
         recovery.last_lsn = segments[segments.len() - 1].last_lsn;
@@ -557,7 +597,7 @@ impl Wal {
                 break;
             }
             let bytes = self.read_segment(seg)?;
-            let scan = scan_segment(&bytes, self.config.record_payload_bytes_max, &mut |view| {
+            let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
                 if view.lsn >= from && out.len() < max_records {
                     out.push(view.to_record());
                 }
@@ -605,7 +645,7 @@ impl Wal {
     /// cut and synced, so a crash in between leaves a prefix of the log,
     /// never a gap. The caller guarantees no chunk is pending.
     pub fn truncate_after(&mut self, lsn: u64) -> Result<()> {
-        if lsn + 1 < self.first_lsn() || lsn > self.last_lsn() {
+        if lsn < self.first_lsn() - 1 || lsn > self.last_lsn() {
             return Err(EngineError::InvalidLogOp(format!(
                 "truncate after LSN {lsn}: the log holds {}..={}",
                 self.first_lsn(),
@@ -615,7 +655,7 @@ impl Wal {
         let keep = self
             .segments
             .iter()
-            .rposition(|s| s.header.first_lsn <= lsn + 1)
+            .rposition(|s| s.header.first_lsn <= lsn.saturating_add(1))
             .unwrap_or(0);
         let mut removed = false;
         while self.segments.len() > keep + 1 {
@@ -626,21 +666,22 @@ impl Wal {
                 removed = true;
             }
         }
+        let seg = self.segments[keep].clone();
         if removed {
             self.storage
                 .sync_dir(&self.dir)
                 .map_err(EngineError::io("sync data directory", &self.dir))?;
+            // The segment holding `lsn` is the active one now.
+            self.active = self
+                .storage
+                .open(&seg.path)
+                .map_err(EngineError::io("open wal segment", &seg.path))?;
         }
-        let seg = self.segments[keep].clone();
         let bytes = self.read_segment(&seg)?;
         let mut offset = SEGMENT_HEADER_BYTES;
         let mut next = seg.header.first_lsn;
         while next <= lsn {
-            match decode_record(
-                &bytes[offset..],
-                seg.header.salt,
-                self.config.record_payload_bytes_max,
-            ) {
+            match decode_record(&bytes[offset..], seg.header.salt, RECORD_PAYLOAD_BYTES_MAX) {
                 Ok((rec, used)) if rec.lsn == next => {
                     offset += used;
                     next += 1;
@@ -655,10 +696,6 @@ impl Wal {
                 }
             }
         }
-        self.active = self
-            .storage
-            .open(&seg.path)
-            .map_err(EngineError::io("open wal segment", &seg.path))?;
         self.active
             .set_len(offset as u64)
             .map_err(EngineError::io("truncate wal segment", &seg.path))?;

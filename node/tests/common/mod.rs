@@ -80,10 +80,15 @@ impl Rng {
 /// After recovery the state must equal the log's prefix through some LSN `r`
 /// with `durable_floor <= r <= log.len()`: every durable write is there, and
 /// every other write is wholly there or wholly absent (a WAL is a prefix).
+///
+/// A process restart (page cache kept) must also keep every write that was
+/// acknowledged at all (`acked_floor`): in batch mode those were written to
+/// the OS before the acknowledgement.
 #[derive(Debug, Default, Clone)]
 pub struct Model {
     pub log: Vec<Op>,
     pub durable_floor: u64,
+    pub acked_floor: u64,
 }
 
 impl Model {
@@ -100,6 +105,24 @@ impl Model {
     /// The API promised everything through `lsn` durable.
     pub fn durable_through(&mut self, lsn: u64) {
         self.durable_floor = self.durable_floor.max(lsn);
+        self.acked_through(lsn);
+    }
+
+    /// The API acknowledged the write at `lsn` (durable or only written).
+    pub fn acked_through(&mut self, lsn: u64) {
+        self.acked_floor = self.acked_floor.max(lsn);
+    }
+
+    /// Like [`Model::check_recovered`] after a process restart, where the
+    /// page cache survived: every acknowledged write must be there.
+    pub fn check_restarted(&mut self, engine: &Engine, context: &str) -> u64 {
+        let r = engine.stats().last_lsn;
+        assert!(
+            r >= self.acked_floor,
+            "{context}: restarted through LSN {r} but LSN {} was acknowledged",
+            self.acked_floor
+        );
+        self.check_recovered(engine, context)
     }
 
     /// The state after the first `r` writes.
@@ -143,6 +166,7 @@ impl Model {
         engine.verify_digest();
         self.log.truncate(r as usize);
         self.durable_floor = r;
+        self.acked_floor = r;
         r
     }
 }
