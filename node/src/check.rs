@@ -38,6 +38,22 @@ pub fn check(config: &EngineConfig) -> anyhow::Result<CheckReport> {
         .with_context(|| format!("list {}", dir.display()))?;
     let mut text = String::new();
     let _ = writeln!(text, "data directory {}", dir.display());
+    // Take the lock only if its file exists (creating it would change the
+    // directory); a running kv makes the report a moment's view.
+    let _lock = if names.iter().any(|n| n == "LOCK") {
+        match fs.lock_dir(dir) {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                let _ = writeln!(
+                    text,
+                    "warning: a running kv holds this directory; files may change while they are read"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let payload_max = 4 + config.key_bytes_max + config.value_bytes_max;
     let sim = SimStorage::new(SimOptions {
         seed: 0,

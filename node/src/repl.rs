@@ -11,7 +11,7 @@
 //! so both are tested on their own. The REPL reads from any `BufRead` (a pipe
 //! or a terminal) and does no line editing of its own.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::sync::Arc;
 
 use crate::bench;
@@ -160,12 +160,39 @@ pub enum Flow {
 #[derive(Debug)]
 pub struct Repl {
     engine: Arc<Engine>,
+    /// Longest line read: room for the longest key and value and the command.
+    line_bytes_max: u64,
+}
+
+/// Discards input up to and including the next newline.
+fn skip_line(input: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let len = buf.len();
+                input.consume(len);
+            }
+        }
+    }
 }
 
 impl Repl {
     /// A REPL over `engine`.
     pub fn new(engine: Arc<Engine>) -> Self {
-        Repl { engine }
+        let c = engine.config();
+        let line_bytes_max = (c.key_bytes_max + c.value_bytes_max + 64) as u64;
+        Repl {
+            engine,
+            line_bytes_max,
+        }
     }
 
     /// Runs one line and writes its reply (if any) to `out`.
@@ -248,7 +275,21 @@ impl Repl {
             }
             out.flush()?;
             line.clear();
-            if input.read_until(b'\n', &mut line)? == 0 {
+            // Bounded read: a line longer than any valid command is refused
+            // without being held in memory whole.
+            let n = (&mut input)
+                .take(self.line_bytes_max + 1)
+                .read_until(b'\n', &mut line)?;
+            if n as u64 > self.line_bytes_max && line.last() != Some(&b'\n') {
+                skip_line(&mut input)?;
+                writeln!(
+                    out,
+                    "ERR line longer than {} bytes; ignored",
+                    self.line_bytes_max
+                )?;
+                continue;
+            }
+            if n == 0 {
                 if let Err(e) = self.engine.flush() {
                     writeln!(out, "ERR {e}")?;
                 }

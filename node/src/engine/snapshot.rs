@@ -182,7 +182,8 @@ pub fn decode_with(
     if count > r.remaining() / 8 {
         return Err(format!("entry count {count} cannot fit in the file"));
     }
-    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count as usize);
+    // Reserve modestly: the count is not verified until the CRC at the end.
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count.min(1 << 16) as usize);
     let mut digest = Digest::default();
     for i in 0..count {
         let lens = r.take(8)?;
