@@ -280,6 +280,9 @@ struct State {
     round_target: u64,
     /// Whether the round in progress syncs.
     round_syncs: bool,
+    /// Threads asleep on each of `wakeups`: a notify is a system call even
+    /// with nobody waiting, so it is skipped when nobody is.
+    sleepers: [u32; 2],
     /// The highest LSN some waiter needs durable.
     sync_wanted: u64,
     poisoned: Option<String>,
@@ -439,6 +442,7 @@ impl Engine {
             rounds_done: 0,
             round_target: 0,
             round_syncs: false,
+            sleepers: [0, 0],
             sync_wanted: 0,
             poisoned: None,
             batch: config.batch,
@@ -700,9 +704,7 @@ impl Engine {
             // A round is running: sleep until the round that covers us ends.
             let covered = lsn <= st.round_target && (level == Level::Written || st.round_syncs);
             let round = st.rounds_done + if covered { 1 } else { 2 };
-            st = self.wakeups[(round % 2) as usize]
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = self.sleep(st, round);
         }
     }
 
@@ -764,16 +766,33 @@ impl Engine {
         assert!(st.written_lsn <= st.log.last_lsn(), "written <= last");
         st.flushing = false;
         st.rounds_done += 1;
-        let done = st.rounds_done;
+        let done = (st.rounds_done % 2) as usize;
+        let next = 1 - done;
         let poisoned = st.poisoned.is_some();
+        let (covered, waiting) = (st.sleepers[done] > 0, st.sleepers[next] > 0);
         drop(st);
         std::mem::forget(guard);
         if poisoned {
             self.wake_all();
-        } else {
-            self.wakeups[(done % 2) as usize].notify_all();
-            self.wakeups[((done + 1) % 2) as usize].notify_one();
+            return;
         }
+        if covered {
+            self.wakeups[done].notify_all();
+        }
+        if waiting {
+            self.wakeups[next].notify_one();
+        }
+    }
+
+    /// Sleeps until round `round` ends (or a spurious wake-up).
+    fn sleep<'a>(&self, mut st: MutexGuard<'a, State>, round: u64) -> MutexGuard<'a, State> {
+        let slot = (round % 2) as usize;
+        st.sleepers[slot] += 1;
+        let mut st = self.wakeups[slot]
+            .wait(st)
+            .unwrap_or_else(PoisonError::into_inner);
+        st.sleepers[slot] -= 1;
+        st
     }
 
     fn wake_all(&self) {
@@ -984,9 +1003,7 @@ impl Engine {
         let mut st = lock(&self.state);
         while st.flushing {
             let round = st.rounds_done + 1;
-            st = self.wakeups[(round % 2) as usize]
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = self.sleep(st, round);
         }
         self.check_writable(&st)?;
         let applied = st.applied_lsn;
