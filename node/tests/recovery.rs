@@ -23,6 +23,36 @@ fn value(i: u64) -> Vec<u8> {
     format!("value-{i}-{}", "x".repeat((i * 7 % 23) as usize)).into_bytes()
 }
 
+/// Segments small enough that a few hundred records roll several.
+const SMALL_SEGMENT_BYTES: u64 = 4096;
+
+fn small_segments() -> kv_node::engine::EngineConfig {
+    let mut c = config();
+    c.segment_bytes_max = SMALL_SEGMENT_BYTES;
+    c
+}
+
+/// Puts `key(i) = value(i)` for every `i` in `range`, in sync mode.
+fn put_range(engine: &kv_node::engine::Engine, range: std::ops::RangeInclusive<u64>) {
+    for i in range {
+        engine.put(key(i), value(i)).unwrap();
+    }
+}
+
+/// The records a leader in `term` would ship for `range`.
+fn leader_records(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Record> {
+    range
+        .map(|i| Record {
+            lsn: i,
+            term,
+            op: Op::Put {
+                key: key(i),
+                value: value(i),
+            },
+        })
+        .collect()
+}
+
 /// Writes keys 1..=n in sync mode.
 fn fill(sim: &SimStorage, n: u64) {
     let engine = open(sim, &config()).unwrap();
@@ -128,12 +158,9 @@ fn row_mid_log_damage_is_refused_and_nothing_changes() {
 #[test]
 fn row_damage_in_a_sealed_segment_is_refused() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     drop(engine);
     let names = s.list_dir(Path::new(DIR)).unwrap();
     let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
@@ -154,12 +181,9 @@ fn row_damage_in_a_sealed_segment_is_refused() {
 #[test]
 fn row_lsn_gap_between_segments_is_refused() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     drop(engine);
     let names = s.list_dir(Path::new(DIR)).unwrap();
     let segs: Vec<_> = names
@@ -179,9 +203,7 @@ fn row_lsn_gap_between_segments_is_refused() {
     // A missing first segment with no snapshot to cover it is a hole too.
     let s = sim();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     drop(engine);
     s.remove_file(&segment(1)).unwrap();
     s.sync_dir(Path::new(DIR)).unwrap();
@@ -307,8 +329,7 @@ fn every_bit_flip_in_the_last_records() {
 #[test]
 fn recovery_is_deterministic() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
     for i in 1..=300 {
         engine.put(key(i % 37), value(i)).unwrap();
@@ -333,29 +354,22 @@ fn recovery_is_deterministic() {
 #[test]
 fn snapshot_truncates_the_wal_and_recovers_with_a_tail() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     let first = engine.snapshot().unwrap();
     assert_eq!(first.lsn, 200);
     assert_eq!(
         first.segments_removed, 0,
         "one snapshot: the WAL stays as its fallback"
     );
-    for i in 201..=400 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 201..=400);
     let second = engine.snapshot().unwrap();
     assert!(
         second.segments_removed > 0,
         "segments below the older snapshot go"
     );
-    for i in 401..=420 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 401..=420);
     let digest = engine.digest();
     drop(engine);
     s.crash();
@@ -371,20 +385,13 @@ fn snapshot_truncates_the_wal_and_recovers_with_a_tail() {
 #[test]
 fn a_bad_snapshot_falls_back_to_the_previous_one() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     engine.snapshot().unwrap();
-    for i in 201..=400 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 201..=400);
     engine.snapshot().unwrap();
-    for i in 401..=410 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 401..=410);
     let digest = engine.digest();
     drop(engine);
     let newest = snapshot(400);
@@ -564,13 +571,10 @@ fn concurrent_writers_share_syncs() {
 #[test]
 fn replication_hooks_read_append_and_truncate() {
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
     engine.set_term(3);
-    for i in 1..=100 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=100);
     let shipped = engine.read_from(41, 30).unwrap();
     assert_eq!(shipped.len(), 30);
     assert_eq!(shipped[0].lsn, 41);
@@ -644,9 +648,7 @@ fn preallocated_zeros_are_not_damage_and_get_reused() {
     let s = sim();
     let c = prealloc_config();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=10 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=10);
     drop(engine);
     s.crash();
     let seg = segment(1);
@@ -676,9 +678,7 @@ fn a_torn_record_over_preallocated_zeros_is_cut() {
     let s = sim();
     let c = prealloc_config();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=10 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=10);
     drop(engine);
     let seg = segment(1);
     let mut bytes = s.file_bytes(&seg).unwrap();
@@ -704,9 +704,7 @@ fn a_torn_record_over_preallocated_zeros_is_cut() {
     // But a valid record beyond a zeroed hole is mid-log damage.
     let s = sim();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=10 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=10);
     drop(engine);
     let mut bytes = s.file_bytes(&seg).unwrap();
     for b in &mut bytes[record_start(9)..record_start(10)] {
@@ -720,11 +718,9 @@ fn a_torn_record_over_preallocated_zeros_is_cut() {
 fn sealed_segments_end_exactly_at_their_last_record() {
     let s = sim();
     let mut c = prealloc_config();
-    c.segment_bytes_max = 4096;
+    c.segment_bytes_max = SMALL_SEGMENT_BYTES;
     let engine = open(&s, &c).unwrap();
-    for i in 1..=200 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=200);
     drop(engine);
     let names = s.list_dir(Path::new(DIR)).unwrap();
     let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
@@ -833,12 +829,9 @@ fn a_refused_open_changes_nothing_even_with_a_torn_tail() {
     // A torn tail in the last segment, but a missing first segment: the open
     // is refused, and the torn tail is not cut either.
     let s = sim();
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let engine = open(&s, &c).unwrap();
-    for i in 1..=100 {
-        engine.put(key(i), value(i)).unwrap();
-    }
+    put_range(&engine, 1..=100);
     drop(engine);
     let names: Vec<String> = s.list_dir(Path::new(DIR)).unwrap();
     let last = Path::new(DIR).join(names.iter().rfind(|n| n.starts_with("wal-")).unwrap());
@@ -866,22 +859,11 @@ fn waiting_for_an_lsn_past_the_log_is_an_error_not_a_hang() {
 
 #[test]
 fn truncation_across_segments_and_at_every_crash_point() {
-    let mut c = config();
-    c.segment_bytes_max = 4096;
+    let c = small_segments();
     let build = |s: &SimStorage| {
         let e = open(s, &c).unwrap();
         e.set_commit_lsn(0);
-        let records: Vec<Record> = (1..=200)
-            .map(|i| Record {
-                lsn: i,
-                term: 1,
-                op: Op::Put {
-                    key: key(i),
-                    value: value(i),
-                },
-            })
-            .collect();
-        e.append_records(records).unwrap();
+        e.append_records(leader_records(1..=200, 1)).unwrap();
         e.wait_durable(200).unwrap();
         e
     };
@@ -927,17 +909,7 @@ fn a_follower_applies_only_what_is_committed_and_durable() {
     let s = sim();
     let e = open(&s, &config()).unwrap();
     e.set_commit_lsn(0);
-    let records: Vec<Record> = (1..=10)
-        .map(|i| Record {
-            lsn: i,
-            term: 1,
-            op: Op::Put {
-                key: key(i),
-                value: value(i),
-            },
-        })
-        .collect();
-    e.append_records(records).unwrap();
+    e.append_records(leader_records(1..=10, 1)).unwrap();
     e.set_commit_lsn(10);
     assert_eq!(e.stats().applied_lsn, 0, "committed but not durable here");
     e.wait_durable(10).unwrap();
