@@ -39,6 +39,13 @@ fn put_range(engine: &kv_node::engine::Engine, range: std::ops::RangeInclusive<u
     }
 }
 
+/// Names of the WAL segments on the disk, oldest first.
+fn segment_names(s: &SimStorage) -> Vec<String> {
+    let mut names = s.list_dir(Path::new(DIR)).unwrap();
+    names.retain(|n| n.starts_with("wal-"));
+    names
+}
+
 /// The records a leader in `term` would ship for `range`.
 fn leader_records(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Record> {
     range
@@ -162,8 +169,7 @@ fn row_damage_in_a_sealed_segment_is_refused() {
     let engine = open(&s, &c).unwrap();
     put_range(&engine, 1..=200);
     drop(engine);
-    let names = s.list_dir(Path::new(DIR)).unwrap();
-    let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
+    let segs = segment_names(&s);
     assert!(segs.len() >= 3, "small segments roll: {segs:?}");
     // Cut the last record of the first (sealed) segment: in the last segment
     // this would be a torn tail; here it loses acknowledged writes.
@@ -185,12 +191,7 @@ fn row_lsn_gap_between_segments_is_refused() {
     let engine = open(&s, &c).unwrap();
     put_range(&engine, 1..=200);
     drop(engine);
-    let names = s.list_dir(Path::new(DIR)).unwrap();
-    let segs: Vec<_> = names
-        .iter()
-        .filter(|n| n.starts_with("wal-"))
-        .cloned()
-        .collect();
+    let segs = segment_names(&s);
     let middle = Path::new(DIR).join(&segs[1]);
     s.remove_file(&middle).unwrap();
     s.sync_dir(Path::new(DIR)).unwrap();
@@ -722,8 +723,7 @@ fn sealed_segments_end_exactly_at_their_last_record() {
     let engine = open(&s, &c).unwrap();
     put_range(&engine, 1..=200);
     drop(engine);
-    let names = s.list_dir(Path::new(DIR)).unwrap();
-    let segs: Vec<_> = names.iter().filter(|n| n.starts_with("wal-")).collect();
+    let segs = segment_names(&s);
     assert!(segs.len() >= 3);
     for name in &segs[..segs.len() - 1] {
         let bytes = s.file_bytes(&Path::new(DIR).join(name)).unwrap();
