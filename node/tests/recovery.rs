@@ -592,7 +592,7 @@ fn replication_hooks_read_append_and_truncate() {
     // A follower: records at the leader's LSNs and terms, applied on commit.
     let f = sim();
     let follower = open(&f, &c).unwrap();
-    follower.set_commit_lsn(0);
+    follower.set_commit_lsn(0).unwrap();
     let all = engine.read_from(1, 1000).unwrap();
     assert_eq!(follower.append_records(all[..60].to_vec()).unwrap(), 60);
     let wrong = Record {
@@ -606,7 +606,7 @@ fn replication_hooks_read_append_and_truncate() {
     ));
     follower.wait_durable(60).unwrap();
     assert_eq!(follower.len(), 0, "durable but not committed: not applied");
-    follower.set_commit_lsn(50);
+    follower.set_commit_lsn(50).unwrap();
     assert_eq!(follower.stats().applied_lsn, 50);
     assert!(
         matches!(
@@ -628,7 +628,7 @@ fn replication_hooks_read_append_and_truncate() {
     };
     follower.append_records(vec![newer]).unwrap();
     follower.wait_durable(56).unwrap();
-    follower.set_commit_lsn(56);
+    follower.set_commit_lsn(56).unwrap();
     drop(follower);
     f.crash();
     let follower = open(&f, &c).unwrap();
@@ -862,7 +862,7 @@ fn truncation_across_segments_and_at_every_crash_point() {
     let c = small_segments();
     let build = |s: &SimStorage| {
         let e = open(s, &c).unwrap();
-        e.set_commit_lsn(0);
+        e.set_commit_lsn(0).unwrap();
         e.append_records(leader_records(1..=200, 1)).unwrap();
         e.wait_durable(200).unwrap();
         e
@@ -908,9 +908,9 @@ fn truncation_across_segments_and_at_every_crash_point() {
 fn a_follower_applies_only_what_is_committed_and_durable() {
     let s = sim();
     let e = open(&s, &config()).unwrap();
-    e.set_commit_lsn(0);
+    e.set_commit_lsn(0).unwrap();
     e.append_records(leader_records(1..=10, 1)).unwrap();
-    e.set_commit_lsn(10);
+    e.set_commit_lsn(10).unwrap();
     assert_eq!(e.stats().applied_lsn, 0, "committed but not durable here");
     e.wait_durable(10).unwrap();
     assert_eq!(e.stats().applied_lsn, 10);
@@ -955,4 +955,57 @@ fn a_failed_sync_while_snapshotting_poisons_the_engine() {
         e.put(b"b".to_vec(), b"2".to_vec()),
         Err(EngineError::Poisoned { .. })
     ));
+}
+
+/// A replicated node recovers only what it knew was committed: records
+/// above the saved commit LSN wait for the leader instead of being applied.
+#[test]
+fn a_replicated_node_recovers_only_committed_records() {
+    let s = sim();
+    let mut c = config();
+    c.replicated = true;
+    let e = open(&s, &c).unwrap();
+    e.append_records(leader_records(1..=10, 1)).unwrap();
+    e.wait_durable(10).unwrap();
+    e.set_commit_lsn(6).unwrap();
+    assert_eq!(e.stats().applied_lsn, 6);
+    assert_eq!(e.term_at(6), Some(1));
+    drop(e);
+    // A power loss may lose the unsynced commit file: a lower floor, never
+    // a record applied that was not committed.
+    let lost = s.clone();
+    lost.crash();
+    let after_power_loss = open(&lost, &c).unwrap().stats();
+    assert_eq!(after_power_loss.last_lsn, 10);
+    assert!(after_power_loss.applied_lsn <= 6);
+    drop(lost);
+
+    // A process restart (page cache kept) recovers the saved commit LSN.
+    let s = sim();
+    let e = open(&s, &c).unwrap();
+    e.append_records(leader_records(1..=10, 1)).unwrap();
+    e.wait_durable(10).unwrap();
+    e.set_commit_lsn(6).unwrap();
+    drop(e);
+    let e = open(&s, &c).unwrap();
+    let st = e.stats();
+    assert_eq!((st.last_lsn, st.applied_lsn), (10, 6));
+    assert_eq!(e.get(&key(7)), None, "uncommitted: not applied");
+    assert_eq!(e.commit_lsn(), 6);
+    // The leader's term-2 records replace the uncommitted tail.
+    e.truncate_after(8).unwrap();
+    e.append_records(vec![Record {
+        lsn: 9,
+        term: 2,
+        op: Op::Delete { key: key(1) },
+    }])
+    .unwrap();
+    e.wait_durable(9).unwrap();
+    e.set_commit_lsn(9).unwrap();
+    assert_eq!(e.get(&key(8)), Some(value(8)));
+    assert_eq!(e.get(&key(1)), None);
+    assert_eq!(
+        (e.term_at(8), e.term_at(9), e.term_at(10)),
+        (Some(1), Some(2), None)
+    );
 }

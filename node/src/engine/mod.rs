@@ -37,6 +37,7 @@ pub mod log_buffer;
 pub mod record;
 pub mod snapshot;
 pub mod state;
+pub mod terms;
 pub mod wal;
 
 use std::any::Any;
@@ -51,6 +52,7 @@ pub use error::{EngineError, Result};
 use log_buffer::{BufferLimits, LogBuffer};
 pub use record::{Op, RECORD_PAYLOAD_BYTES_MAX, Record};
 use state::MapState;
+use terms::TermRuns;
 use wal::{Wal, WalConfig};
 
 use crate::storage::Storage;
@@ -82,6 +84,11 @@ pub struct EngineConfig {
     pub group_commit_bytes_max: usize,
     /// Records one group commit writes at most. Default 16384.
     pub group_commit_records_max: usize,
+    /// Replicated mode (a cluster node): records are applied only once
+    /// committed. Recovery applies records up to the commit LSN last saved
+    /// in the `COMMIT` file and keeps the rest waiting for the leader.
+    /// Default false (single node: durable means committed).
+    pub replicated: bool,
 }
 
 impl EngineConfig {
@@ -98,6 +105,7 @@ impl EngineConfig {
             flush_interval_ms: 100,
             group_commit_bytes_max: 4 << 20,
             group_commit_records_max: 16384,
+            replicated: false,
         }
     }
 
@@ -263,6 +271,10 @@ struct State {
     pending_apply: VecDeque<Pending>,
     /// Mirror of the map's applied LSN (readable without the map lock).
     applied_lsn: u64,
+    /// The term of every LSN the log holds.
+    terms: TermRuns,
+    /// `COMMIT` in replicated mode, opened on the first commit advance.
+    commit_file: Option<Box<dyn crate::storage::StorageFile>>,
     /// Bumped by every truncation, so a waiter for a truncated LSN fails
     /// instead of waiting for a different record with the same LSN.
     truncations: u64,
@@ -381,13 +393,30 @@ impl Engine {
             segment_bytes_max: config.segment_bytes_max,
             preallocate_bytes: config.segment_preallocate_bytes,
         };
+        // In replicated mode only records known committed are applied; the
+        // rest wait for the leader's commit LSN.
+        let commit_floor = if config.replicated {
+            read_commit_file(&*storage, &dir)?.max(snapshot_lsn)
+        } else {
+            u64::MAX
+        };
+        let mut terms = TermRuns::new(snapshot_lsn, map.applied_term());
+        let mut deferred = VecDeque::new();
         let (wal, rec) = Wal::open(storage.clone(), &dir, wal_config, snapshot_lsn, |r| {
-            map.apply(r.lsn, r.term, r.op)
+            terms.push(r.lsn, r.term);
+            if r.lsn <= commit_floor {
+                map.apply(r.lsn, r.term, r.op);
+            } else {
+                deferred.push_back(Pending {
+                    record: r,
+                    visible_at: Level::Durable,
+                });
+            }
         })?;
         assert_eq!(
-            map.applied_lsn(),
+            map.applied_lsn() + deferred.len() as u64,
             wal.last_lsn(),
-            "recovery applies the whole log"
+            "recovery applies or defers every record"
         );
         for (path, reason) in &loaded.rejected {
             let broken = unused_name(&*storage, &dir, path)?;
@@ -434,10 +463,12 @@ impl Engine {
             ),
             written_lsn: last,
             durable_lsn: last,
-            pending_apply: VecDeque::new(),
-            applied_lsn: last,
+            applied_lsn: map.applied_lsn(),
+            pending_apply: deferred,
+            commit_lsn: config.replicated.then(|| map.applied_lsn()),
+            terms,
+            commit_file: None,
             truncations: 0,
-            commit_lsn: None,
             flushing: false,
             rounds_done: 0,
             round_target: 0,
@@ -577,6 +608,7 @@ impl Engine {
     fn append_locked(st: &mut State, term: u64, op: Op, visible_at: Level) -> u64 {
         st.wal_bytes_since_snapshot += op.record_len() as u64;
         let lsn = st.log.append(term, &op);
+        st.terms.push(lsn, term);
         if visible_at == Level::Durable {
             // Its visibility waits for a sync: make sure the next round syncs.
             st.sync_wanted = st.sync_wanted.max(lsn);
@@ -947,12 +979,63 @@ impl Engine {
 
     /// Switches to replicated mode: records are applied only once `commit`
     /// covers them and they are durable here. `commit` never goes backwards.
-    pub fn set_commit_lsn(&self, commit: u64) {
+    ///
+    /// In replicated mode the new commit LSN is also written (not synced) to
+    /// `COMMIT`: recovery applies records up to what it finds there. A lost
+    /// or torn update only makes that floor lower, which is safe: the leader
+    /// sends its commit LSN again.
+    pub fn set_commit_lsn(&self, commit: u64) -> Result<()> {
         let mut st = lock(&self.state);
         let commit = commit.min(st.log.last_lsn());
         let previous = st.commit_lsn.unwrap_or(0);
+        if st.commit_lsn.is_some() && commit <= previous {
+            return Ok(());
+        }
         st.commit_lsn = Some(previous.max(commit));
         self.apply_ready(&mut st);
+        if self.config.replicated {
+            // Only what is applied (committed and durable here) is recorded.
+            let applied = st.applied_lsn;
+            let path = self.config.data_dir.join(COMMIT_FILE);
+            if st.commit_file.is_none() {
+                let file = match self.storage.open(&path) {
+                    Ok(file) => file,
+                    Err(_) => {
+                        let file = self
+                            .storage
+                            .create(&path)
+                            .map_err(EngineError::io("create commit file", &path))?;
+                        let dir = &self.config.data_dir;
+                        self.storage
+                            .sync_dir(dir)
+                            .map_err(EngineError::io("sync data directory", dir))?;
+                        file
+                    }
+                };
+                st.commit_file = Some(file);
+            }
+            if let Some(file) = &st.commit_file {
+                file.write_at(&encode_commit(applied), 0)
+                    .map_err(EngineError::io("write commit file", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The commit LSN (replicated mode), or the durable LSN (single node).
+    pub fn commit_lsn(&self) -> u64 {
+        let st = lock(&self.state);
+        st.commit_lsn.unwrap_or(st.durable_lsn)
+    }
+
+    /// The term of the record at `lsn`, if the log still knows it.
+    pub fn term_at(&self, lsn: u64) -> Option<u64> {
+        lock(&self.state).terms.term_at(lsn)
+    }
+
+    /// The term stamped on new records.
+    pub fn term(&self) -> u64 {
+        lock(&self.state).term
     }
 
     /// Appends records received from a leader at their own LSNs and terms.
@@ -1040,6 +1123,7 @@ impl Engine {
                 st.durable_lsn = last;
                 st.sync_wanted = st.sync_wanted.min(last);
                 st.truncations += 1;
+                st.terms.truncate_after(last);
                 Ok(())
             }
             Err(e) => {
@@ -1057,6 +1141,45 @@ impl Engine {
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
     }
+}
+
+/// File holding the last applied commit LSN of a replicated node.
+pub const COMMIT_FILE: &str = "COMMIT";
+
+/// `lsn u64 | crc32 u32` (little endian), one sector: 12 bytes.
+fn encode_commit(lsn: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&lsn.to_le_bytes());
+    let crc = crc32fast::hash(&b[..8]);
+    b[8..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The commit floor saved in `COMMIT`: 0 if missing or damaged (a lower
+/// floor is always safe; the leader resends its commit LSN).
+fn read_commit_file(storage: &dyn Storage, dir: &Path) -> Result<u64> {
+    let path = dir.join(COMMIT_FILE);
+    let names = storage
+        .list_dir(dir)
+        .map_err(EngineError::io("list data directory", dir))?;
+    if !names.iter().any(|n| n == COMMIT_FILE) {
+        return Ok(0);
+    }
+    let bytes = storage
+        .read_file(&path)
+        .map_err(EngineError::io("read commit file", &path))?;
+    let Some(b) = bytes.get(..12) else {
+        return Ok(0);
+    };
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&b[..8]);
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&b[8..12]);
+    if crc32fast::hash(&b[..8]) != u32::from_le_bytes(crc) {
+        tracing::warn!(path = %path.display(), "commit file does not verify; recovering from commit 0");
+        return Ok(0);
+    }
+    Ok(u64::from_le_bytes(lsn))
 }
 
 /// `<path>.broken`, or `<path>.broken.<n>` if that exists already.

@@ -80,3 +80,9 @@ pub trait Storage: Send + Sync {
         Ok(buf)
     }
 }
+
+impl std::fmt::Debug for dyn StorageFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageFile")
+    }
+}
