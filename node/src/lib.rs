@@ -5,14 +5,15 @@
 //! the single-node REPL ([`repl`]), the offline checker ([`check`]), the
 //! benchmarks ([`bench`]) and the flush timer ([`timer`]).
 //!
-//! It does not (yet) hold networking or replication; those arrive with the
-//! cluster and are designed for: records carry a term, the log can be read
-//! from an LSN, appended at given LSNs and durably truncated.
+//! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
+//! is [`server`]; the replication rules it follows are the `kv-cluster`
+//! crate's.
 
 pub mod bench;
 pub mod check;
 pub mod engine;
 pub mod repl;
+pub mod server;
 pub mod storage;
 pub mod timer;
 

@@ -14,8 +14,12 @@ use clap::{Args, Parser, Subcommand};
 
 use kv_node::bench::{self, ENGINE_BENCH_HEADER, EngineBenchArgs, RecoveryBenchArgs};
 use kv_node::repl::Repl;
+use kv_node::server::client::{self, Client};
+use kv_node::server::config::NodeConfig;
+use kv_node::server::{self, Node};
 use kv_node::timer::FlushTimer;
 use kv_node::{Engine, EngineConfig, FsStorage};
+use kv_proto::v1 as pb;
 
 /// kv: a crash-consistent key-value node.
 #[derive(Parser, Debug)]
@@ -36,6 +40,73 @@ enum Cmd {
     /// Benchmarks (they print tables; they never fail on a timing).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run one cluster node (see configs/). SIGINT/SIGTERM stop it cleanly.
+    Serve {
+        /// The node's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Set a key on the cluster (sent to the leader; redirects are followed).
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        target: Target,
+        /// Acknowledgement level: local, quorum or all (default: the cluster's).
+        #[arg(long, default_value = "default")]
+        ack: String,
+    },
+    /// Read a key from the cluster.
+    Get {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+        /// `stale`: read from the first endpoint that answers, whatever its
+        /// role, and print the applied LSN the value reflects.
+        #[arg(long, default_value = "leader")]
+        consistency: String,
+    },
+    /// Remove a key from the cluster.
+    Del {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "default")]
+        ack: String,
+    },
+    /// One row per node: role, term, leader, LSNs, lag, state digest.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Where the client commands send their requests.
+#[derive(Args, Debug, Clone)]
+struct Target {
+    /// host:port,... (default: the members listed in configs/*.toml).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<std::net::SocketAddr>,
+    /// Directory of node configs to take endpoints from.
+    #[arg(long, default_value = "configs")]
+    configs: PathBuf,
+    /// Per-request deadline in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<Client> {
+        let endpoints = if self.endpoints.is_empty() {
+            client::endpoints_from_configs(&self.configs)?
+        } else {
+            self.endpoints.clone()
+        };
+        Ok(Client::new(
+            endpoints,
+            Duration::from_millis(self.timeout_ms),
+        ))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -153,6 +224,178 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Bench(b) => bench_cmd(b),
+        Cmd::Serve { config } => serve(&config),
+        Cmd::Put {
+            key,
+            value,
+            target,
+            ack,
+        } => {
+            let ack = client::parse_ack(&ack)? as i32;
+            let req = pb::PutRequest {
+                key: key.into_bytes(),
+                value: value.into_bytes(),
+                ack,
+            };
+            runtime()?.block_on(async {
+                let reply = target
+                    .client()?
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.put(req).await }
+                    })
+                    .await?;
+                println!("OK lsn={}", reply.lsn);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Del { key, target, ack } => {
+            let ack = client::parse_ack(&ack)? as i32;
+            let req = pb::DeleteRequest {
+                key: key.into_bytes(),
+                ack,
+            };
+            runtime()?.block_on(async {
+                let reply = target
+                    .client()?
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.delete(req).await }
+                    })
+                    .await?;
+                println!("OK lsn={}", reply.lsn);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Get {
+            key,
+            target,
+            consistency,
+        } => {
+            let consistency = match consistency.as_str() {
+                "leader" => pb::ReadConsistency::Default,
+                "stale" => pb::ReadConsistency::Stale,
+                other => anyhow::bail!("--consistency {other}: expected leader or stale"),
+            };
+            let req = pb::GetRequest {
+                key: key.into_bytes(),
+                consistency: consistency as i32,
+            };
+            runtime()?.block_on(async {
+                let reply = target
+                    .client()?
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.get(req).await }
+                    })
+                    .await?;
+                let value = if reply.found {
+                    String::from_utf8_lossy(&reply.value).into_owned()
+                } else {
+                    "(nil)".to_owned()
+                };
+                if consistency == pb::ReadConsistency::Stale {
+                    println!("{value}\t(applied LSN {})", reply.applied_lsn);
+                } else {
+                    println!("{value}");
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Status { target } => runtime()?.block_on(async {
+            let endpoints = if target.endpoints.is_empty() {
+                client::endpoints_from_configs(&target.configs)?
+            } else {
+                target.endpoints.clone()
+            };
+            let replies =
+                client::status_all(&endpoints, Duration::from_millis(target.timeout_ms)).await;
+            let lags: std::collections::BTreeMap<u64, u64> = replies
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .filter(|r| r.role == "leader")
+                .flat_map(|r| r.followers.iter().map(|f| (f.node_id, f.lag)))
+                .collect();
+            println!("{}", client::status_header());
+            let mut all_ok = true;
+            for (addr, reply) in replies {
+                match reply {
+                    Ok(s) => {
+                        let lag = if s.role == "leader" {
+                            Some(0)
+                        } else {
+                            lags.get(&s.node_id).copied()
+                        };
+                        println!("{}", client::status_row(&s, lag));
+                    }
+                    Err(e) => {
+                        all_ok = false;
+                        println!("{addr}: unreachable: {e}");
+                    }
+                }
+            }
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = NodeConfig::load(config_path)?;
+    let start = Instant::now();
+    let engine = Engine::open(Arc::new(FsStorage), config.engine_config())
+        .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    tracing::info!(
+        node = config.node_id,
+        listen = %config.listen,
+        "opened {} in {:.1} ms: {}",
+        config.data_dir.display(),
+        start.elapsed().as_secs_f64() * 1000.0,
+        engine.recovery()
+    );
+    eprintln!(
+        "kv: node {} opened {} in {:.1} ms: {}",
+        config.node_id,
+        config.data_dir.display(),
+        start.elapsed().as_secs_f64() * 1000.0,
+        engine.recovery()
+    );
+    let listen = config.listen;
+    let node = Node::new(config, Arc::new(engine));
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen on {listen}"))?;
+        eprintln!("kv: node listening on {listen}");
+        server::serve(node, listener, shutdown_signal()).await?;
+        eprintln!("kv: node stopped cleanly");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }
 

@@ -546,6 +546,12 @@ impl Engine {
         read(&self.map).get(key).cloned()
     }
 
+    /// The value of `key` and the applied LSN it reflects, read together.
+    pub fn get_with_lsn(&self, key: &[u8]) -> (Option<Vec<u8>>, u64) {
+        let map = read(&self.map);
+        (map.get(key).cloned(), map.applied_lsn())
+    }
+
     /// Number of keys in the applied state.
     pub fn len(&self) -> usize {
         read(&self.map).len()
@@ -861,6 +867,16 @@ impl Engine {
                 "applied <= durable (replicated)"
             );
         }
+    }
+
+    /// LSN of the last record appended.
+    pub fn last_lsn(&self) -> u64 {
+        lock(&self.state).log.last_lsn()
+    }
+
+    /// LSN through which the log is durable.
+    pub fn durable_lsn(&self) -> u64 {
+        lock(&self.state).durable_lsn
     }
 
     /// The engine's positions and counters.

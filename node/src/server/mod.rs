@@ -1,0 +1,737 @@
+//! `kv serve`: one cluster node — the engine in replicated mode, the client
+//! API, and WAL shipping from the (configured) leader to the followers.
+//!
+//! The leader appends a client's write to its own WAL and makes it durable
+//! (group commit), then the per-follower replicators ship it; followers
+//! check the sender, the term, log matching and every record's CRC, append
+//! the same records at the same LSNs, make them durable, acknowledge, and
+//! apply what the leader's commit LSN covers. The protocol decisions are
+//! `kv_cluster`'s; this module carries them out.
+//!
+//! Not built yet (see the cluster issue): snapshot install for a follower
+//! that needs records the leader deleted, durable terms (the term is fixed at
+//! 1 while the leader is static), health and reflection services, `kv shell`
+//! and `kv cluster up`.
+
+pub mod client;
+pub mod config;
+pub mod convert;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use kv_cluster::{
+    AckLevel, AppendMeta, AppendVerdict, LogView, Progress, Refusal, TermAction, follower_append,
+    observe_term, quorum_commit,
+};
+use kv_proto::v1 as pb;
+use pb::kv_server::{Kv, KvServer};
+use pb::replication_client::ReplicationClient;
+use pb::replication_server::{Replication, ReplicationServer};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Engine, EngineError, Op, Record};
+use config::{Member, NodeConfig};
+
+/// The term while the leader is static (elections will make it move).
+const STATIC_TERM: u64 = 1;
+/// Metadata key naming the leader's address on a NOT_LEADER error.
+pub const LEADER_METADATA: &str = "kv-leader";
+/// Records the leader keeps in memory for shipping (older ones are read
+/// back from the WAL).
+const RECENT_RECORDS_MAX: usize = 1 << 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The leader's view of one follower.
+#[derive(Debug, Clone)]
+struct Follower {
+    progress: Progress,
+    connected: bool,
+}
+
+/// One node of the cluster.
+pub struct Node {
+    config: NodeConfig,
+    engine: Arc<Engine>,
+    term: u64,
+    /// Leader only: every follower's progress.
+    followers: Mutex<BTreeMap<u64, Follower>>,
+    /// The commit LSN, for writers waiting on it.
+    commit_tx: watch::Sender<u64>,
+    /// Leader only: bumped when new durable records can be shipped.
+    durable_tx: watch::Sender<u64>,
+    /// Leader only: recently written records by LSN, for shipping.
+    recent: Mutex<BTreeMap<u64, Record>>,
+    /// Follower only: appends are handled one at a time.
+    append_lock: tokio::sync::Mutex<()>,
+    /// Serialises commit advancement.
+    commit_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps an engine error to a gRPC status.
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::KeyTooLarge { .. }
+        | EngineError::ValueTooLarge { .. }
+        | EngineError::EmptyKey => Status::invalid_argument(e.to_string()),
+        EngineError::Poisoned { .. } => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("engine task failed: {e}"))
+}
+
+/// The engine as `kv_cluster` sees a follower's log.
+struct EngineView<'a>(&'a Engine);
+
+impl LogView for EngineView<'_> {
+    fn last_lsn(&self) -> u64 {
+        self.0.last_lsn()
+    }
+    fn term_at(&self, lsn: u64) -> Option<u64> {
+        self.0.term_at(lsn)
+    }
+    fn commit_lsn(&self) -> u64 {
+        self.0.commit_lsn()
+    }
+}
+
+impl Node {
+    /// A node over an opened engine (in replicated mode).
+    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> Arc<Node> {
+        engine.set_term(STATIC_TERM);
+        let last = engine.last_lsn();
+        let followers = config
+            .members
+            .iter()
+            .filter(|m| m.id != config.node_id)
+            .map(|m| {
+                (
+                    m.id,
+                    Follower {
+                        progress: Progress::new(last),
+                        connected: false,
+                    },
+                )
+            })
+            .collect();
+        let commit = engine.commit_lsn();
+        Arc::new(Node {
+            config,
+            engine,
+            term: STATIC_TERM,
+            followers: Mutex::new(followers),
+            commit_tx: watch::channel(commit).0,
+            durable_tx: watch::channel(last).0,
+            recent: Mutex::new(BTreeMap::new()),
+            append_lock: tokio::sync::Mutex::new(()),
+            commit_lock: Mutex::new(()),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn not_leader(&self) -> Status {
+        let leader = self.config.leader;
+        let addr = self
+            .config
+            .addr_of(leader)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut status = Status::failed_precondition(format!(
+            "not leader; the leader is node {leader} at {addr}"
+        ));
+        if let Ok(v) = addr.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        status
+    }
+
+    fn ack_level(&self, requested: i32) -> Result<AckLevel, Status> {
+        match pb::AckLevel::try_from(requested) {
+            Ok(pb::AckLevel::Default) => Ok(self.config.ack.into()),
+            Ok(pb::AckLevel::Local) => Ok(AckLevel::Local),
+            Ok(pb::AckLevel::Quorum) => Ok(AckLevel::Quorum),
+            Ok(pb::AckLevel::All) => Ok(AckLevel::All),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "unknown ack level {requested}"
+            ))),
+        }
+    }
+
+    /// The commit LSN as the leader knows it.
+    fn commit(&self) -> u64 {
+        *self.commit_tx.borrow()
+    }
+
+    /// Every member's durable LSN (the leader's first).
+    fn durable_lsns(&self) -> Vec<u64> {
+        let mut durable = vec![self.engine.durable_lsn()];
+        durable.extend(lock(&self.followers).values().map(|f| f.progress.match_lsn));
+        durable
+    }
+
+    /// Leader: moves the commit LSN as far as the commit rule allows.
+    fn advance_commit(&self) -> Result<(), EngineError> {
+        let _one = lock(&self.commit_lock);
+        let current = self.commit();
+        let durable = self.durable_lsns();
+        let new = quorum_commit(&durable, self.term, |l| self.engine.term_at(l), current);
+        if new > current {
+            self.engine.set_commit_lsn(new)?;
+            self.commit_tx.send_replace(new);
+        }
+        Ok(())
+    }
+
+    fn remember(&self, lsn: u64, term: u64, op: Op) {
+        let mut recent = lock(&self.recent);
+        recent.insert(lsn, Record { lsn, term, op });
+        while recent.len() > RECENT_RECORDS_MAX {
+            recent.pop_first();
+        }
+    }
+
+    /// Leader: writes `op`, then waits until it is acknowledged at `level`.
+    async fn write(&self, op: Op, level: AckLevel) -> Result<u64, Status> {
+        if !self.config.is_leader() {
+            return Err(self.not_leader());
+        }
+        let (key, value) = match &op {
+            Op::Put { key, value } => (key.as_slice(), Some(value.as_slice())),
+            Op::Delete { key } => (key.as_slice(), None),
+        };
+        self.engine.validate(key, value).map_err(engine_status)?;
+        let engine = self.engine.clone();
+        let op2 = op.clone();
+        let lsn = tokio::task::spawn_blocking(move || match op2 {
+            Op::Put { key, value } => engine.put(key, value),
+            Op::Delete { key } => engine.delete(key),
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(engine_status)?;
+        self.remember(lsn, self.term, op);
+        self.durable_tx.send_modify(|d| *d = (*d).max(lsn));
+        self.advance_commit().map_err(engine_status)?;
+
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        let mut commit_rx = self.commit_tx.subscribe();
+        let wait = async {
+            loop {
+                let commit = *commit_rx.borrow_and_update();
+                if level.satisfied(lsn, self.engine.durable_lsn(), commit, &self.durable_lsns()) {
+                    return true;
+                }
+                if commit_rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(true) => Ok(lsn),
+            _ => Err(Status::unavailable(format!(
+                "outcome unknown: the write at LSN {lsn} was not acknowledged at level {level:?} within {} ms; it may still commit",
+                self.config.write_timeout_ms
+            ))),
+        }
+    }
+
+    /// Records from `from` for shipping: from memory if recent, else the WAL.
+    async fn records_from(
+        &self,
+        from: u64,
+        max: usize,
+        through: u64,
+    ) -> Result<Vec<Record>, EngineError> {
+        {
+            let recent = lock(&self.recent);
+            if recent
+                .first_key_value()
+                .is_some_and(|(first, _)| *first <= from)
+            {
+                let records: Vec<Record> = recent
+                    .range(from..=through)
+                    .take(max)
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                let contiguous = records.iter().zip(from..).all(|(r, lsn)| r.lsn == lsn);
+                if contiguous && !records.is_empty() {
+                    return Ok(records);
+                }
+            }
+        }
+        let engine = self.engine.clone();
+        let mut records = tokio::task::spawn_blocking(move || engine.read_from(from, max))
+            .await
+            .map_err(|e| EngineError::InvalidLogOp(format!("read task failed: {e}")))??;
+        records.retain(|r| r.lsn <= through);
+        Ok(records)
+    }
+
+    fn update_follower(&self, id: u64, f: impl FnOnce(&mut Follower)) {
+        if let Some(follower) = lock(&self.followers).get_mut(&id) {
+            f(follower);
+        }
+    }
+
+    fn progress_of(&self, id: u64) -> Option<Progress> {
+        lock(&self.followers).get(&id).map(|f| f.progress.clone())
+    }
+
+    /// Leader: keeps one follower up to date, reconnecting forever.
+    async fn replicate(self: Arc<Self>, peer: Member) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.replicate_once(&peer).await {
+                Ok(()) => {}
+                Err(e) => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
+            }
+            self.update_follower(peer.id, |f| {
+                f.connected = false;
+                f.progress.reset();
+            });
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(1000));
+        }
+    }
+
+    fn sender(&self) -> pb::Sender {
+        pb::Sender {
+            cluster_id: self.config.cluster_id.clone(),
+            node_id: self.config.node_id,
+            term: self.term,
+        }
+    }
+
+    async fn replicate_once(&self, peer: &Member) -> anyhow::Result<()> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))?
+            .connect_timeout(rpc)
+            .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
+            .keep_alive_timeout(rpc)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let (tx, rx) = mpsc::channel::<pb::AppendRequest>(64);
+        // Probe first: an empty append at our `next`, to learn where the
+        // follower stands.
+        self.send_heartbeat(peer.id, &tx).await?;
+        let mut acks = ReplicationClient::new(channel)
+            .append(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        self.update_follower(peer.id, |f| f.connected = true);
+        // (last LSN, bytes) of each request in flight, in order: one ack each.
+        let mut inflight: VecDeque<(u64, u64)> = VecDeque::from([(0, 0)]);
+        let mut durable_rx = self.durable_tx.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
+        let mut last_ack = tokio::time::Instant::now();
+        loop {
+            self.send_batches(peer.id, &tx, &mut inflight).await?;
+            tokio::select! {
+                biased;
+                ack = acks.message() => {
+                    let ack = ack?.ok_or_else(|| anyhow::anyhow!("follower closed the stream"))?;
+                    last_ack = tokio::time::Instant::now();
+                    let (_, bytes) = inflight.pop_front().unwrap_or((0, 0));
+                    self.handle_ack(peer.id, ack, bytes)?;
+                }
+                changed = durable_rx.changed() => {
+                    changed?;
+                }
+                _ = tick.tick() => {
+                    if !inflight.is_empty() && last_ack.elapsed() > rpc {
+                        anyhow::bail!("no acknowledgement within {rpc:?}");
+                    }
+                    if inflight.is_empty() {
+                        self.send_heartbeat(peer.id, &tx).await?;
+                        inflight.push_back((0, 0));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_heartbeat(
+        &self,
+        peer: u64,
+        tx: &mpsc::Sender<pb::AppendRequest>,
+    ) -> anyhow::Result<()> {
+        let next = self.progress_of(peer).map_or(1, |p| p.next_lsn);
+        let prev_lsn = next - 1;
+        let prev_term = self.engine.term_at(prev_lsn).unwrap_or(0);
+        let commit_lsn = self.commit();
+        tx.send(pb::AppendRequest {
+            from: Some(self.sender()),
+            prev_lsn,
+            prev_term,
+            records: Vec::new(),
+            commit_lsn,
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn send_batches(
+        &self,
+        peer: u64,
+        tx: &mpsc::Sender<pb::AppendRequest>,
+        inflight: &mut VecDeque<(u64, u64)>,
+    ) -> anyhow::Result<()> {
+        let durable = self.engine.durable_lsn();
+        loop {
+            let Some(progress) = self.progress_of(peer) else {
+                return Ok(());
+            };
+            let next = progress.next_lsn;
+            if next > durable {
+                return Ok(());
+            }
+            let records = self
+                .records_from(next, self.config.batch_records_max, durable)
+                .await?;
+            if records.is_empty() {
+                return Ok(());
+            }
+            let bytes: u64 = records.iter().map(|r| r.op.record_len() as u64).sum();
+            if !progress.can_send(bytes, self.config.inflight_bytes_max) {
+                return Ok(());
+            }
+            let prev_lsn = next - 1;
+            let Some(prev_term) = self.engine.term_at(prev_lsn) else {
+                anyhow::bail!(
+                    "follower {peer} needs LSN {next}, older than this leader's log: snapshot install is not built yet"
+                );
+            };
+            let last = records[records.len() - 1].lsn;
+            let commit_lsn = self.commit();
+            tx.send(pb::AppendRequest {
+                from: Some(self.sender()),
+                prev_lsn,
+                prev_term,
+                records: records.iter().map(convert::to_proto).collect(),
+                commit_lsn,
+            })
+            .await?;
+            self.update_follower(peer, |f| f.progress.sent(last, bytes));
+            inflight.push_back((last, bytes));
+        }
+    }
+
+    fn handle_ack(&self, peer: u64, ack: pb::AppendAck, bytes: u64) -> anyhow::Result<()> {
+        match observe_term(self.term, ack.term) {
+            TermAction::StepDown { new_term } => {
+                anyhow::bail!(
+                    "follower {peer} is in term {new_term}, above ours ({}): a static leader cannot step down",
+                    self.term
+                )
+            }
+            TermAction::Reject { .. } | TermAction::Accept => {}
+        }
+        if ack.success {
+            self.update_follower(peer, |f| f.progress.acked(ack.durable_lsn, bytes));
+            self.advance_commit()?;
+        } else {
+            tracing::debug!(peer, error = %ack.error, last = ack.last_lsn, "append refused; backing up");
+            self.update_follower(peer, |f| f.progress.refused(ack.last_lsn + 1));
+        }
+        Ok(())
+    }
+
+    /// Follower: one append request, start to finish.
+    async fn handle_append(&self, req: pb::AppendRequest) -> Result<pb::AppendAck, Status> {
+        let _one_at_a_time = self.append_lock.lock().await;
+        let from = req
+            .from
+            .ok_or_else(|| Status::invalid_argument("append without a sender"))?;
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        if from.node_id != self.config.leader || from.node_id == self.config.node_id {
+            return Err(Status::permission_denied(format!(
+                "node {} is not the leader of this cluster",
+                from.node_id
+            )));
+        }
+        let refuse = |error: String| pb::AppendAck {
+            term: self.term,
+            success: false,
+            durable_lsn: self.engine.durable_lsn(),
+            last_lsn: self.engine.last_lsn(),
+            error,
+        };
+        match observe_term(self.term, from.term) {
+            TermAction::Reject { .. } => return Ok(refuse(format!("stale term {}", from.term))),
+            TermAction::StepDown { new_term } => {
+                return Ok(refuse(format!(
+                    "term {new_term} is above ours ({}): terms move only with elections",
+                    self.term
+                )));
+            }
+            TermAction::Accept => {}
+        }
+        let records = req
+            .records
+            .into_iter()
+            .map(Record::try_from)
+            .collect::<Result<Vec<Record>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let meta = AppendMeta {
+            prev_lsn: req.prev_lsn,
+            prev_term: req.prev_term,
+            records: records.iter().map(|r| (r.lsn, r.term)).collect(),
+        };
+        let (truncate_after, append_from) = match follower_append(&EngineView(&self.engine), &meta)
+        {
+            AppendVerdict::Accept {
+                truncate_after,
+                append_from,
+            } => (truncate_after, append_from),
+            AppendVerdict::Refuse(Refusal::Malformed(why)) => {
+                return Err(Status::invalid_argument(why));
+            }
+            AppendVerdict::Refuse(r) => {
+                let mut ack = refuse(format!("{r:?}"));
+                if let Refusal::Mismatch { prev_lsn, .. } = r {
+                    ack.last_lsn = ack.last_lsn.min(prev_lsn.saturating_sub(1));
+                }
+                return Ok(ack);
+            }
+        };
+        let batch_last = req.prev_lsn + records.len() as u64;
+        let engine = self.engine.clone();
+        let durable = tokio::task::spawn_blocking(move || -> Result<u64, EngineError> {
+            if let Some(lsn) = truncate_after {
+                engine.truncate_after(lsn)?;
+            }
+            let new: Vec<Record> = records.into_iter().skip(append_from).collect();
+            if !new.is_empty() {
+                let last = engine.append_records(new)?;
+                engine.wait_durable(last)?;
+            }
+            Ok(engine.durable_lsn())
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(engine_status)?;
+        // Commit what the leader committed, as far as this batch vouches
+        // that our log matches the leader's.
+        self.engine
+            .set_commit_lsn(req.commit_lsn.min(batch_last))
+            .map_err(engine_status)?;
+        Ok(pb::AppendAck {
+            term: self.term,
+            success: true,
+            durable_lsn: durable.min(batch_last.max(req.prev_lsn)),
+            last_lsn: self.engine.last_lsn(),
+            error: String::new(),
+        })
+    }
+
+    fn status(&self) -> pb::StatusReply {
+        let stats = self.engine.stats();
+        let leader = self.config.is_leader();
+        let followers = if leader {
+            lock(&self.followers)
+                .iter()
+                .map(|(id, f)| pb::FollowerStatus {
+                    node_id: *id,
+                    match_lsn: f.progress.match_lsn,
+                    next_lsn: f.progress.next_lsn,
+                    lag: stats.last_lsn.saturating_sub(f.progress.match_lsn),
+                    connected: f.connected,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        pb::StatusReply {
+            node_id: self.config.node_id,
+            role: if leader { "leader" } else { "follower" }.into(),
+            term: self.term,
+            leader_id: self.config.leader,
+            last_lsn: stats.last_lsn,
+            durable_lsn: stats.durable_lsn,
+            commit_lsn: self.engine.commit_lsn(),
+            applied_lsn: stats.applied_lsn,
+            snapshot_lsn: stats.snapshot_lsn,
+            digest: stats.digest,
+            keys: stats.keys as u64,
+            followers,
+            cluster_id: self.config.cluster_id.clone(),
+        }
+    }
+}
+
+/// The client API.
+#[derive(Debug, Clone)]
+pub struct KvService(pub Arc<Node>);
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
+        let req = req.into_inner();
+        let level = self.0.ack_level(req.ack)?;
+        let lsn = self
+            .0
+            .write(
+                Op::Put {
+                    key: req.key,
+                    value: req.value,
+                },
+                level,
+            )
+            .await?;
+        Ok(Response::new(pb::WriteReply {
+            lsn,
+            term: self.0.term,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let req = req.into_inner();
+        let level = self.0.ack_level(req.ack)?;
+        let lsn = self.0.write(Op::Delete { key: req.key }, level).await?;
+        Ok(Response::new(pb::WriteReply {
+            lsn,
+            term: self.0.term,
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
+        let req = req.into_inner();
+        let stale =
+            pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
+        if !stale && !self.0.config.is_leader() {
+            return Err(self.0.not_leader());
+        }
+        self.0
+            .engine
+            .validate(&req.key, None)
+            .map_err(engine_status)?;
+        // Applied state is committed state: the engine applies nothing else.
+        let (value, applied_lsn) = self.0.engine.get_with_lsn(&req.key);
+        Ok(Response::new(pb::GetReply {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            applied_lsn,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}
+
+/// The replication API (follower side).
+#[derive(Debug, Clone)]
+pub struct ReplicationService(pub Arc<Node>);
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    type AppendStream = ReceiverStream<Result<pb::AppendAck, Status>>;
+
+    async fn append(
+        &self,
+        req: Request<Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<Self::AppendStream>, Status> {
+        let mut inbound = req.into_inner();
+        let node = self.0.clone();
+        let (tx, rx) = mpsc::channel(64);
+        // A silent stream is dropped: the leader heartbeats far more often.
+        let silence = Duration::from_millis(node.config.rpc_timeout_ms * 2);
+        tokio::spawn(async move {
+            loop {
+                let msg = match tokio::time::timeout(silence, inbound.message()).await {
+                    Ok(Ok(Some(msg))) => msg,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
+                        tracing::debug!(%status, "append stream broke");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!("append stream silent; dropping it");
+                        break;
+                    }
+                };
+                let reply = node.handle_append(msg).await;
+                let fatal = reply.is_err();
+                if tx.send(reply).await.is_err() || fatal {
+                    // Garbage, a stranger or a broken engine: close the stream.
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        _req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotAck>, Status> {
+        Err(Status::unimplemented("snapshot install is not built yet"))
+    }
+}
+
+/// Runs a node until `shutdown` resolves: serves on `listener`, and on the
+/// leader replicates to every follower. On shutdown everything written is
+/// made durable before this returns.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if node.config.is_leader() {
+        for peer in node
+            .config
+            .members
+            .iter()
+            .filter(|m| m.id != node.config.node_id)
+        {
+            tokio::spawn(node.clone().replicate(peer.clone()));
+        }
+        // A lone leader commits by itself; others wait for acks.
+        node.advance_commit()?;
+    }
+    tonic::transport::Server::builder()
+        .add_service(KvServer::new(KvService(node.clone())))
+        .add_service(ReplicationServer::new(ReplicationService(node.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    let engine = node.engine.clone();
+    tokio::task::spawn_blocking(move || engine.flush()).await??;
+    Ok(())
+}
