@@ -200,6 +200,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -355,14 +356,6 @@ fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let engine = Engine::open(Arc::new(FsStorage), config.engine_config())
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
-    tracing::info!(
-        node = config.node_id,
-        listen = %config.listen,
-        "opened {} in {:.1} ms: {}",
-        config.data_dir.display(),
-        start.elapsed().as_secs_f64() * 1000.0,
-        engine.recovery()
-    );
     eprintln!(
         "kv: node {} opened {} in {:.1} ms: {}",
         config.node_id,

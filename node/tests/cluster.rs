@@ -1,0 +1,384 @@
+//! A 3-node cluster of real `kv serve` processes on 127.0.0.1 (test-chosen
+//! ports, temporary data directories), driven with the real `kv` client and,
+//! for malformed replication traffic, a raw gRPC client.
+//!
+//! Covered: writes at the leader are readable and every node converges to
+//! the same applied LSN and digest; a SIGKILLed follower catches up after a
+//! restart; a SIGKILLed leader keeps every write acknowledged at `quorum`;
+//! a write sent to a follower is redirected to the leader; bad input
+//! (oversized keys, a wrong cluster id, a non-member sender, records with a
+//! bad CRC) is refused and never reaches a WAL.
+
+// Tests unwrap: a failed unwrap is a test failure with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kv_proto::v1 as pb;
+
+const KV: &str = env!("CARGO_BIN_EXE_kv");
+
+/// A cluster of three `kv serve` processes.
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<Option<Child>>,
+}
+
+fn free_ports(n: usize) -> Vec<SocketAddr> {
+    // Bind them all at once so they are distinct, then release them.
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs = free_ports(3);
+        for id in 1..=3u64 {
+            let members: String = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("[[members]]\nid = {}\naddr = \"{a}\"\n", i + 1))
+                .collect();
+            let config = format!(
+                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nleader = 1\nwrite_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{members}",
+                addrs[id as usize - 1],
+                dir.path().join(format!("node{id}")).display()
+            );
+            std::fs::write(dir.path().join(format!("node{id}.toml")), config).unwrap();
+        }
+        let mut cluster = Cluster {
+            dir,
+            addrs,
+            nodes: vec![None, None, None],
+        };
+        for id in 1..=3 {
+            cluster.start_node(id);
+        }
+        cluster
+    }
+
+    fn config(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("node{id}.toml"))
+    }
+
+    fn start_node(&mut self, id: usize) {
+        let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
+        let child = Command::new(KV)
+            .args(["serve", "--config"])
+            .arg(self.config(id))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes[id - 1] = Some(child);
+        self.wait_until(
+            Duration::from_secs(20),
+            &format!("node {id} answers"),
+            |c| c.status_of(id).is_some(),
+        );
+    }
+
+    fn kill(&mut self, id: usize) {
+        if let Some(mut child) = self.nodes[id - 1].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn endpoint(&self, id: usize) -> String {
+        self.addrs[id - 1].to_string()
+    }
+
+    fn all_endpoints(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs the `kv` client with `args` against `endpoints`.
+    fn kv(&self, args: &[&str], endpoints: &str) -> Output {
+        Command::new(KV)
+            .args(args)
+            .args(["--endpoints", endpoints, "--timeout-ms", "5000"])
+            .output()
+            .unwrap()
+    }
+
+    fn put(&self, key: &str, value: &str) -> Result<(), String> {
+        let out = self.kv(&["put", key, value], &self.all_endpoints());
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn get(&self, key: &str) -> String {
+        let out = self.kv(&["get", key], &self.all_endpoints());
+        assert!(
+            out.status.success(),
+            "get {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+    }
+
+    fn status_of(&self, id: usize) -> Option<pb::StatusReply> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let addr = self.addrs[id - 1];
+            let replies =
+                kv_node::server::client::status_all(&[addr], Duration::from_millis(500)).await;
+            replies.into_iter().next().and_then(|(_, r)| r.ok())
+        })
+    }
+
+    fn wait_until(&self, limit: Duration, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting until {what}; logs in {}",
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every node applied the same LSN with the same digest.
+    fn wait_converged(&self) -> (u64, u64) {
+        let mut result = (0, 0);
+        self.wait_until(Duration::from_secs(20), "all nodes converge", |c| {
+            let s: Vec<_> = (1..=3).filter_map(|id| c.status_of(id)).collect();
+            let converged = s.len() == 3
+                && s.iter()
+                    .all(|x| x.applied_lsn == s[0].applied_lsn && x.digest == s[0].digest)
+                && s[0].applied_lsn == s[0].last_lsn;
+            if converged {
+                result = (s[0].applied_lsn, s[0].digest);
+            }
+            converged
+        });
+        result
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in 1..=3 {
+            self.kill(id);
+        }
+    }
+}
+
+#[test]
+fn writes_replicate_and_every_node_converges() {
+    let cluster = Cluster::start();
+    for i in 0..20 {
+        cluster.put(&format!("k{i}"), &format!("v{i}")).unwrap();
+    }
+    let out = cluster.kv(&["del", "k3"], &cluster.endpoint(1));
+    assert!(out.status.success());
+    assert_eq!(cluster.get("k7"), "v7");
+    assert_eq!(cluster.get("k3"), "(nil)");
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 21);
+    for id in 1..=3 {
+        let s = cluster.status_of(id).unwrap();
+        assert_eq!(s.keys, 19, "node {id}");
+        assert_eq!(s.commit_lsn, 21, "node {id}");
+        assert_eq!(s.role, if id == 1 { "leader" } else { "follower" });
+    }
+    // A stale read on a follower reports the applied LSN it reflects.
+    let out = cluster.kv(
+        &["get", "k7", "--consistency", "stale"],
+        &cluster.endpoint(2),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "v7\t(applied LSN 21)"
+    );
+    // `kv status` prints one row per node.
+    let out = cluster.kv(&["status"], &cluster.all_endpoints());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 4, "{text}");
+}
+
+#[test]
+fn a_write_sent_to_a_follower_lands_on_the_leader() {
+    let cluster = Cluster::start();
+    let out = cluster.kv(&["put", "redirected", "yes"], &cluster.endpoint(3));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader = cluster.status_of(1).unwrap();
+    assert_eq!(leader.last_lsn, 1);
+    assert_eq!(cluster.get("redirected"), "yes");
+}
+
+#[test]
+fn a_killed_follower_catches_up_after_restart() {
+    let mut cluster = Cluster::start();
+    for i in 0..10 {
+        cluster.put(&format!("a{i}"), "1").unwrap();
+    }
+    cluster.kill(3);
+    // A majority (leader + node 2) still commits.
+    for i in 0..30 {
+        cluster.put(&format!("b{i}"), "2").unwrap();
+    }
+    let lagging = cluster.status_of(1).unwrap();
+    let node3 = lagging.followers.iter().find(|f| f.node_id == 3).unwrap();
+    assert!(node3.lag > 0 && !node3.connected, "{node3:?}");
+    cluster.start_node(3);
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 40);
+}
+
+#[test]
+fn a_killed_leader_keeps_every_quorum_acknowledged_write() {
+    let mut cluster = Cluster::start();
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        let key = format!("q{i}");
+        if cluster.put(&key, &format!("v{i}")).is_ok() {
+            acked.push((key, format!("v{i}")));
+        }
+        if i == 25 {
+            cluster.kill(1);
+            cluster.start_node(1);
+        }
+    }
+    assert!(acked.len() >= 30, "most writes succeed: {}", acked.len());
+    cluster.wait_converged();
+    for (key, value) in &acked {
+        assert_eq!(&cluster.get(key), value);
+        // And on every follower, read locally.
+        for id in 2..=3 {
+            let out = cluster.kv(
+                &["get", key, "--consistency", "stale"],
+                &cluster.endpoint(id),
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.starts_with(value.as_str()), "node {id}, {key}: {text}");
+        }
+    }
+}
+
+#[test]
+fn oversized_keys_and_values_are_invalid_arguments() {
+    let cluster = Cluster::start();
+    let key = "k".repeat(1025);
+    let out = cluster.kv(&["put", &key, "v"], &cluster.endpoint(1));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key is 1025 bytes"), "{err}");
+    assert_eq!(cluster.status_of(1).unwrap().last_lsn, 0, "nothing written");
+}
+
+fn raw_append(addr: SocketAddr, req: pb::AppendRequest) -> Result<pb::AppendAck, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut client =
+            pb::replication_client::ReplicationClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+        let mut acks = client
+            .append(tokio_stream::iter(vec![req]))
+            .await?
+            .into_inner();
+        match acks.message().await? {
+            Some(ack) => Ok(ack),
+            None => Err(tonic::Status::aborted("no ack")),
+        }
+    })
+}
+
+fn sender(cluster_id: &str, node_id: u64) -> Option<pb::Sender> {
+    Some(pb::Sender {
+        cluster_id: cluster_id.into(),
+        node_id,
+        term: 1,
+    })
+}
+
+#[test]
+fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
+    let cluster = Cluster::start();
+    let follower = cluster.addrs[1];
+    let record = pb::LogRecord {
+        lsn: 1,
+        term: 1,
+        key: b"x".to_vec(),
+        value: b"y".to_vec(),
+        delete: false,
+        crc: 0,
+    };
+    let check = |req: pb::AppendRequest, code: tonic::Code| {
+        let err = raw_append(follower, req).unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    };
+    let base = pb::AppendRequest {
+        from: sender("test", 1),
+        prev_lsn: 0,
+        prev_term: 0,
+        records: vec![record.clone()],
+        commit_lsn: 0,
+    };
+    // A wrong cluster id, a non-member, a sender that is not the leader.
+    check(
+        pb::AppendRequest {
+            from: sender("other", 1),
+            ..base.clone()
+        },
+        tonic::Code::PermissionDenied,
+    );
+    check(
+        pb::AppendRequest {
+            from: sender("test", 9),
+            ..base.clone()
+        },
+        tonic::Code::PermissionDenied,
+    );
+    check(
+        pb::AppendRequest {
+            from: sender("test", 3),
+            ..base.clone()
+        },
+        tonic::Code::PermissionDenied,
+    );
+    // A record whose CRC does not match.
+    check(base.clone(), tonic::Code::InvalidArgument);
+    // Records that are not consecutive.
+    let mut gap = record.clone();
+    gap.lsn = 5;
+    check(
+        pb::AppendRequest {
+            records: vec![gap],
+            ..base.clone()
+        },
+        tonic::Code::InvalidArgument,
+    );
+    let s = cluster.status_of(2).unwrap();
+    assert_eq!((s.last_lsn, s.keys), (0, 0), "nothing reached the WAL");
+    // The follower still serves its real leader.
+    cluster.put("after", "garbage").unwrap();
+    cluster.wait_converged();
+}
