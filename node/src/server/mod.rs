@@ -256,28 +256,21 @@ impl Node {
         }
     }
 
-    /// Records from `from` for shipping: from memory if recent, else the WAL.
-    async fn records_from(
-        &self,
-        from: u64,
-        max: usize,
-        through: u64,
-    ) -> Result<Vec<Record>, EngineError> {
+    /// Records from `from` for shipping: from memory if recent, else (for a
+    /// follower further behind) from the WAL. Returns only a contiguous run;
+    /// empty if `from` is recent but its writer has not recorded it yet (the
+    /// replicator is woken again when it has).
+    async fn records_from(&self, from: u64, max: usize, through: u64) -> Result<Vec<Record>, EngineError> {
         {
             let recent = lock(&self.recent);
-            if recent
-                .first_key_value()
-                .is_some_and(|(first, _)| *first <= from)
-            {
-                let records: Vec<Record> = recent
+            if recent.first_key_value().is_some_and(|(first, _)| *first <= from) {
+                return Ok(recent
                     .range(from..=through)
+                    .zip(from..)
+                    .take_while(|((lsn, _), expected)| *lsn == expected)
                     .take(max)
-                    .map(|(_, r)| r.clone())
-                    .collect();
-                let contiguous = records.iter().zip(from..).all(|(r, lsn)| r.lsn == lsn);
-                if contiguous && !records.is_empty() {
-                    return Ok(records);
-                }
+                    .map(|((_, r), _)| r.clone())
+                    .collect());
             }
         }
         let engine = self.engine.clone();
