@@ -185,6 +185,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Write load against a running cluster: per client count, ops/s and
+    /// p50/p99 latency (each write acknowledged at the cluster's default level).
+    Cluster {
+        /// Concurrent client counts to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        clients: Vec<usize>,
+        /// Total writes per client count.
+        #[arg(long, default_value_t = 20000)]
+        ops: u64,
+        #[arg(long, default_value_t = 16)]
+        key_size: usize,
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        #[command(flatten)]
+        target: Target,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Open a data directory once and print a JSON report (used by
     /// `bench recovery`, in a child process).
     Open {
@@ -488,6 +507,43 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        BenchCmd::Cluster {
+            clients,
+            ops,
+            key_size,
+            value_size,
+            target,
+            json,
+        } => runtime()?.block_on(async {
+            let endpoints = if target.endpoints.is_empty() {
+                client::endpoints_from_configs(&target.configs)?
+            } else {
+                target.endpoints.clone()
+            };
+            if !json {
+                println!("{}", client::CLUSTER_BENCH_HEADER);
+            }
+            for c in clients {
+                if c == 0 {
+                    anyhow::bail!("--clients: a client count must be at least 1");
+                }
+                let row = client::bench_cluster(
+                    &endpoints,
+                    c,
+                    ops,
+                    key_size,
+                    value_size,
+                    Duration::from_millis(target.timeout_ms),
+                )
+                .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    println!("{row}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
         BenchCmd::Open { data_dir } => {
             let report = bench::open_once(&data_dir)?;
             println!("{}", serde_json::to_string(&report)?);

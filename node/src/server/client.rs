@@ -174,3 +174,110 @@ pub async fn status_all(
     }
     out
 }
+
+/// One row of `kv bench cluster`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterBenchRow {
+    pub clients: usize,
+    pub ops: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// The table header of `kv bench cluster`.
+pub const CLUSTER_BENCH_HEADER: &str = "clients        ops   seconds      ops/s   p50_us   p99_us";
+
+impl std::fmt::Display for ClusterBenchRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>7} {:>10} {:>9.3} {:>10.0} {:>8} {:>8}",
+            self.clients, self.ops, self.seconds, self.ops_per_sec, self.p50_us, self.p99_us
+        )
+    }
+}
+
+/// Clients per HTTP/2 connection in the benchmark (streams multiplex).
+const CLIENTS_PER_CONNECTION: usize = 32;
+
+/// `kv bench cluster`: `clients` concurrent clients write `ops` random keys
+/// in all (each waits for its write, at the cluster's default
+/// acknowledgement level, before sending the next) to the leader.
+pub async fn bench_cluster(
+    endpoints: &[SocketAddr],
+    clients: usize,
+    ops: u64,
+    key_size: usize,
+    value_size: usize,
+    timeout: Duration,
+) -> anyhow::Result<ClusterBenchRow> {
+    let statuses = status_all(endpoints, timeout).await;
+    let leader = statuses
+        .iter()
+        .find(|(_, s)| s.as_ref().is_ok_and(|s| s.role == "leader"))
+        .map(|(addr, _)| *addr)
+        .ok_or_else(|| anyhow::anyhow!("no leader among {endpoints:?}"))?;
+    let mut channels = Vec::new();
+    for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connect to {leader}"))?,
+        );
+    }
+    let per_client = ops / clients as u64;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut client = KvClient::new(channels[c / CLIENTS_PER_CONNECTION].clone());
+        tasks.push(tokio::spawn(async move {
+            let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ ((c as u64 + 1) << 32);
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let mut lat = Vec::with_capacity(per_client as usize);
+            for _ in 0..per_client {
+                let key: Vec<u8> = (0..key_size).map(|_| b'a' + (next() % 26) as u8).collect();
+                let value = vec![b'v'; value_size];
+                let t = std::time::Instant::now();
+                client
+                    .put(pb::PutRequest {
+                        key,
+                        value,
+                        ack: pb::AckLevel::Default as i32,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("put: {}", s.message()))?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pick = |p: f64| {
+        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
+        latencies.get(rank.clamp(1, latencies.len().max(1)) - 1).copied().unwrap_or(0)
+    };
+    Ok(ClusterBenchRow {
+        clients,
+        ops: latencies.len() as u64,
+        seconds,
+        ops_per_sec: latencies.len() as f64 / seconds,
+        p50_us: pick(50.0),
+        p99_us: pick(99.0),
+    })
+}
