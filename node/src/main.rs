@@ -383,7 +383,7 @@ fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
         engine.recovery()
     );
     let listen = config.listen;
-    let node = Node::new(config, Arc::new(engine));
+    let node = Node::new(config, Arc::new(engine)).context("start the flusher thread")?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

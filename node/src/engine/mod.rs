@@ -972,9 +972,19 @@ impl Engine {
         })
     }
 
-    fn maybe_snapshot(&self) {
+    /// True if enough WAL was written since the last snapshot that an
+    /// automatic one is due (and none is running).
+    pub fn snapshot_due(&self) -> bool {
         let threshold = self.config.snapshot_wal_bytes;
-        if threshold == 0 || lock(&self.state).wal_bytes_since_snapshot < threshold {
+        threshold > 0
+            && lock(&self.state).wal_bytes_since_snapshot >= threshold
+            && !self.snapshot_running.load(Ordering::Acquire)
+    }
+
+    /// Takes an automatic snapshot if one is due; errors are logged (and a
+    /// failed sync poisons the engine, see [`Engine::snapshot`]).
+    pub fn maybe_snapshot(&self) {
+        if !self.snapshot_due() {
             return;
         }
         if self.snapshot_running.swap(true, Ordering::AcqRel) {

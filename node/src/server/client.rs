@@ -270,7 +270,10 @@ pub async fn bench_cluster(
     latencies.sort_unstable();
     let pick = |p: f64| {
         let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        latencies.get(rank.clamp(1, latencies.len().max(1)) - 1).copied().unwrap_or(0)
+        latencies
+            .get(rank.clamp(1, latencies.len().max(1)) - 1)
+            .copied()
+            .unwrap_or(0)
     };
     Ok(ClusterBenchRow {
         clients,

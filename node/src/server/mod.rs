@@ -16,6 +16,8 @@
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod flusher;
+pub mod notify;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,6 +37,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError, Op, Record};
 use config::{Member, NodeConfig};
+use flusher::Flusher;
+use notify::LsnNotifier;
 
 /// The term while the leader is static (elections will make it move).
 const STATIC_TERM: u64 = 1;
@@ -55,6 +59,17 @@ struct Follower {
     connected: bool,
 }
 
+/// A follower's answer to one append, possibly waiting for durability.
+#[derive(Debug)]
+enum PendingAck {
+    /// Send as is (a refusal).
+    Ready(pb::AppendAck),
+    /// Send once everything through `batch_last` is durable.
+    WhenDurable { batch_last: u64, commit_lsn: u64 },
+    /// The stream carried something unacceptable: send the error, close.
+    Failed(Status),
+}
+
 /// One node of the cluster.
 pub struct Node {
     config: NodeConfig,
@@ -62,10 +77,14 @@ pub struct Node {
     term: u64,
     /// Leader only: every follower's progress.
     followers: Mutex<BTreeMap<u64, Follower>>,
-    /// The commit LSN, for writers waiting on it.
+    /// The commit LSN (the value; `commit_waiters` wakes writers).
     commit_tx: watch::Sender<u64>,
-    /// Leader only: bumped when new durable records can be shipped.
+    /// Writers waiting for the commit LSN to cover theirs.
+    commit_waiters: LsnNotifier,
+    /// The durable LSN, published by the flusher (replicators wake on it).
     durable_tx: watch::Sender<u64>,
+    /// Runs group commit rounds for async writers.
+    flusher: Flusher,
     /// Leader only: recently written records by LSN, for shipping.
     recent: Mutex<BTreeMap<u64, Record>>,
     /// Follower only: appends are handled one at a time.
@@ -113,8 +132,8 @@ impl LogView for EngineView<'_> {
 }
 
 impl Node {
-    /// A node over an opened engine (in replicated mode).
-    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> Arc<Node> {
+    /// A node over an opened engine (in replicated mode); starts its flusher.
+    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> std::io::Result<Arc<Node>> {
         engine.set_term(STATIC_TERM);
         let last = engine.last_lsn();
         let followers = config
@@ -132,17 +151,21 @@ impl Node {
             })
             .collect();
         let commit = engine.commit_lsn();
-        Arc::new(Node {
+        let durable_tx = watch::channel(engine.durable_lsn()).0;
+        let flusher = Flusher::start(engine.clone(), durable_tx.clone())?;
+        Ok(Arc::new(Node {
             config,
             engine,
             term: STATIC_TERM,
             followers: Mutex::new(followers),
             commit_tx: watch::channel(commit).0,
-            durable_tx: watch::channel(last).0,
+            commit_waiters: LsnNotifier::new(commit),
+            durable_tx,
+            flusher,
             recent: Mutex::new(BTreeMap::new()),
             append_lock: tokio::sync::Mutex::new(()),
             commit_lock: Mutex::new(()),
-        })
+        }))
     }
 
     /// The engine.
@@ -199,6 +222,7 @@ impl Node {
         if new > current {
             self.engine.set_commit_lsn(new)?;
             self.commit_tx.send_replace(new);
+            self.commit_waiters.advance(new);
         }
         Ok(())
     }
@@ -221,38 +245,48 @@ impl Node {
             Op::Delete { key } => (key.as_slice(), None),
         };
         self.engine.validate(key, value).map_err(engine_status)?;
-        let engine = self.engine.clone();
-        let op2 = op.clone();
-        let lsn = tokio::task::spawn_blocking(move || match op2 {
-            Op::Put { key, value } => engine.put(key, value),
-            Op::Delete { key } => engine.delete(key),
-        })
-        .await
-        .map_err(join_error)?
-        .map_err(engine_status)?;
+        // Append without blocking; the flusher makes it durable together
+        // with every other write appended meanwhile (group commit).
+        let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
         self.remember(lsn, self.term, op);
-        self.durable_tx.send_modify(|d| *d = (*d).max(lsn));
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        let unknown = |why: &str| {
+            Status::unavailable(format!(
+                "outcome unknown: the write at LSN {lsn} {why} within {} ms; it may still commit",
+                self.config.write_timeout_ms
+            ))
+        };
+        if tokio::time::timeout(timeout, self.flusher.durable(lsn))
+            .await
+            .is_err()
+        {
+            return Err(unknown("was not made durable here"));
+        }
         self.advance_commit().map_err(engine_status)?;
 
-        let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let mut commit_rx = self.commit_tx.subscribe();
         let wait = async {
+            if level == AckLevel::Quorum {
+                // The common case: one targeted wake-up.
+                self.commit_waiters.wait_for(lsn).await;
+                return true;
+            }
             loop {
                 let commit = *commit_rx.borrow_and_update();
                 if level.satisfied(lsn, self.engine.durable_lsn(), commit, &self.durable_lsns()) {
                     return true;
                 }
-                if commit_rx.changed().await.is_err() {
+                // `all` also waits on followers' progress, which moves with
+                // every ack; recheck at the heartbeat pace too.
+                let beat = Duration::from_millis(self.config.heartbeat_ms);
+                if let Ok(Err(_)) = tokio::time::timeout(beat, commit_rx.changed()).await {
                     return false;
                 }
             }
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(true) => Ok(lsn),
-            _ => Err(Status::unavailable(format!(
-                "outcome unknown: the write at LSN {lsn} was not acknowledged at level {level:?} within {} ms; it may still commit",
-                self.config.write_timeout_ms
-            ))),
+            _ => Err(unknown(&format!("was not acknowledged at level {level:?}"))),
         }
     }
 
@@ -260,10 +294,18 @@ impl Node {
     /// follower further behind) from the WAL. Returns only a contiguous run;
     /// empty if `from` is recent but its writer has not recorded it yet (the
     /// replicator is woken again when it has).
-    async fn records_from(&self, from: u64, max: usize, through: u64) -> Result<Vec<Record>, EngineError> {
+    async fn records_from(
+        &self,
+        from: u64,
+        max: usize,
+        through: u64,
+    ) -> Result<Vec<Record>, EngineError> {
         {
             let recent = lock(&self.recent);
-            if recent.first_key_value().is_some_and(|(first, _)| *first <= from) {
+            if recent
+                .first_key_value()
+                .is_some_and(|(first, _)| *first <= from)
+            {
                 return Ok(recent
                     .range(from..=through)
                     .zip(from..)
@@ -452,8 +494,11 @@ impl Node {
         Ok(())
     }
 
-    /// Follower: one append request, start to finish.
-    async fn handle_append(&self, req: pb::AppendRequest) -> Result<pb::AppendAck, Status> {
+    /// Follower: checks one append request and appends its new records (not
+    /// yet durable). The acknowledgement is sent by [`Node::acknowledge`]
+    /// once they are durable, so the next batch can be appended meanwhile
+    /// and share the same sync.
+    async fn accept_append(&self, req: pb::AppendRequest) -> Result<PendingAck, Status> {
         let _one_at_a_time = self.append_lock.lock().await;
         let from = req
             .from
@@ -470,17 +515,12 @@ impl Node {
                 from.node_id
             )));
         }
-        let refuse = |error: String| pb::AppendAck {
-            term: self.term,
-            success: false,
-            durable_lsn: self.engine.durable_lsn(),
-            last_lsn: self.engine.last_lsn(),
-            error,
-        };
         match observe_term(self.term, from.term) {
-            TermAction::Reject { .. } => return Ok(refuse(format!("stale term {}", from.term))),
+            TermAction::Reject { .. } => {
+                return Ok(self.refusal(format!("stale term {}", from.term)));
+            }
             TermAction::StepDown { new_term } => {
-                return Ok(refuse(format!(
+                return Ok(self.refusal(format!(
                     "term {new_term} is above ours ({}): terms move only with elections",
                     self.term
                 )));
@@ -508,38 +548,71 @@ impl Node {
                 return Err(Status::invalid_argument(why));
             }
             AppendVerdict::Refuse(r) => {
-                let mut ack = refuse(format!("{r:?}"));
-                if let Refusal::Mismatch { prev_lsn, .. } = r {
+                let mut refusal = self.refusal(format!("{r:?}"));
+                if let (Refusal::Mismatch { prev_lsn, .. }, PendingAck::Ready(ack)) =
+                    (&r, &mut refusal)
+                {
                     ack.last_lsn = ack.last_lsn.min(prev_lsn.saturating_sub(1));
                 }
-                return Ok(ack);
+                return Ok(refusal);
             }
         };
-        let batch_last = req.prev_lsn + records.len() as u64;
-        let engine = self.engine.clone();
-        let durable = tokio::task::spawn_blocking(move || -> Result<u64, EngineError> {
-            if let Some(lsn) = truncate_after {
-                engine.truncate_after(lsn)?;
-            }
-            let new: Vec<Record> = records.into_iter().skip(append_from).collect();
-            if !new.is_empty() {
-                let last = engine.append_records(new)?;
-                engine.wait_durable(last)?;
-            }
-            Ok(engine.durable_lsn())
+        if let Some(lsn) = truncate_after {
+            // Rare (a new leader's conflicting records): blocking is fine.
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || engine.truncate_after(lsn))
+                .await
+                .map_err(join_error)?
+                .map_err(engine_status)?;
+        }
+        let new: Vec<Record> = records.into_iter().skip(append_from).collect();
+        if !new.is_empty() {
+            self.engine.append_records(new).map_err(engine_status)?;
+        }
+        Ok(PendingAck::WhenDurable {
+            batch_last: meta.prev_lsn + meta.records.len() as u64,
+            commit_lsn: req.commit_lsn,
         })
-        .await
-        .map_err(join_error)?
-        .map_err(engine_status)?;
-        // Commit what the leader committed, as far as this batch vouches
-        // that our log matches the leader's.
+    }
+
+    fn refusal(&self, error: String) -> PendingAck {
+        PendingAck::Ready(pb::AppendAck {
+            term: self.term,
+            success: false,
+            durable_lsn: self.engine.durable_lsn(),
+            last_lsn: self.engine.last_lsn(),
+            error,
+        })
+    }
+
+    /// Follower: waits until an accepted batch is durable, applies what the
+    /// leader committed (as far as this batch vouches our log matches), and
+    /// builds the acknowledgement.
+    async fn acknowledge(&self, pending: PendingAck) -> Result<pb::AppendAck, Status> {
+        let (batch_last, commit_lsn) = match pending {
+            PendingAck::Ready(ack) => return Ok(ack),
+            PendingAck::Failed(status) => return Err(status),
+            PendingAck::WhenDurable {
+                batch_last,
+                commit_lsn,
+            } => (batch_last, commit_lsn),
+        };
+        let timeout = Duration::from_millis(self.config.rpc_timeout_ms);
+        if tokio::time::timeout(timeout, self.flusher.durable(batch_last))
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable(format!(
+                "LSN {batch_last} did not become durable in time"
+            )));
+        }
         self.engine
-            .set_commit_lsn(req.commit_lsn.min(batch_last))
+            .set_commit_lsn(commit_lsn.min(batch_last))
             .map_err(engine_status)?;
         Ok(pb::AppendAck {
             term: self.term,
             success: true,
-            durable_lsn: durable.min(batch_last.max(req.prev_lsn)),
+            durable_lsn: self.engine.durable_lsn().min(batch_last),
             last_lsn: self.engine.last_lsn(),
             error: String::new(),
         })
@@ -661,8 +734,22 @@ impl Replication for ReplicationService {
         let mut inbound = req.into_inner();
         let node = self.0.clone();
         let (tx, rx) = mpsc::channel(64);
+        // Batches are appended as they arrive; acknowledgements follow in
+        // order as each batch becomes durable.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<PendingAck>(256);
+        let acker = node.clone();
+        tokio::spawn(async move {
+            while let Some(pending) = pending_rx.recv().await {
+                let reply = acker.acknowledge(pending).await;
+                let fatal = reply.is_err();
+                if tx.send(reply).await.is_err() || fatal {
+                    break;
+                }
+            }
+        });
         // A silent stream is dropped: the leader heartbeats far more often.
         let silence = Duration::from_millis(node.config.rpc_timeout_ms * 2);
+        let errors = pending_tx.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match tokio::time::timeout(silence, inbound.message()).await {
@@ -677,11 +764,18 @@ impl Replication for ReplicationService {
                         break;
                     }
                 };
-                let reply = node.handle_append(msg).await;
-                let fatal = reply.is_err();
-                if tx.send(reply).await.is_err() || fatal {
-                    // Garbage, a stranger or a broken engine: close the stream.
-                    break;
+                match node.accept_append(msg).await {
+                    Ok(pending) => {
+                        if pending_tx.send(pending).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(status) => {
+                        // Garbage, a stranger or a broken engine: report it
+                        // after the acks before it, then close the stream.
+                        let _ = errors.send(PendingAck::Failed(status)).await;
+                        break;
+                    }
                 }
             }
         });
@@ -694,6 +788,19 @@ impl Replication for ReplicationService {
     ) -> Result<Response<pb::SnapshotAck>, Status> {
         Err(Status::unimplemented("snapshot install is not built yet"))
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: small acks must not
+/// wait for the peer's delayed ACK (tens of milliseconds per round trip).
+fn incoming_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// Runs a node until `shutdown` resolves: serves on `listener`, and on the
@@ -719,10 +826,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(KvServer::new(KvService(node.clone())))
         .add_service(ReplicationServer::new(ReplicationService(node.clone())))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown)
         .await?;
     let engine = node.engine.clone();
     tokio::task::spawn_blocking(move || engine.flush()).await??;
