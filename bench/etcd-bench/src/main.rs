@@ -160,7 +160,9 @@ async fn find_leader(endpoints: &[String], timeout: Duration) -> anyhow::Result<
                 .find(|e| urls.contains(&e.as_str()))
                 .cloned()
                 .with_context(|| {
-                    format!("leader {leader_id:x} advertises {urls:?}, none of which is in --endpoints")
+                    format!(
+                        "leader {leader_id:x} advertises {urls:?}, none of which is in --endpoints"
+                    )
                 })
         };
         match attempt.await {
@@ -172,7 +174,12 @@ async fn find_leader(endpoints: &[String], timeout: Duration) -> anyhow::Result<
 }
 
 /// One client count: `clients` tasks doing `args.ops` puts in all on `leader`.
-async fn bench(leader: &str, clients: usize, args: &Args, timeout: Duration) -> anyhow::Result<Row> {
+async fn bench(
+    leader: &str,
+    clients: usize,
+    args: &Args,
+    timeout: Duration,
+) -> anyhow::Result<Row> {
     // The connection pool, each connection established (and its HTTP/2
     // handshake done) before the clock starts.
     let mut pool = Vec::new();
@@ -180,7 +187,9 @@ async fn bench(leader: &str, clients: usize, args: &Args, timeout: Duration) -> 
         let mut c = Client::connect([leader], Some(options(timeout)))
             .await
             .with_context(|| format!("connect to {leader}"))?;
-        c.status().await.with_context(|| format!("status of {leader}"))?;
+        c.status()
+            .await
+            .with_context(|| format!("status of {leader}"))?;
         pool.push(c);
     }
 

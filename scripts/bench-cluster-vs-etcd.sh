@@ -1,0 +1,488 @@
+#!/usr/bin/env bash
+# bench-cluster-vs-etcd.sh: replicated writes from C concurrent clients, kv's
+# 3-node cluster against a 3-member etcd cluster, both on 127.0.0.1, same
+# workload, interleaved. See usage() or run with -h.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/bench-cluster-vs-etcd.sh [options]
+
+Starts, on 127.0.0.1 only and with data under a fresh temporary directory:
+  * a 3-member etcd cluster (Debian's etcd-server, default durability: the
+    WAL is fsynced on every commit; client ports 23791-23793, peer ports
+    23801-23803, static initial cluster), waited on with
+    `etcdctl endpoint health`;
+  * a 3-node kv cluster (`kv serve`, ports 27001-27003, leader 1, default
+    ack level quorum), waited on with `kv status`.
+Then for each client count C (the order of the two alternates from one
+count, and run, to the next, so both see the same machine state):
+  kv bench cluster --endpoints 127.0.0.1:27001,... --clients C --ops N
+                   --key-size 16 --value-size 100 --json
+  etcd-bench       --endpoints 127.0.0.1:23791,... --clients C --ops N
+                   --key-size 16 --value-size 100 --json
+Both send every write to their leader, C clients each waiting for its write
+before sending the next, one HTTP/2 connection per 32 clients, the same keys.
+Prints one table (ops/s, p50/p99 latency of both, ratios kv/etcd), writes an
+SVG plot of ops/s against clients, and stops every process it started.
+
+etcd-bench (bench/etcd-bench, a standalone Cargo project outside the
+workspace) is built into target/etcd-bench; its etcd-client dependency
+compiles protos, with the protoc vendored by the protoc-bin-vendored crate
+in the cargo registry (run `cargo build -p kv-proto` once if it is missing).
+
+Options:
+  -c, --clients LIST   comma-separated client counts (default 1,16,64,256)
+  -o, --ops N          total writes per client count, per system (default 20000)
+  -r, --runs R         repeat everything R times, report medians (default 1)
+  -d, --dir DIR        put the temporary data under DIR, which decides the disk
+                       (default: ./kv-bench-data in the repository; created
+                       and removed by the script if it did not exist)
+      --plot FILE      where to write the SVG plot
+                       (default: bench-results/cluster-vs-etcd.svg)
+      --no-plot        write no plot
+      --no-kv          run etcd only (e.g. before `kv bench cluster` exists)
+  -h, --help           this text
+
+Needs: python3, etcd and etcdctl (apt-get install -y etcd-server etcd-client).
+Timings never make it fail; it exits 1 only if a run produced no result, 2 if
+it could not set up.
+EOF
+}
+
+NAME=bench-cluster-vs-etcd
+die() { echo "$NAME: $*" >&2; exit 2; }
+warn() { echo "$NAME: $*" >&2; }
+
+ORIG_PWD=$PWD
+abspath() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$ORIG_PWD/$1" ;; esac; }
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+CLIENTS=1,16,64,256
+OPS=20000
+RUNS=1
+PARENT="$ROOT/kv-bench-data"
+PLOT="$ROOT/bench-results/cluster-vs-etcd.svg"
+USE_KV=1
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        -c|--clients) CLIENTS=${2:?}; shift 2 ;;
+        -o|--ops) OPS=${2:?}; shift 2 ;;
+        -r|--runs) RUNS=${2:?}; shift 2 ;;
+        -d|--dir) PARENT=$(abspath "${2:?}"); shift 2 ;;
+        --plot) PLOT=$(abspath "${2:?}"); shift 2 ;;
+        --no-plot) PLOT=""; shift ;;
+        --no-kv) USE_KV=0; shift ;;
+        *) usage >&2; die "unknown argument '$1'" ;;
+    esac
+done
+[[ $CLIENTS =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--clients must look like 1,16,64,256 (got '$CLIENTS')"
+[[ $OPS =~ ^[1-9][0-9]*$ ]] || die "--ops must be a positive integer (got '$OPS')"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$RUNS')"
+IFS=, read -r -a CLIST <<<"$CLIENTS"
+
+# Loopback only: every address below is 127.0.0.1.
+HOST=127.0.0.1
+ETCD_CLIENT_PORTS=(23791 23792 23793)
+ETCD_PEER_PORTS=(23801 23802 23803)
+KV_PORTS=(27001 27002 27003)
+join() { local IFS=,; printf '%s\n' "$*"; }
+ETCD_ENDPOINTS=$(join "${ETCD_CLIENT_PORTS[@]/#/$HOST:}")
+KV_ENDPOINTS=$(join "${KV_PORTS[@]/#/$HOST:}")
+
+# --- tools -------------------------------------------------------------------
+command -v python3 >/dev/null 2>&1 || die "python3 is needed to parse results"
+# etcd reads ETCD_* variables as flags, etcdctl ETCDCTL_*: none may leak in.
+while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^ETCD(CTL)?_' || true)
+export ETCDCTL_API=3
+for tool in etcd etcdctl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        cat >&2 <<EOF
+$NAME: $tool is not installed.
+  Install it with:   apt-get install -y etcd-server etcd-client
+EOF
+        exit 2
+    fi
+done
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+KV="$TARGET_DIR/release/kv"
+ETCD_BENCH="$TARGET_DIR/etcd-bench/release/etcd-bench"
+
+if [[ $USE_KV == 1 ]]; then
+    echo "+ cargo build --release --bin kv"
+    cargo build --release --bin kv || die "building kv failed"
+    "$KV" bench cluster --help >/dev/null 2>&1 ||
+        die "$KV has no 'bench cluster' subcommand yet; run with --no-kv to bench etcd alone"
+fi
+
+# etcd-client's build script compiles etcd's protos: it needs protoc, which
+# the protoc-bin-vendored crate (a kv-proto build dependency) ships.
+if [[ -z ${PROTOC:-} ]]; then
+    PROTOC=$(ls -1 "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/protoc-bin-vendored-linux-x86_64-*/bin/protoc \
+        2>/dev/null | sort -V | tail -n1 || true)
+    if [[ -z $PROTOC ]]; then
+        cat >&2 <<EOF
+$NAME: no vendored protoc found under ${CARGO_HOME:-$HOME/.cargo}/registry/src/*/protoc-bin-vendored-linux-x86_64-*/bin/protoc
+  Fetch it with:   cargo build -p kv-proto
+  (or set PROTOC to a protoc binary).
+EOF
+        exit 2
+    fi
+fi
+[[ -x $PROTOC ]] || die "PROTOC=$PROTOC is not an executable file"
+export PROTOC
+echo "+ PROTOC=$PROTOC cargo build --release --manifest-path bench/etcd-bench/Cargo.toml --target-dir $TARGET_DIR/etcd-bench"
+cargo build --release --manifest-path bench/etcd-bench/Cargo.toml --target-dir "$TARGET_DIR/etcd-bench" ||
+    die "building etcd-bench failed"
+
+# Every port must be free on 127.0.0.1 (a stale cluster would be benched instead).
+python3 - "$HOST" "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}" "${KV_PORTS[@]}" <<'PY' ||
+import socket, sys
+host, busy = sys.argv[1], []
+for p in map(int, sys.argv[2:]):
+    s = socket.socket()
+    # As the servers do: connections of a previous run in TIME_WAIT don't count.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, p))
+    except OSError:
+        busy.append(p)
+    finally:
+        s.close()
+if busy:
+    print("ports in use on %s: %s" % (host, " ".join(map(str, busy))), file=sys.stderr)
+    sys.exit(1)
+PY
+    die "stop whatever listens there first"
+
+# --- work directory, and stopping everything on exit ----------------------------------
+CREATED_PARENT=0
+if [[ ! -d $PARENT ]]; then
+    mkdir -p "$PARENT"
+    CREATED_PARENT=1
+fi
+WORK=$(mktemp -d "$PARENT/bench-cluster-vs-etcd.XXXXXX")
+mkdir -p "$WORK/logs"
+PIDS=()     # every server process this script started
+BENCH_PID=""  # the benchmark client running now, if any
+
+alive() { # pid: running (a zombie child counts as gone)
+    local s
+    s=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ $s != Z* ]]
+}
+
+stop_servers() {
+    local pid i
+    ((${#PIDS[@]})) || return 0
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < 100; i++)); do # up to 10 s for a clean stop
+        local any=0
+        for pid in "${PIDS[@]}"; do if alive "$pid"; then any=1; fi; done
+        ((any)) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        if alive "$pid"; then
+            warn "pid $pid did not stop on SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+}
+
+cleanup() {
+    if [[ -n $BENCH_PID ]]; then
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
+    stop_servers
+    rm -rf -- "$WORK"
+    if [[ $CREATED_PARENT == 1 ]]; then rmdir -- "$PARENT" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+show_logs() { # prints the tail of every server log (before they are removed)
+    local f
+    for f in "$WORK"/logs/*.log; do
+        [[ -e $f ]] || continue
+        echo "--- $f (last 15 lines)" >&2
+        tail -n 15 "$f" >&2 || true
+    done
+}
+
+RESULTS="$WORK/results.tsv"   # system <TAB> clients <TAB> run <TAB> file
+: >"$RESULTS"
+COMMANDS=()
+FAILED=0
+
+show_cmd() { # prints a command line, shell-quoted where needed, and remembers it
+    local s="" a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then s+=" $a"; else s+=" $(printf '%q' "$a")"; fi
+    done
+    s=${s# }
+    echo "+ $s"
+    COMMANDS+=("$s")
+}
+
+start_server() { # log-name command...: starts it in the background
+    local log="$WORK/logs/$1.log"
+    shift
+    show_cmd "$@"
+    "$@" >"$log" 2>&1 &
+    PIDS+=("$!")
+}
+
+echo
+echo "$NAME: $(etcd --version | head -n1) ($(etcd --version | grep -m1 'Go Version' || true)), $(etcdctl version | head -n1)"
+if [[ $USE_KV == 1 ]]; then echo "$NAME: $("$KV" --version)"; fi
+echo "$NAME: $("$ETCD_BENCH" --version)"
+echo "$NAME: data under $WORK ($(df -P "$WORK" | awk 'NR==2 {print $1 " mounted on " $6}'))"
+echo "$NAME: $(nproc) CPUs, kernel $(uname -r); clients $CLIENTS, $OPS writes per run, $RUNS run(s)"
+echo
+
+# --- etcd cluster -----------------------------------------------------------------------
+echo "== starting etcd (3 members on $HOST)"
+INITIAL_CLUSTER=""
+for i in 0 1 2; do
+    INITIAL_CLUSTER+="${INITIAL_CLUSTER:+,}etcd$((i + 1))=http://$HOST:${ETCD_PEER_PORTS[i]}"
+done
+for i in 0 1 2; do
+    n=$((i + 1))
+    start_server "etcd$n" etcd --name "etcd$n" --data-dir "$WORK/etcd$n" \
+        --listen-client-urls "http://$HOST:${ETCD_CLIENT_PORTS[i]}" \
+        --advertise-client-urls "http://$HOST:${ETCD_CLIENT_PORTS[i]}" \
+        --listen-peer-urls "http://$HOST:${ETCD_PEER_PORTS[i]}" \
+        --initial-advertise-peer-urls "http://$HOST:${ETCD_PEER_PORTS[i]}" \
+        --initial-cluster "$INITIAL_CLUSTER" \
+        --initial-cluster-token "$NAME" --initial-cluster-state new \
+        --logger zap --log-outputs stderr
+done
+show_cmd etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health
+ok=0
+for ((i = 0; i < 60; i++)); do # up to 30 s
+    if etcdctl --endpoints "$ETCD_ENDPOINTS" --dial-timeout 1s --command-timeout 2s \
+        endpoint health >"$WORK/etcd-health.out" 2>&1; then
+        ok=1
+        break
+    fi
+    sleep 0.5
+done
+if ((ok == 0)); then
+    warn "the etcd cluster did not become healthy within 30 s:"
+    cat "$WORK/etcd-health.out" >&2 || true
+    show_logs
+    exit 2
+fi
+sed 's/^/  /' "$WORK/etcd-health.out"
+
+# --- kv cluster --------------------------------------------------------------------------
+if [[ $USE_KV == 1 ]]; then
+    echo
+    echo "== starting kv (3 nodes on $HOST, leader 1)"
+    for i in 0 1 2; do
+        n=$((i + 1))
+        # Like configs/node$n.toml, on other ports and data directories.
+        cat >"$WORK/node$n.toml" <<EOF
+# Written by scripts/$NAME.sh: configs/node$n.toml on ports ${KV_PORTS[*]}.
+cluster_id = "kv-bench"
+node_id = $n
+listen = "$HOST:${KV_PORTS[i]}"
+data_dir = "$WORK/kv$n"
+leader = 1
+
+[[members]]
+id = 1
+addr = "$HOST:${KV_PORTS[0]}"
+
+[[members]]
+id = 2
+addr = "$HOST:${KV_PORTS[1]}"
+
+[[members]]
+id = 3
+addr = "$HOST:${KV_PORTS[2]}"
+EOF
+        start_server "kv$n" "$KV" serve --config "$WORK/node$n.toml"
+    done
+    show_cmd "$KV" status --endpoints "$KV_ENDPOINTS"
+    ok=0
+    for ((i = 0; i < 60; i++)); do # up to 30 s
+        if "$KV" status --endpoints "$KV_ENDPOINTS" --timeout-ms 1000 >"$WORK/kv-status.out" 2>&1; then
+            ok=1
+            break
+        fi
+        sleep 0.5
+    done
+    if ((ok == 0)); then
+        warn "the kv cluster did not answer kv status within 30 s:"
+        cat "$WORK/kv-status.out" >&2 || true
+        show_logs
+        exit 2
+    fi
+    sed 's/^/  /' "$WORK/kv-status.out"
+fi
+echo
+
+# --- the runs ----------------------------------------------------------------------------
+bench_run() { # system clients run
+    local system=$1 c=$2 run=$3
+    local out="$WORK/$system-c$c-r$run.out"
+    local cmd
+    if [[ $system == kv ]]; then
+        cmd=("$KV" bench cluster --endpoints "$KV_ENDPOINTS")
+    else
+        cmd=("$ETCD_BENCH" --endpoints "$ETCD_ENDPOINTS")
+    fi
+    cmd+=(--clients "$c" --ops "$OPS" --key-size 16 --value-size 100 --json)
+    show_cmd "${cmd[@]}"
+    # In the background, so that a signal to this script is acted on at once
+    # (bash runs traps only between commands; `wait` is interruptible).
+    "${cmd[@]}" >"$out" 2>"$out.err" &
+    BENCH_PID=$!
+    local rc=0
+    wait "$BENCH_PID" || rc=$?
+    BENCH_PID=""
+    if ((rc == 0)); then
+        local line
+        line=$(grep '^{' "$out" | tail -n1 || true)
+        if [[ -n $line ]]; then
+            echo "  $line"
+            printf '%s\t%s\t%s\t%s\n' "$system" "$c" "$run" "$out" >>"$RESULTS"
+            return
+        fi
+    fi
+    warn "$system (clients $c, run $run) produced no result:"
+    # The error, without the backtrace RUST_BACKTRACE=1 would append.
+    { tail -n 3 "$out"; sed -e '/^Stack backtrace:/,$d' "$out.err" | head -n 12; } >&2 || true
+    FAILED=1
+}
+
+echo "== runs"
+step=0
+for ((run = 1; run <= RUNS; run++)); do
+    for c in "${CLIST[@]}"; do
+        if [[ $USE_KV == 1 && $((step % 2)) == 1 ]]; then
+            bench_run etcd "$c" "$run"
+            bench_run kv "$c" "$run"
+        else
+            if [[ $USE_KV == 1 ]]; then bench_run kv "$c" "$run"; fi
+            bench_run etcd "$c" "$run"
+        fi
+        step=$((step + 1))
+    done
+done
+if ((FAILED)); then show_logs; fi
+stop_servers
+echo
+
+# --- report ---------------------------------------------------------------------------
+python3 - "$RESULTS" "$CLIENTS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
+import json, math, os, statistics, sys
+from xml.sax.saxutils import escape
+
+results, clients, ops, plot = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+clients = [int(c) for c in clients.split(",")]
+rows = {"kv": {}, "etcd": {}}  # system -> clients -> [row per run]
+
+for raw in open(results):
+    system, c, run, path = raw.rstrip("\n").split("\t", 3)
+    try:
+        line = [l for l in open(path).read().splitlines() if l.startswith("{")][-1]
+        r = json.loads(line)
+        rows[system].setdefault(int(c), []).append(
+            dict(ops_s=float(r["ops_per_sec"]), p50=float(r["p50_us"]), p99=float(r["p99_us"])))
+    except Exception as e:  # one unreadable run is reported, never fatal
+        print(f"cannot parse {path}: {e}", file=sys.stderr)
+
+def med(rs, key):
+    xs = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(xs) if xs else None
+
+def fmt(x, nd=0):
+    return "n/a" if x is None else f"{x:,.{nd}f}"
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+print(f"== results ({ops} writes of 16 B key + 100 B value per run, to the leader of 3; medians over runs)")
+print(f"{'clients':>7}  {'kv ops/s':>10} {'p50 us':>8} {'p99 us':>8}"
+      f"  {'etcd ops/s':>10} {'p50 us':>8} {'p99 us':>8}  {'ops/s kv/etcd':>13} {'p99 kv/etcd':>11}")
+series = {"kv": [], "etcd": []}
+for c in clients:
+    k, e = rows["kv"].get(c, []), rows["etcd"].get(c, [])
+    ko, eo = med(k, "ops_s"), med(e, "ops_s")
+    k99, e99 = med(k, "p99"), med(e, "p99")
+    series["kv"].append(ko)
+    series["etcd"].append(eo)
+    print(f"{c:>7}  {fmt(ko):>10} {fmt(med(k, 'p50')):>8} {fmt(k99):>8}"
+          f"  {fmt(eo):>10} {fmt(med(e, 'p50')):>8} {fmt(e99):>8}  {ratio(ko, eo):>13} {ratio(k99, e99):>11}")
+print("(ops/s kv/etcd above 1: kv is faster; p99 kv/etcd below 1: kv's tail is shorter)")
+
+if plot:
+    # Hand-written SVG: ops/s (linear y) against clients (log2 x).
+    W, H, L, R, T, B = 640, 400, 80, 30, 40, 50
+    vals = [v for s in series.values() for v in s if v]
+    top = max(vals) if vals else 1.0
+    mag = 10 ** (len(str(int(top))) - 1)
+    step = next(s * mag for s in (0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10) if top / (s * mag) <= 6)
+    ymax = step * (int(top / step) + 1)
+    lo, hi = math.log2(min(clients)), math.log2(max(clients))
+    def x(c):
+        if hi == lo:
+            return (L + W - R) / 2
+        return L + 20 + (W - L - R - 40) * (math.log2(c) - lo) / (hi - lo)
+    def y(v):
+        return H - B - (H - T - B) * v / ymax
+    title = f"replicated writes, 3 nodes on 127.0.0.1: ops/s vs clients ({ops} x 16 B key + 100 B value)"
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="13">{escape(title)}</text>']
+    v = 0.0
+    while v <= ymax + 1e-9:
+        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
+        v += step
+    out.append(f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>')
+    out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>')
+    for c in clients:
+        out.append(f'<line x1="{x(c):.1f}" y1="{H - B}" x2="{x(c):.1f}" y2="{H - B + 5}" stroke="black"/>')
+        out.append(f'<text x="{x(c):.1f}" y="{H - B + 18}" text-anchor="middle">{c}</text>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle">'
+               f'concurrent clients (log scale)</text>')
+    out.append(f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(T + H - B) / 2})">ops/s</text>')
+    colors = {"kv": "#1f77b4", "etcd": "#d62728"}
+    for n, (name, s) in enumerate(series.items()):
+        pts = [(x(c), y(v)) for c, v in zip(clients, s) if v]
+        if not pts:
+            continue
+        col = colors[name]
+        out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="'
+                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{col}"/>' for a, b in pts]
+        ly = T + 10 + 18 * n
+        out.append(f'<line x1="{L + 12}" y1="{ly}" x2="{L + 36}" y2="{ly}" stroke="{col}" stroke-width="2"/>')
+        out.append(f'<text x="{L + 42}" y="{ly + 4}">{name}</text>')
+    out.append("</svg>")
+    try:
+        os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
+        with open(plot, "w") as f:
+            f.write("\n".join(out) + "\n")
+        print(f"\nplot written to {plot}")
+    except OSError as e:
+        print(f"cannot write the plot {plot}: {e}", file=sys.stderr)
+PY
+
+echo
+echo "== commands used"
+for c in "${COMMANDS[@]}"; do echo "  $c"; done
+exit "$FAILED"
