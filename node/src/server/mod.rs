@@ -85,8 +85,12 @@ pub struct Node {
     durable_tx: watch::Sender<u64>,
     /// Runs group commit rounds for async writers.
     flusher: Flusher,
-    /// Leader only: recently written records by LSN, for shipping.
-    recent: Mutex<BTreeMap<u64, Record>>,
+    /// Leader only: recently written records by LSN, already in wire form
+    /// (encoded and CRC'd once, however many followers they go to).
+    recent: Mutex<BTreeMap<u64, pb::LogRecord>>,
+    /// Leader only: the durable LSN for which the commit rule last ran, so
+    /// it runs once per group commit rather than once per writer.
+    commit_checked: std::sync::atomic::AtomicU64,
     /// Follower only: appends are handled one at a time.
     append_lock: tokio::sync::Mutex<()>,
     /// Serialises commit advancement.
@@ -163,6 +167,7 @@ impl Node {
             durable_tx,
             flusher,
             recent: Mutex::new(BTreeMap::new()),
+            commit_checked: std::sync::atomic::AtomicU64::new(0),
             append_lock: tokio::sync::Mutex::new(()),
             commit_lock: Mutex::new(()),
         }))
@@ -228,8 +233,9 @@ impl Node {
     }
 
     fn remember(&self, lsn: u64, term: u64, op: Op) {
+        let wire = convert::to_proto(&Record { lsn, term, op });
         let mut recent = lock(&self.recent);
-        recent.insert(lsn, Record { lsn, term, op });
+        recent.insert(lsn, wire);
         while recent.len() > RECENT_RECORDS_MAX {
             recent.pop_first();
         }
@@ -262,7 +268,15 @@ impl Node {
         {
             return Err(unknown("was not made durable here"));
         }
-        self.advance_commit().map_err(engine_status)?;
+        // Our own durability counts towards the majority: run the commit
+        // rule once per durable LSN (the first writer to see it does).
+        let durable = self.engine.durable_lsn();
+        let checked = self
+            .commit_checked
+            .fetch_max(durable, std::sync::atomic::Ordering::AcqRel);
+        if checked < durable {
+            self.advance_commit().map_err(engine_status)?;
+        }
 
         let mut commit_rx = self.commit_tx.subscribe();
         let wait = async {
@@ -299,7 +313,7 @@ impl Node {
         from: u64,
         max: usize,
         through: u64,
-    ) -> Result<Vec<Record>, EngineError> {
+    ) -> Result<Vec<pb::LogRecord>, EngineError> {
         {
             let recent = lock(&self.recent);
             if recent
@@ -320,7 +334,7 @@ impl Node {
             .await
             .map_err(|e| EngineError::InvalidLogOp(format!("read task failed: {e}")))??;
         records.retain(|r| r.lsn <= through);
-        Ok(records)
+        Ok(records.iter().map(convert::to_proto).collect())
     }
 
     fn update_follower(&self, id: u64, f: impl FnOnce(&mut Follower)) {
@@ -449,7 +463,10 @@ impl Node {
             if records.is_empty() {
                 return Ok(());
             }
-            let bytes: u64 = records.iter().map(|r| r.op.record_len() as u64).sum();
+            let bytes: u64 = records
+                .iter()
+                .map(|r| (r.key.len() + r.value.len() + 32) as u64)
+                .sum();
             if !progress.can_send(bytes, self.config.inflight_bytes_max) {
                 return Ok(());
             }
@@ -465,7 +482,7 @@ impl Node {
                 from: Some(self.sender()),
                 prev_lsn,
                 prev_term,
-                records: records.iter().map(convert::to_proto).collect(),
+                records,
                 commit_lsn,
             })
             .await?;
