@@ -382,3 +382,33 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
     cluster.put("after", "garbage").unwrap();
     cluster.wait_converged();
 }
+
+#[test]
+fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
+    let mut cluster = Cluster::start();
+    cluster.kill(2);
+    cluster.kill(3);
+    let out = cluster.kv(&["put", "lonely", "1"], &cluster.endpoint(1));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outcome unknown"), "{err}");
+    // `local` needs only the leader's own fsync.
+    let out = cluster.kv(
+        &["put", "local", "1", "--ack", "local"],
+        &cluster.endpoint(1),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Uncommitted writes are invisible to reads at the leader...
+    assert_eq!(cluster.get("local"), "(nil)");
+    // ...until a majority is back: then both writes commit.
+    cluster.start_node(2);
+    cluster.wait_until(Duration::from_secs(20), "the writes commit", |c| {
+        c.status_of(1).is_some_and(|s| s.commit_lsn == 2)
+    });
+    assert_eq!(cluster.get("lonely"), "1");
+    assert_eq!(cluster.get("local"), "1");
+}
