@@ -412,3 +412,57 @@ fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
     assert_eq!(cluster.get("lonely"), "1");
     assert_eq!(cluster.get("local"), "1");
 }
+
+#[test]
+fn nodes_serve_grpc_health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::start();
+    let url = format!("http://{}", cluster.addrs[1]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "kv.v1.Kv".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status, ServingStatus::Serving as i32);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reflection reply {reply:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for wanted in ["kv.v1.Kv", "kv.v1.Replication", "grpc.health.v1.Health"] {
+            assert!(
+                names.iter().any(|n| n == wanted),
+                "{wanted} not in {names:?}"
+            );
+        }
+    });
+}

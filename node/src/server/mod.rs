@@ -10,8 +10,7 @@
 //!
 //! Not built yet (see the cluster issue): snapshot install for a follower
 //! that needs records the leader deleted, durable terms (the term is fixed at
-//! 1 while the leader is static), health and reflection services, `kv shell`
-//! and `kv cluster up`.
+//! 1 while the leader is static), `kv shell` and `kv cluster up`.
 
 pub mod client;
 pub mod config;
@@ -840,7 +839,20 @@ pub async fn serve(
         // A lone leader commits by itself; others wait for acks.
         node.advance_commit()?;
     }
+    // The standard gRPC health service and server reflection, so ordinary
+    // gRPC tools (grpcurl, grpc_health_probe) work against a node.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<KvServer<KvService>>().await;
+    health
+        .set_serving::<ReplicationServer<ReplicationService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kv_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(KvServer::new(KvService(node.clone())))
         .add_service(ReplicationServer::new(ReplicationService(node.clone())))
         .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown)
