@@ -46,6 +46,10 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Start every node configured in a directory (`configs/*.toml`) as child
+    /// processes, logs to files; SIGINT/SIGTERM stop them all cleanly.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Set a key on the cluster (sent to the leader; redirects are followed).
     Put {
         key: String,
@@ -78,6 +82,19 @@ enum Cmd {
     Status {
         #[command(flatten)]
         target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// `kv cluster up configs/`: run `kv serve` for each config file.
+    Up {
+        /// Directory of node configuration files.
+        #[arg(default_value = "configs")]
+        dir: PathBuf,
+        /// Where each node's log goes (`<log-dir>/node<id>.log`).
+        #[arg(long, default_value = "logs")]
+        log_dir: PathBuf,
     },
 }
 
@@ -245,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Bench(b) => bench_cmd(b),
         Cmd::Serve { config } => serve(&config),
+        Cmd::Cluster(ClusterCmd::Up { dir, log_dir }) => cluster_up(&dir, &log_dir),
         Cmd::Put {
             key,
             value,
@@ -401,6 +419,89 @@ fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
             eprintln!("kv: node stopped cleanly");
             Ok(ExitCode::SUCCESS)
         })
+}
+
+fn cluster_up(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    configs.sort();
+    if configs.is_empty() {
+        anyhow::bail!("no *.toml node configurations in {}", dir.display());
+    }
+    std::fs::create_dir_all(log_dir).with_context(|| format!("create {}", log_dir.display()))?;
+    let exe = std::env::current_exe().context("find own executable")?;
+    runtime()?.block_on(async move {
+        let mut children = Vec::new();
+        for path in &configs {
+            let config = NodeConfig::load(path)?;
+            let log_path = log_dir.join(format!("node{}.log", config.node_id));
+            let log = std::fs::File::create(&log_path)
+                .with_context(|| format!("create {}", log_path.display()))?;
+            let child = tokio::process::Command::new(&exe)
+                .arg("serve")
+                .arg("--config")
+                .arg(path)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("start node {}", config.node_id))?;
+            eprintln!(
+                "kv: node {} on {} (pid {}), log {}",
+                config.node_id,
+                config.listen,
+                child.id().unwrap_or(0),
+                log_path.display()
+            );
+            children.push(child);
+        }
+        eprintln!("kv: cluster up; Ctrl-C or SIGTERM stops it");
+        let first_exit = async {
+            let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
+            futures_select_first(waits).await
+        };
+        let stopped_early = tokio::select! {
+            _ = shutdown_signal() => false,
+            _ = first_exit => true,
+        };
+        // Stop every node cleanly: SIGTERM makes each one sync and exit.
+        for child in &children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        let mut clean = !stopped_early;
+        for child in &mut children {
+            match child.wait().await {
+                Ok(status) if status.success() => {}
+                _ => clean = false,
+            }
+        }
+        eprintln!("kv: cluster stopped");
+        Ok(if clean {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}
+
+/// Resolves when the first of `futures` does.
+async fn futures_select_first<F: std::future::Future + Unpin>(futures: impl Iterator<Item = F>) {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(|cx| {
+        for f in &mut futures {
+            if std::pin::Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -10,7 +10,7 @@
 //!
 //! Not built yet (see the cluster issue): snapshot install for a follower
 //! that needs records the leader deleted, durable terms (the term is fixed at
-//! 1 while the leader is static), `kv shell` and `kv cluster up`.
+//! 1 while the leader is static) and `kv shell`.
 
 pub mod client;
 pub mod config;
