@@ -78,6 +78,12 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         ack: String,
     },
+    /// The REPL's commands (PUT/GET/DEL/SIZE/FLUSH/HELP/EXIT) against the
+    /// cluster instead of a local data directory.
+    Shell {
+        #[command(flatten)]
+        target: Target,
+    },
     /// One row per node: role, term, leader, LSNs, lag, state digest.
     Status {
         #[command(flatten)]
@@ -262,6 +268,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Bench(b) => bench_cmd(b),
         Cmd::Serve { config } => serve(&config),
+        Cmd::Shell { target } => {
+            let client = target.client()?;
+            let rt = runtime()?;
+            let stdin = std::io::stdin();
+            let prompt = stdin.is_terminal();
+            let mut out = std::io::stdout().lock();
+            kv_node::server::shell::run(&client, &rt, stdin.lock(), &mut out, prompt)
+                .context("shell I/O")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Cluster(ClusterCmd::Up { dir, log_dir }) => cluster_up(&dir, &log_dir),
         Cmd::Put {
             key,

@@ -505,3 +505,37 @@ fn kv_cluster_up_starts_every_node_and_sigterm_stops_them_cleanly() {
         assert!(cluster.status_of(id).is_none(), "node {id} still answers");
     }
 }
+
+#[test]
+fn kv_shell_runs_the_repl_commands_against_the_cluster() {
+    use std::io::Write;
+    let cluster = Cluster::start();
+    let mut shell = Command::new(KV)
+        .args(["shell", "--endpoints", &cluster.endpoint(2)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "PUT a hello world\nGET a\nput b 2\nSIZE\nDEL a\nget a\nFLUSH\nSNAP\nFROB\nEXIT\n";
+    shell
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..7],
+        ["OK", "hello world", "OK", "2", "OK", "(nil)", "OK"],
+        "{text}"
+    );
+    assert!(
+        lines[7].starts_with("ERR this command acts on a local engine"),
+        "{text}"
+    );
+    assert_eq!(lines[8], "ERR unknown command 'FROB' (try HELP)");
+    assert_eq!(lines.len(), 9);
+}

@@ -10,13 +10,14 @@
 //!
 //! Not built yet (see the cluster issue): snapshot install for a follower
 //! that needs records the leader deleted, durable terms (the term is fixed at
-//! 1 while the leader is static) and `kv shell`.
+//! 1 while the leader is static).
 
 pub mod client;
 pub mod config;
 pub mod convert;
 pub mod flusher;
 pub mod notify;
+pub mod shell;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -665,6 +666,11 @@ impl Node {
             keys: stats.keys as u64,
             followers,
             cluster_id: self.config.cluster_id.clone(),
+            leader_addr: self
+                .config
+                .addr_of(self.config.leader)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         }
     }
 }

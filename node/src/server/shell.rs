@@ -1,0 +1,133 @@
+//! `kv shell`: the REPL's commands against a cluster instead of a local
+//! data directory.
+//!
+//! Lines are parsed by the REPL's own parser ([`crate::repl::parse`]); PUT,
+//! GET and DEL go to the leader (redirects followed), SIZE asks the leader's
+//! status. FLUSH answers OK at once: a cluster acknowledges a write only
+//! once it is durable at its acknowledgement level, so there is nothing to
+//! flush. SNAP, SETBATCH and BENCH are local-engine commands and say so.
+
+use std::io::{BufRead, Write};
+
+use kv_proto::v1 as pb;
+
+use super::client::{CallError, Client};
+use crate::repl::{Command, HELP, parse};
+
+/// Runs the shell until EXIT or end of input.
+pub fn run(
+    client: &Client,
+    runtime: &tokio::runtime::Runtime,
+    input: impl BufRead,
+    out: &mut impl Write,
+    prompt: bool,
+) -> std::io::Result<()> {
+    let mut lines = input.split(b'\n');
+    loop {
+        if prompt {
+            out.write_all(b"kv> ")?;
+        }
+        out.flush()?;
+        let Some(line) = lines.next() else {
+            return Ok(());
+        };
+        let mut line = line?;
+        while line.last().is_some_and(|b| *b == b'\r') {
+            line.pop();
+        }
+        let reply = match parse(&line) {
+            Err(msg) => format!("ERR {msg}"),
+            Ok(Command::Empty) => continue,
+            Ok(Command::Exit) => return Ok(()),
+            Ok(cmd) => runtime.block_on(run_command(client, cmd)),
+        };
+        writeln!(out, "{reply}")?;
+    }
+}
+
+fn err(e: CallError) -> String {
+    format!("ERR {e}")
+}
+
+async fn run_command(client: &Client, cmd: Command) -> String {
+    match cmd {
+        Command::Put { key, value } => {
+            let req = pb::PutRequest {
+                key,
+                value,
+                ack: pb::AckLevel::Default as i32,
+            };
+            match client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.put(req).await }
+                })
+                .await
+            {
+                Ok(_) => "OK".into(),
+                Err(e) => err(e),
+            }
+        }
+        Command::Del { key } => {
+            let req = pb::DeleteRequest {
+                key,
+                ack: pb::AckLevel::Default as i32,
+            };
+            match client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.delete(req).await }
+                })
+                .await
+            {
+                Ok(_) => "OK".into(),
+                Err(e) => err(e),
+            }
+        }
+        Command::Get { key } => {
+            let req = pb::GetRequest {
+                key,
+                consistency: pb::ReadConsistency::Default as i32,
+            };
+            match client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.get(req).await }
+                })
+                .await
+            {
+                Ok(r) if r.found => String::from_utf8_lossy(&r.value).into_owned(),
+                Ok(_) => "(nil)".into(),
+                Err(e) => err(e),
+            }
+        }
+        Command::Size => {
+            // Ask a node; if it is not the leader, point at the leader it names.
+            let reply = client
+                .call(|mut c| async move {
+                    let s = c.status(pb::StatusRequest {}).await?;
+                    if s.get_ref().role == "leader" {
+                        return Ok(s);
+                    }
+                    let mut redirect = tonic::Status::failed_precondition("not leader");
+                    if let Ok(v) = s.get_ref().leader_addr.parse() {
+                        redirect.metadata_mut().insert(super::LEADER_METADATA, v);
+                    }
+                    Err(redirect)
+                })
+                .await;
+            match reply {
+                Ok(s) => s.keys.to_string(),
+                Err(e) => err(e),
+            }
+        }
+        Command::Flush => "OK".into(),
+        Command::Help => format!(
+            "{HELP}\n(kv shell: FLUSH is implicit, SNAP, SETBATCH and BENCH act on a local engine: use kv repl)"
+        ),
+        Command::Snap | Command::SetBatch(_) | Command::Bench(_) => {
+            "ERR this command acts on a local engine; use kv repl on a data directory".into()
+        }
+        Command::Empty | Command::Exit => String::new(),
+    }
+}
