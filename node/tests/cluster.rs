@@ -539,3 +539,50 @@ fn kv_shell_runs_the_repl_commands_against_the_cluster() {
     assert_eq!(lines[8], "ERR unknown command 'FROB' (try HELP)");
     assert_eq!(lines.len(), 9);
 }
+
+#[test]
+fn a_stale_leader_is_fenced_by_a_higher_term() {
+    let mut cluster = Cluster::start();
+    cluster.put("before", "1").unwrap();
+    cluster.wait_converged();
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    // The followers have seen term 7 (as if a newer leader had been elected):
+    // the configured leader, still in term 1, is now stale.
+    for id in 2..=3 {
+        let dir = cluster.dir.path().join(format!("node{id}"));
+        kv_node::server::term::persist(&kv_node::FsStorage, &dir, 7).unwrap();
+    }
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    // Its appends are refused with term 7; it persists that term and steps
+    // down instead of accepting writes it could never commit.
+    cluster.wait_until(
+        Duration::from_secs(20),
+        "the stale leader steps down",
+        |c| {
+            c.status_of(1)
+                .is_some_and(|s| s.term == 7 && s.role == "follower")
+        },
+    );
+    let out = cluster.kv(&["put", "after", "2"], &cluster.endpoint(1));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deposed"));
+    for id in 2..=3 {
+        let s = cluster.status_of(id).unwrap();
+        assert_eq!(
+            (s.term, s.last_lsn),
+            (7, 1),
+            "node {id} took nothing from the stale leader"
+        );
+    }
+    // The raised term is durable on the old leader too.
+    cluster.kill(1);
+    let dir = cluster.dir.path().join("node1");
+    assert_eq!(
+        kv_node::server::term::load(&kv_node::FsStorage, &dir).unwrap(),
+        7
+    );
+}

@@ -1163,6 +1163,11 @@ impl Engine {
         outcome
     }
 
+    /// The storage the engine runs on (a node keeps its term file there too).
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.storage.clone()
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir

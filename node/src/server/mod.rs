@@ -8,9 +8,11 @@
 //! apply what the leader's commit LSN covers. The protocol decisions are
 //! `kv_cluster`'s; this module carries them out.
 //!
+//! Terms are persisted before they are acted on; a follower refuses a lower
+//! term, and a leader that sees a higher one steps down for good.
+//!
 //! Not built yet (see the cluster issue): snapshot install for a follower
-//! that needs records the leader deleted, durable terms (the term is fixed at
-//! 1 while the leader is static).
+//! that needs records the leader deleted.
 
 pub mod client;
 pub mod config;
@@ -18,8 +20,10 @@ pub mod convert;
 pub mod flusher;
 pub mod notify;
 pub mod shell;
+pub mod term;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -40,8 +44,8 @@ use config::{Member, NodeConfig};
 use flusher::Flusher;
 use notify::LsnNotifier;
 
-/// The term while the leader is static (elections will make it move).
-const STATIC_TERM: u64 = 1;
+/// The term a new cluster starts in.
+const FIRST_TERM: u64 = 1;
 /// Metadata key naming the leader's address on a NOT_LEADER error.
 pub const LEADER_METADATA: &str = "kv-leader";
 /// Records the leader keeps in memory for shipping (older ones are read
@@ -74,7 +78,13 @@ enum PendingAck {
 pub struct Node {
     config: NodeConfig,
     engine: Arc<Engine>,
-    term: u64,
+    /// The current term; persisted (`TERM`) before it is acted on.
+    term: AtomicU64,
+    /// Leader only: set once it saw a higher term. It then takes no more
+    /// writes and serves no more reads (a fenced, stale leader).
+    deposed: AtomicBool,
+    /// Serialises term changes (persist, then publish).
+    term_lock: tokio::sync::Mutex<()>,
     /// Leader only: every follower's progress.
     followers: Mutex<BTreeMap<u64, Follower>>,
     /// The commit LSN (the value; `commit_waiters` wakes writers).
@@ -136,9 +146,16 @@ impl LogView for EngineView<'_> {
 }
 
 impl Node {
-    /// A node over an opened engine (in replicated mode); starts its flusher.
-    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> std::io::Result<Arc<Node>> {
-        engine.set_term(STATIC_TERM);
+    /// A node over an opened engine (in replicated mode): loads its term
+    /// (persisting the first one on a new node) and starts its flusher.
+    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> anyhow::Result<Arc<Node>> {
+        let storage = engine.storage();
+        let mut term = term::load(&*storage, &config.data_dir)?;
+        if term < FIRST_TERM {
+            term = FIRST_TERM;
+            term::persist(&*storage, &config.data_dir, term)?;
+        }
+        engine.set_term(term);
         let last = engine.last_lsn();
         let followers = config
             .members
@@ -160,7 +177,9 @@ impl Node {
         Ok(Arc::new(Node {
             config,
             engine,
-            term: STATIC_TERM,
+            term: AtomicU64::new(term),
+            deposed: AtomicBool::new(false),
+            term_lock: tokio::sync::Mutex::new(()),
             followers: Mutex::new(followers),
             commit_tx: watch::channel(commit).0,
             commit_waiters: LsnNotifier::new(commit),
@@ -178,7 +197,43 @@ impl Node {
         &self.engine
     }
 
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+
+    /// True while this node is the (configured, not deposed) leader.
+    fn leads(&self) -> bool {
+        self.config.is_leader() && !self.deposed.load(Ordering::Acquire)
+    }
+
+    /// Adopts a higher term: persisted durably first, then acted on.
+    async fn adopt_term(&self, new_term: u64) -> Result<(), EngineError> {
+        let _one = self.term_lock.lock().await;
+        if new_term <= self.term() {
+            return Ok(());
+        }
+        let storage = self.engine.storage();
+        let dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || term::persist(&*storage, &dir, new_term))
+            .await
+            .map_err(|e| EngineError::InvalidLogOp(format!("term task failed: {e}")))??;
+        self.term.store(new_term, Ordering::Release);
+        self.engine.set_term(new_term);
+        if self.config.is_leader() {
+            tracing::warn!(new_term, "saw a higher term: this leader steps down");
+            self.deposed.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn not_leader(&self) -> Status {
+        if self.config.is_leader() {
+            return Status::unavailable(format!(
+                "not leader: this node was deposed by term {}; the new leader is unknown",
+                self.term()
+            ));
+        }
         let leader = self.config.leader;
         let addr = self
             .config
@@ -223,7 +278,7 @@ impl Node {
         let _one = lock(&self.commit_lock);
         let current = self.commit();
         let durable = self.durable_lsns();
-        let new = quorum_commit(&durable, self.term, |l| self.engine.term_at(l), current);
+        let new = quorum_commit(&durable, self.term(), |l| self.engine.term_at(l), current);
         if new > current {
             self.engine.set_commit_lsn(new)?;
             self.commit_tx.send_replace(new);
@@ -243,7 +298,7 @@ impl Node {
 
     /// Leader: writes `op`, then waits until it is acknowledged at `level`.
     async fn write(&self, op: Op, level: AckLevel) -> Result<u64, Status> {
-        if !self.config.is_leader() {
+        if !self.leads() {
             return Err(self.not_leader());
         }
         let (key, value) = match &op {
@@ -254,7 +309,7 @@ impl Node {
         // Append without blocking; the flusher makes it durable together
         // with every other write appended meanwhile (group commit).
         let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
-        self.remember(lsn, self.term, op);
+        self.remember(lsn, self.term(), op);
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let unknown = |why: &str| {
             Status::unavailable(format!(
@@ -351,6 +406,11 @@ impl Node {
     async fn replicate(self: Arc<Self>, peer: Member) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            if self.deposed.load(Ordering::Acquire) {
+                // A deposed leader must never replicate again (its term was
+                // raised to the newer one it saw).
+                return;
+            }
             match self.replicate_once(&peer).await {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
@@ -368,7 +428,7 @@ impl Node {
         pb::Sender {
             cluster_id: self.config.cluster_id.clone(),
             node_id: self.config.node_id,
-            term: self.term,
+            term: self.term(),
         }
     }
 
@@ -404,7 +464,7 @@ impl Node {
                     let ack = ack?.ok_or_else(|| anyhow::anyhow!("follower closed the stream"))?;
                     last_ack = tokio::time::Instant::now();
                     let (_, bytes) = inflight.pop_front().unwrap_or((0, 0));
-                    self.handle_ack(peer.id, ack, bytes)?;
+                    self.handle_ack(peer.id, ack, bytes).await?;
                 }
                 changed = durable_rx.changed() => {
                     changed?;
@@ -491,15 +551,12 @@ impl Node {
         }
     }
 
-    fn handle_ack(&self, peer: u64, ack: pb::AppendAck, bytes: u64) -> anyhow::Result<()> {
-        match observe_term(self.term, ack.term) {
-            TermAction::StepDown { new_term } => {
-                anyhow::bail!(
-                    "follower {peer} is in term {new_term}, above ours ({}): a static leader cannot step down",
-                    self.term
-                )
-            }
-            TermAction::Reject { .. } | TermAction::Accept => {}
+    async fn handle_ack(&self, peer: u64, ack: pb::AppendAck, bytes: u64) -> anyhow::Result<()> {
+        if let TermAction::StepDown { new_term } = observe_term(self.term(), ack.term) {
+            // A newer term exists: this leader is stale. Persist the term,
+            // stop leading, end the stream.
+            self.adopt_term(new_term).await?;
+            anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
         }
         if ack.success {
             self.update_follower(peer, |f| f.progress.acked(ack.durable_lsn, bytes));
@@ -532,15 +589,14 @@ impl Node {
                 from.node_id
             )));
         }
-        match observe_term(self.term, from.term) {
+        match observe_term(self.term(), from.term) {
+            // A stale leader: refuse, answering with our term (fencing).
             TermAction::Reject { .. } => {
                 return Ok(self.refusal(format!("stale term {}", from.term)));
             }
+            // A newer term: persist it durably before acting on it.
             TermAction::StepDown { new_term } => {
-                return Ok(self.refusal(format!(
-                    "term {new_term} is above ours ({}): terms move only with elections",
-                    self.term
-                )));
+                self.adopt_term(new_term).await.map_err(engine_status)?;
             }
             TermAction::Accept => {}
         }
@@ -594,7 +650,7 @@ impl Node {
 
     fn refusal(&self, error: String) -> PendingAck {
         PendingAck::Ready(pb::AppendAck {
-            term: self.term,
+            term: self.term(),
             success: false,
             durable_lsn: self.engine.durable_lsn(),
             last_lsn: self.engine.last_lsn(),
@@ -627,7 +683,7 @@ impl Node {
             .set_commit_lsn(commit_lsn.min(batch_last))
             .map_err(engine_status)?;
         Ok(pb::AppendAck {
-            term: self.term,
+            term: self.term(),
             success: true,
             durable_lsn: self.engine.durable_lsn().min(batch_last),
             last_lsn: self.engine.last_lsn(),
@@ -637,7 +693,7 @@ impl Node {
 
     fn status(&self) -> pb::StatusReply {
         let stats = self.engine.stats();
-        let leader = self.config.is_leader();
+        let leader = self.leads();
         let followers = if leader {
             lock(&self.followers)
                 .iter()
@@ -655,8 +711,12 @@ impl Node {
         pb::StatusReply {
             node_id: self.config.node_id,
             role: if leader { "leader" } else { "follower" }.into(),
-            term: self.term,
-            leader_id: self.config.leader,
+            term: self.term(),
+            leader_id: if self.deposed.load(Ordering::Acquire) {
+                0
+            } else {
+                self.config.leader
+            },
             last_lsn: stats.last_lsn,
             durable_lsn: stats.durable_lsn,
             commit_lsn: self.engine.commit_lsn(),
@@ -696,7 +756,7 @@ impl Kv for KvService {
             .await?;
         Ok(Response::new(pb::WriteReply {
             lsn,
-            term: self.0.term,
+            term: self.0.term(),
         }))
     }
 
@@ -709,7 +769,7 @@ impl Kv for KvService {
         let lsn = self.0.write(Op::Delete { key: req.key }, level).await?;
         Ok(Response::new(pb::WriteReply {
             lsn,
-            term: self.0.term,
+            term: self.0.term(),
         }))
     }
 
@@ -717,7 +777,7 @@ impl Kv for KvService {
         let req = req.into_inner();
         let stale =
             pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
-        if !stale && !self.0.config.is_leader() {
+        if !stale && !self.0.leads() {
             return Err(self.0.not_leader());
         }
         self.0
