@@ -1009,3 +1009,78 @@ fn a_replicated_node_recovers_only_committed_records() {
         (Some(1), Some(2), None)
     );
 }
+
+/// A follower installs a leader's snapshot: its state and log restart at the
+/// snapshot, and a power loss at any step recovers the old or the new state.
+#[test]
+fn installing_a_snapshot_replaces_state_and_log_at_every_crash_point() {
+    let mut c = small_segments();
+    c.replicated = true;
+    // The leader's snapshot at LSN 300.
+    let leader = sim();
+    let l = open(&leader, &config()).unwrap();
+    put_range(&l, 1..=300);
+    l.snapshot().unwrap();
+    let (lsn, bytes) = l.newest_snapshot().unwrap().unwrap();
+    assert_eq!(lsn, 300);
+    let leader_digest = l.digest().0;
+
+    let build = |s: &SimStorage| {
+        let f = open(s, &c).unwrap();
+        // A short log of its own, partly uncommitted.
+        f.append_records(leader_records(1..=20, 1)).unwrap();
+        f.wait_durable(20).unwrap();
+        f.set_commit_lsn(15).unwrap();
+        f
+    };
+    let s = sim();
+    let f = build(&s);
+    let old_digest = f.digest().0;
+    let before = s.ops();
+    assert_eq!(f.install_snapshot(&bytes).unwrap(), 300);
+    let total = s.ops() - before;
+    assert_eq!(
+        (f.digest().0, f.stats().last_lsn, f.commit_lsn()),
+        (leader_digest, 300, 300)
+    );
+    assert_eq!(f.term_at(300), Some(0));
+    // The log goes on right after the snapshot.
+    f.append_records(vec![Record {
+        lsn: 301,
+        term: 1,
+        op: Op::Delete { key: key(1) },
+    }])
+    .unwrap();
+    f.wait_durable(301).unwrap();
+    drop(f);
+    s.crash();
+    let f = open(&s, &c).unwrap();
+    assert_eq!(f.stats().last_lsn, 301);
+
+    // A bad snapshot changes nothing.
+    let s = sim();
+    let f = build(&s);
+    let mut bad = bytes.clone();
+    bad[100] ^= 1;
+    assert!(f.install_snapshot(&bad).is_err());
+    assert_eq!(f.stats().last_lsn, 20);
+
+    for stop_after in 0..=total {
+        let s = sim();
+        let f = build(&s);
+        s.fail_after_ops(stop_after);
+        let _ = f.install_snapshot(&bytes);
+        drop(f);
+        s.crash();
+        let f = open(&s, &c).unwrap_or_else(|e| panic!("crash after op {stop_after}: {e}"));
+        let st = f.stats();
+        let old = (f.digest().0 == old_digest || st.applied_lsn < 20) && st.last_lsn == 20;
+        let new = f.digest().0 == leader_digest && st.last_lsn == 300;
+        assert!(
+            old || new,
+            "crash after op {stop_after}: last {} applied {}",
+            st.last_lsn,
+            st.applied_lsn
+        );
+    }
+}

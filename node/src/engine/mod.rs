@@ -402,17 +402,24 @@ impl Engine {
         };
         let mut terms = TermRuns::new(snapshot_lsn, map.applied_term());
         let mut deferred = VecDeque::new();
-        let (wal, rec) = Wal::open(storage.clone(), &dir, wal_config, snapshot_lsn, |r| {
-            terms.push(r.lsn, r.term);
-            if r.lsn <= commit_floor {
-                map.apply(r.lsn, r.term, r.op);
-            } else {
-                deferred.push_back(Pending {
-                    record: r,
-                    visible_at: Level::Durable,
-                });
-            }
-        })?;
+        let (wal, rec) = Wal::open(
+            storage.clone(),
+            &dir,
+            wal_config,
+            snapshot_lsn,
+            config.replicated,
+            |r| {
+                terms.push(r.lsn, r.term);
+                if r.lsn <= commit_floor {
+                    map.apply(r.lsn, r.term, r.op);
+                } else {
+                    deferred.push_back(Pending {
+                        record: r,
+                        visible_at: Level::Durable,
+                    });
+                }
+            },
+        )?;
         assert_eq!(
             map.applied_lsn() + deferred.len() as u64,
             wal.last_lsn(),
@@ -1103,6 +1110,91 @@ impl Engine {
         drop(wal);
         records.retain(|r| r.lsn <= durable);
         Ok(records)
+    }
+
+    /// Installs a snapshot received from the leader (replicated mode): its
+    /// state replaces ours, and the log restarts right after it. The
+    /// snapshot is verified, then written durably (temp, sync, rename, sync
+    /// dir) before the old log is deleted, so a crash at any point recovers
+    /// either the old state or the new one. Ignored if we already applied
+    /// its LSN.
+    pub fn install_snapshot(&self, bytes: &[u8]) -> Result<u64> {
+        let snap = snapshot::decode(bytes).map_err(|reason| {
+            EngineError::InvalidLogOp(format!(
+                "snapshot from the leader does not verify: {reason}"
+            ))
+        })?;
+        if !self.config.replicated {
+            return Err(EngineError::InvalidLogOp(
+                "snapshot install needs replicated mode".into(),
+            ));
+        }
+        self.flush()?;
+        let _one_at_a_time = lock(&self.snapshot_lock);
+        let mut st = lock(&self.state);
+        while st.flushing {
+            let round = st.rounds_done + 1;
+            st = self.sleep(st, round);
+        }
+        self.check_writable(&st)?;
+        if snap.lsn <= st.applied_lsn {
+            return Ok(st.applied_lsn);
+        }
+        st.flushing = true;
+        drop(st);
+        let dir = &self.config.data_dir;
+        let result = (|| {
+            snapshot::write(&*self.storage, dir, snap.lsn, bytes)?;
+            let mut wal = lock(&self.wal);
+            wal.reset_after(snap.lsn)?;
+            Ok::<_, EngineError>((wal.active_header(), wal.active_bytes()))
+        })();
+        let mut st = lock(&self.state);
+        let outcome = match result {
+            Ok((header, segment_bytes)) => {
+                let (lsn, term) = (snap.lsn, snap.term);
+                st.pending_apply.clear();
+                st.log.reset(header, segment_bytes, lsn, term);
+                st.written_lsn = lsn;
+                st.durable_lsn = lsn;
+                st.sync_wanted = lsn;
+                st.applied_lsn = lsn;
+                st.truncations += 1;
+                st.terms = TermRuns::new(lsn, term);
+                st.commit_lsn = Some(lsn);
+                st.snapshot_lsn = lsn;
+                *write(&self.map) = MapState::from_snapshot(snap.map, lsn, term, snap.digest);
+                Ok(lsn)
+            }
+            Err(e) => {
+                st.poisoned = Some(e.to_string());
+                Err(e)
+            }
+        };
+        st.flushing = false;
+        drop(st);
+        self.wake_all();
+        outcome
+    }
+
+    /// The newest snapshot on disk, as bytes, with its LSN (for shipping to
+    /// a follower that needs records the log no longer holds).
+    pub fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let dir = &self.config.data_dir;
+        let Some(&lsn) = snapshot::list(&*self.storage, dir)?.first() else {
+            return Ok(None);
+        };
+        let path = dir.join(snapshot::snapshot_name(lsn));
+        let bytes = self
+            .storage
+            .read_file(&path)
+            .map_err(EngineError::io("read snapshot", &path))?;
+        Ok(Some((lsn, bytes)))
+    }
+
+    /// The first LSN the WAL still holds.
+    pub fn wal_first_lsn(&self) -> u64 {
+        lock(&self.wal).first_lsn()
     }
 
     /// Durably removes every record after `lsn`. Refuses to remove an applied

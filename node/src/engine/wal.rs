@@ -261,12 +261,14 @@ impl Wal {
     /// | last segment, unreadable header | no valid record in the file | half-created: remove, sync dir |
     /// | LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
     /// | the log starts after `snapshot_lsn + 1` or ends before `snapshot_lsn` | - | records missing: refuse |
+    /// | (replicated, `superseded_ok`) the whole log ends before `snapshot_lsn` | - | an installed snapshot superseded it: start after the snapshot |
     /// | any segment, zeros to the end | - | preallocated space: keep |
     pub fn open(
         storage: Arc<dyn Storage>,
         dir: &Path,
         config: WalConfig,
         snapshot_lsn: u64,
+        superseded_ok: bool,
         mut replay: impl FnMut(Record),
     ) -> Result<(Wal, WalRecovery)> {
         let replay_from = snapshot_lsn.checked_add(1).ok_or_else(|| {
@@ -395,7 +397,10 @@ impl Wal {
             });
         }
         let last_lsn = segments.last().map_or(snapshot_lsn, |s| s.last_lsn);
-        if last_lsn < snapshot_lsn {
+        // A replicated node whose installed snapshot is newer than its whole
+        // log (a crash during `reset_after`): the log is superseded.
+        let superseded = superseded_ok && last_lsn < snapshot_lsn;
+        if last_lsn < snapshot_lsn && !superseded {
             let file = segments
                 .last()
                 .map_or_else(|| dir.to_path_buf(), |s| s.path.clone());
@@ -415,6 +420,15 @@ impl Wal {
                 .remove_file(path)
                 .map_err(EngineError::io("remove half-created wal segment", path))?;
             recovery.removed_segment = Some(path.clone());
+        }
+        if superseded {
+            for seg in std::mem::take(&mut segments) {
+                storage
+                    .remove_file(&seg.path)
+                    .map_err(EngineError::io("remove superseded wal segment", &seg.path))?;
+            }
+            torn_tail = None;
+            recovery.replayed = 0;
         }
         let active = match segments.last() {
             Some(seg) => {
@@ -704,6 +718,40 @@ impl Wal {
         let info = &mut self.segments[keep];
         info.bytes = offset as u64;
         info.last_lsn = lsn;
+        Ok(())
+    }
+
+    /// Replaces the whole log by an empty one starting after `lsn` (a
+    /// snapshot at `lsn` was installed and made durable first): every segment
+    /// is deleted (directory synced), then a new segment for `lsn + 1` is
+    /// created durably. A crash in between leaves a snapshot newer than the
+    /// log, which recovery in replicated mode treats as "the log was
+    /// superseded" (see [`Wal::open`]).
+    pub fn reset_after(&mut self, lsn: u64) -> Result<()> {
+        let salt = self
+            .segments
+            .iter()
+            .map(|s| s.header.salt)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1);
+        for seg in std::mem::take(&mut self.segments) {
+            self.storage
+                .remove_file(&seg.path)
+                .map_err(EngineError::io("remove wal segment", &seg.path))?;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(EngineError::io("sync data directory", &self.dir))?;
+        let header = SegmentHeader {
+            first_lsn: lsn + 1,
+            prev_last_lsn: lsn,
+            salt,
+        };
+        let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
+        self.active_allocated = info.bytes;
+        self.segments.push(info);
+        self.active = file;
         Ok(())
     }
 
