@@ -38,6 +38,11 @@ fn free_ports(n: usize) -> Vec<SocketAddr> {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with("")
+    }
+
+    /// Starts a cluster whose node configs also hold `extra` (TOML lines).
+    fn start_with(extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs = free_ports(3);
         for id in 1..=3u64 {
@@ -47,7 +52,7 @@ impl Cluster {
                 .map(|(i, a)| format!("[[members]]\nid = {}\naddr = \"{a}\"\n", i + 1))
                 .collect();
             let config = format!(
-                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nleader = 1\nwrite_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{members}",
+                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nleader = 1\nwrite_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}",
                 addrs[id as usize - 1],
                 dir.path().join(format!("node{id}")).display()
             );
@@ -585,4 +590,68 @@ fn a_stale_leader_is_fenced_by_a_higher_term() {
         kv_node::server::term::load(&kv_node::FsStorage, &dir).unwrap(),
         7
     );
+}
+
+#[test]
+fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
+    // Small segments and frequent snapshots, so the leader deletes the WAL
+    // a stopped follower would need.
+    let mut cluster = Cluster::start_with("segment_bytes_max = 4096\nsnapshot_wal_bytes = 8192");
+    cluster.put("early", "1").unwrap();
+    cluster.wait_converged();
+    cluster.kill(3);
+    let out = cluster.kv(
+        &[
+            "bench",
+            "cluster",
+            "--clients",
+            "8",
+            "--ops",
+            "800",
+            "--json",
+        ],
+        &cluster.all_endpoints(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Restart the leader so the records are not in its memory either.
+    cluster.kill(1);
+    cluster.start_node(1);
+    let leader = cluster.status_of(1).unwrap();
+    assert!(
+        leader.snapshot_lsn > 2,
+        "the leader snapshotted: {leader:?}"
+    );
+    let first_wal = std::fs::read_dir(cluster.dir.path().join("node1"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("wal-")?
+                .strip_suffix(".wal")?
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .unwrap();
+    // With those records gone from the leader's WAL and memory, catching up
+    // is possible only through snapshot install.
+    assert!(
+        first_wal > 2,
+        "the leader deleted the WAL node 3 needs (first LSN {first_wal})"
+    );
+    cluster.start_node(3);
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 801);
+    let node3 = cluster.status_of(3).unwrap();
+    assert!(
+        node3.snapshot_lsn > 2,
+        "node 3 installed a snapshot: {node3:?}"
+    );
+    // And it keeps following after the install.
+    cluster.put("late", "2").unwrap();
+    cluster.wait_converged();
 }

@@ -65,6 +65,9 @@ fn default_value_bytes_max() -> usize {
 fn default_snapshot_wal_bytes() -> u64 {
     64 << 20
 }
+fn default_segment_bytes_max() -> u64 {
+    64 << 20
+}
 
 /// A node's settings. Every field but `cluster_id`, `node_id`, `listen`,
 /// `data_dir`, `leader` and `members` has a default.
@@ -111,6 +114,9 @@ pub struct NodeConfig {
     /// Snapshot after this many WAL bytes (0: never). Default 64 MiB.
     #[serde(default = "default_snapshot_wal_bytes")]
     pub snapshot_wal_bytes: u64,
+    /// WAL segment size bound. Default 64 MiB.
+    #[serde(default = "default_segment_bytes_max")]
+    pub segment_bytes_max: u64,
 }
 
 /// Why a configuration cannot be used.
@@ -193,6 +199,7 @@ impl NodeConfig {
         c.key_bytes_max = self.key_bytes_max;
         c.value_bytes_max = self.value_bytes_max;
         c.snapshot_wal_bytes = self.snapshot_wal_bytes;
+        c.segment_bytes_max = self.segment_bytes_max;
         c.replicated = true;
         c
     }

@@ -11,8 +11,9 @@
 //! Terms are persisted before they are acted on; a follower refuses a lower
 //! term, and a leader that sees a higher one steps down for good.
 //!
-//! Not built yet (see the cluster issue): snapshot install for a follower
-//! that needs records the leader deleted.
+//! A follower that needs records the leader's log no longer holds gets the
+//! leader's newest snapshot, streamed in chunks, installed durably, and then
+//! the log after it.
 
 pub mod client;
 pub mod config;
@@ -48,6 +49,10 @@ use notify::LsnNotifier;
 const FIRST_TERM: u64 = 1;
 /// Metadata key naming the leader's address on a NOT_LEADER error.
 pub const LEADER_METADATA: &str = "kv-leader";
+/// Bytes per snapshot chunk on the wire.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// The largest snapshot a follower accepts.
+const SNAPSHOT_BYTES_MAX: u64 = 16 << 30;
 /// Records the leader keeps in memory for shipping (older ones are read
 /// back from the WAL).
 const RECENT_RECORDS_MAX: usize = 1 << 16;
@@ -392,6 +397,140 @@ impl Node {
         Ok(records.iter().map(convert::to_proto).collect())
     }
 
+    fn is_recent(&self, lsn: u64) -> bool {
+        lock(&self.recent).contains_key(&lsn)
+    }
+
+    /// Leader: streams the newest snapshot to a follower that is behind the
+    /// log, in chunks, and moves its progress to the snapshot on success.
+    async fn send_snapshot(&self, peer: u64) -> anyhow::Result<()> {
+        let engine = self.engine.clone();
+        let Some((lsn, bytes)) =
+            tokio::task::spawn_blocking(move || engine.newest_snapshot()).await??
+        else {
+            anyhow::bail!("follower {peer} is behind the log, and there is no snapshot to send");
+        };
+        let term = self.engine.term_at(lsn).unwrap_or(0);
+        let addr = self
+            .config
+            .addr_of(peer)
+            .ok_or_else(|| anyhow::anyhow!("no address for node {peer}"))?;
+        tracing::info!(peer, lsn, bytes = bytes.len(), "sending snapshot");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(self.config.rpc_timeout_ms))
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let total = bytes.len() as u64;
+        let from = self.sender();
+        let chunks: Vec<pb::SnapshotChunk> = bytes
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, data)| pb::SnapshotChunk {
+                from: Some(from.clone()),
+                lsn,
+                term,
+                offset: (i * SNAPSHOT_CHUNK_BYTES) as u64,
+                last: (i + 1) * SNAPSHOT_CHUNK_BYTES >= bytes.len(),
+                data: data.to_vec(),
+                total_bytes: total,
+            })
+            .collect();
+        let ack = ReplicationClient::new(channel)
+            .install_snapshot(tokio_stream::iter(chunks))
+            .await?
+            .into_inner();
+        if let TermAction::StepDown { new_term } = observe_term(self.term(), ack.term) {
+            self.adopt_term(new_term).await?;
+            anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
+        }
+        if !ack.success {
+            anyhow::bail!("follower {peer} refused the snapshot: {}", ack.error);
+        }
+        self.update_follower(peer, |f| {
+            f.progress.match_lsn = f.progress.match_lsn.max(ack.lsn);
+            f.progress.next_lsn = f.progress.match_lsn + 1;
+            f.progress.inflight_bytes = 0;
+        });
+        self.advance_commit()?;
+        Ok(())
+    }
+
+    /// Follower: receives a snapshot stream and installs it.
+    async fn receive_snapshot(
+        &self,
+        mut chunks: Streaming<pb::SnapshotChunk>,
+    ) -> Result<pb::SnapshotAck, Status> {
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut lsn = None;
+        let silence = Duration::from_millis(self.config.rpc_timeout_ms * 2);
+        loop {
+            let chunk = match tokio::time::timeout(silence, chunks.message()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => {
+                    return Err(Status::invalid_argument(
+                        "snapshot stream ended before its last chunk",
+                    ));
+                }
+                Ok(Err(status)) => return Err(status),
+                Err(_) => return Err(Status::deadline_exceeded("snapshot stream went silent")),
+            };
+            let from = chunk
+                .from
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
+            if from.cluster_id != self.config.cluster_id || from.node_id != self.config.leader {
+                return Err(Status::permission_denied(
+                    "snapshot from a node that is not our leader",
+                ));
+            }
+            match observe_term(self.term(), from.term) {
+                TermAction::Reject { ours } => {
+                    return Ok(pb::SnapshotAck {
+                        term: ours,
+                        success: false,
+                        lsn: 0,
+                        error: format!("stale term {}", from.term),
+                    });
+                }
+                TermAction::StepDown { new_term } => {
+                    self.adopt_term(new_term).await.map_err(engine_status)?;
+                }
+                TermAction::Accept => {}
+            }
+            if *lsn.get_or_insert(chunk.lsn) != chunk.lsn || chunk.offset != bytes.len() as u64 {
+                return Err(Status::invalid_argument("snapshot chunks out of order"));
+            }
+            if chunk.total_bytes > SNAPSHOT_BYTES_MAX
+                || bytes.len() as u64 + chunk.data.len() as u64 > chunk.total_bytes
+            {
+                return Err(Status::invalid_argument(
+                    "snapshot larger than announced or allowed",
+                ));
+            }
+            bytes.extend_from_slice(&chunk.data);
+            if chunk.last {
+                break;
+            }
+        }
+        let _no_appends_meanwhile = self.append_lock.lock().await;
+        let engine = self.engine.clone();
+        let installed = tokio::task::spawn_blocking(move || engine.install_snapshot(&bytes))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| match e {
+                EngineError::InvalidLogOp(why) => Status::invalid_argument(why),
+                other => engine_status(other),
+            })?;
+        tracing::info!(lsn = installed, "installed the leader's snapshot");
+        Ok(pb::SnapshotAck {
+            term: self.term(),
+            success: true,
+            lsn: installed,
+            error: String::new(),
+        })
+    }
+
     fn update_follower(&self, id: u64, f: impl FnOnce(&mut Follower)) {
         if let Some(follower) = lock(&self.followers).get_mut(&id) {
             f(follower);
@@ -516,6 +655,11 @@ impl Node {
             let next = progress.next_lsn;
             if next > durable {
                 return Ok(());
+            }
+            if !self.is_recent(next) && next < self.engine.wal_first_lsn() {
+                // The follower needs records this log no longer holds.
+                self.send_snapshot(peer).await?;
+                continue;
             }
             let records = self
                 .records_from(next, self.config.batch_records_max, durable)
@@ -866,9 +1010,11 @@ impl Replication for ReplicationService {
 
     async fn install_snapshot(
         &self,
-        _req: Request<Streaming<pb::SnapshotChunk>>,
+        req: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SnapshotAck>, Status> {
-        Err(Status::unimplemented("snapshot install is not built yet"))
+        Ok(Response::new(
+            self.0.receive_snapshot(req.into_inner()).await?,
+        ))
     }
 }
 
