@@ -285,40 +285,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             ack,
         } => {
-            let ack = client::parse_ack(&ack)? as i32;
             let req = pb::PutRequest {
                 key: key.into_bytes(),
                 value: value.into_bytes(),
-                ack,
+                ack: client::parse_ack(&ack)? as i32,
             };
-            runtime()?.block_on(async {
-                let reply = target
-                    .client()?
-                    .call(|mut c| {
-                        let req = req.clone();
-                        async move { c.put(req).await }
-                    })
-                    .await?;
-                println!("OK lsn={}", reply.lsn);
-                Ok(ExitCode::SUCCESS)
+            write_cmd(&target, |mut c| {
+                let req = req.clone();
+                async move { c.put(req).await }
             })
         }
         Cmd::Del { key, target, ack } => {
-            let ack = client::parse_ack(&ack)? as i32;
             let req = pb::DeleteRequest {
                 key: key.into_bytes(),
-                ack,
+                ack: client::parse_ack(&ack)? as i32,
             };
-            runtime()?.block_on(async {
-                let reply = target
-                    .client()?
-                    .call(|mut c| {
-                        let req = req.clone();
-                        async move { c.delete(req).await }
-                    })
-                    .await?;
-                println!("OK lsn={}", reply.lsn);
-                Ok(ExitCode::SUCCESS)
+            write_cmd(&target, |mut c| {
+                let req = req.clone();
+                async move { c.delete(req).await }
             })
         }
         Cmd::Get {
@@ -395,6 +379,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }),
     }
+}
+
+/// Runs one write against the cluster and prints `OK lsn=N`.
+fn write_cmd<F, Fut>(target: &Target, call: F) -> anyhow::Result<ExitCode>
+where
+    F: FnMut(pb::kv_client::KvClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<pb::WriteReply>, tonic::Status>>,
+{
+    runtime()?.block_on(async {
+        let reply = target.client()?.call(call).await?;
+        println!("OK lsn={}", reply.lsn);
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1129,52 +1129,31 @@ impl Engine {
                 "snapshot install needs replicated mode".into(),
             ));
         }
-        self.flush()?;
         let _one_at_a_time = lock(&self.snapshot_lock);
-        let mut st = lock(&self.state);
-        while st.flushing {
-            let round = st.rounds_done + 1;
-            st = self.sleep(st, round);
-        }
-        self.check_writable(&st)?;
-        if snap.lsn <= st.applied_lsn {
-            return Ok(st.applied_lsn);
-        }
-        st.flushing = true;
-        drop(st);
+        let (lsn, term) = (snap.lsn, snap.term);
         let dir = &self.config.data_dir;
-        let result = (|| {
-            snapshot::write(&*self.storage, dir, snap.lsn, bytes)?;
-            let mut wal = lock(&self.wal);
-            wal.reset_after(snap.lsn)?;
-            Ok::<_, EngineError>((wal.active_header(), wal.active_bytes()))
-        })();
-        let mut st = lock(&self.state);
-        let outcome = match result {
-            Ok((header, segment_bytes)) => {
-                let (lsn, term) = (snap.lsn, snap.term);
+        let map = MapState::from_snapshot(snap.map, lsn, term, snap.digest);
+        self.exclusive_wal_op(
+            |st| Ok(lsn > st.applied_lsn),
+            |wal| {
+                snapshot::write(&*self.storage, dir, lsn, bytes)?;
+                wal.reset_after(lsn)?;
+                Ok((wal.active_header(), wal.active_bytes()))
+            },
+            |st, (header, segment_bytes)| {
                 st.pending_apply.clear();
                 st.log.reset(header, segment_bytes, lsn, term);
                 st.written_lsn = lsn;
                 st.durable_lsn = lsn;
                 st.sync_wanted = lsn;
                 st.applied_lsn = lsn;
-                st.truncations += 1;
                 st.terms = TermRuns::new(lsn, term);
                 st.commit_lsn = Some(lsn);
                 st.snapshot_lsn = lsn;
-                *write(&self.map) = MapState::from_snapshot(snap.map, lsn, term, snap.digest);
-                Ok(lsn)
-            }
-            Err(e) => {
-                st.poisoned = Some(e.to_string());
-                Err(e)
-            }
-        };
-        st.flushing = false;
-        drop(st);
-        self.wake_all();
-        outcome
+                *write(&self.map) = map;
+            },
+        )?;
+        Ok(lock(&self.state).applied_lsn)
     }
 
     /// The newest snapshot on disk, as bytes, with its LSN (for shipping to
@@ -1200,34 +1179,26 @@ impl Engine {
     /// Durably removes every record after `lsn`. Refuses to remove an applied
     /// (committed) record. Everything buffered is flushed first.
     pub fn truncate_after(&self, lsn: u64) -> Result<()> {
-        self.flush()?;
-        let mut st = lock(&self.state);
-        while st.flushing {
-            let round = st.rounds_done + 1;
-            st = self.sleep(st, round);
-        }
-        self.check_writable(&st)?;
-        let applied = st.applied_lsn;
-        if lsn < applied {
-            return Err(EngineError::InvalidLogOp(format!(
-                "truncate after LSN {lsn} would remove applied records (applied through {applied})"
-            )));
-        }
-        if !st.log.is_empty() {
-            return Err(EngineError::InvalidLogOp(
-                "truncate while appends are in flight".into(),
-            ));
-        }
-        st.flushing = true;
-        drop(st);
-        let result = (|| {
-            let mut wal = lock(&self.wal);
-            wal.truncate_after(lsn)?;
-            Ok::<_, EngineError>((wal.active_header(), wal.active_bytes(), wal.last_lsn()))
-        })();
-        let mut st = lock(&self.state);
-        let outcome = match result {
-            Ok((header, bytes, last)) => {
+        self.exclusive_wal_op(
+            |st| {
+                if lsn < st.applied_lsn {
+                    return Err(EngineError::InvalidLogOp(format!(
+                        "truncate after LSN {lsn} would remove applied records (applied through {})",
+                        st.applied_lsn
+                    )));
+                }
+                if !st.log.is_empty() {
+                    return Err(EngineError::InvalidLogOp(
+                        "truncate while appends are in flight".into(),
+                    ));
+                }
+                Ok(true)
+            },
+            |wal| {
+                wal.truncate_after(lsn)?;
+                Ok((wal.active_header(), wal.active_bytes(), wal.last_lsn()))
+            },
+            |st, (header, bytes, last)| {
                 let term = st
                     .pending_apply
                     .iter()
@@ -1240,8 +1211,42 @@ impl Engine {
                 st.written_lsn = last;
                 st.durable_lsn = last;
                 st.sync_wanted = st.sync_wanted.min(last);
-                st.truncations += 1;
                 st.terms.truncate_after(last);
+            },
+        )
+    }
+
+    /// Runs an operation that rewrites the log (truncation, snapshot
+    /// install) with the flush token held, so no group commit round runs
+    /// meanwhile: everything appended is flushed first, `check` decides
+    /// under the state lock whether to go on (`Ok(false)`: nothing to do),
+    /// `io` does the file work, and `publish` installs the new positions.
+    /// A failure in `io` poisons the engine. Waiters for LSNs the operation
+    /// removed get an error (the truncation counter moves).
+    fn exclusive_wal_op<T>(
+        &self,
+        check: impl FnOnce(&State) -> Result<bool>,
+        io: impl FnOnce(&mut Wal) -> Result<T>,
+        publish: impl FnOnce(&mut State, T),
+    ) -> Result<()> {
+        self.flush()?;
+        let mut st = lock(&self.state);
+        while st.flushing {
+            let round = st.rounds_done + 1;
+            st = self.sleep(st, round);
+        }
+        self.check_writable(&st)?;
+        if !check(&st)? {
+            return Ok(());
+        }
+        st.flushing = true;
+        drop(st);
+        let result = io(&mut lock(&self.wal));
+        let mut st = lock(&self.state);
+        let outcome = match result {
+            Ok(value) => {
+                publish(&mut st, value);
+                st.truncations += 1;
                 Ok(())
             }
             Err(e) => {
