@@ -655,3 +655,87 @@ fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
     cluster.put("late", "2").unwrap();
     cluster.wait_converged();
 }
+
+#[test]
+fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
+    use kv_node::server::client::Client;
+    use std::sync::{Arc, Mutex};
+
+    let mut cluster = Cluster::start();
+    let endpoints = cluster.addrs.clone();
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (endpoints, acked, stop) = (endpoints.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let client = Client::new(endpoints, Duration::from_millis(2000));
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
+                    let req = pb::PutRequest {
+                        key: key.clone().into_bytes(),
+                        value: value.clone().into_bytes(),
+                        ack: pb::AckLevel::Quorum as i32,
+                    };
+                    let ok = rt
+                        .block_on(client.call(|mut c| {
+                            let req = req.clone();
+                            async move { c.put(req).await }
+                        }))
+                        .is_ok();
+                    if ok {
+                        acked.lock().unwrap().push((key, value));
+                    } else {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill(1);
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.start_node(1);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "the load ran: {} writes acknowledged",
+        acked.len()
+    );
+    cluster.wait_converged();
+    // Every acknowledged write is on every node, with its value.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for id in 1..=3 {
+        let client = Client::new(vec![cluster.addrs[id - 1]], Duration::from_millis(2000));
+        for (key, value) in &acked {
+            let req = pb::GetRequest {
+                key: key.clone().into_bytes(),
+                consistency: pb::ReadConsistency::Stale as i32,
+            };
+            let reply = rt
+                .block_on(client.call(|mut c| {
+                    let req = req.clone();
+                    async move { c.get(req).await }
+                }))
+                .unwrap();
+            assert!(
+                reply.found && reply.value == value.as_bytes(),
+                "node {id} lost {key}"
+            );
+        }
+    }
+}
