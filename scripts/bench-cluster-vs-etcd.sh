@@ -51,13 +51,10 @@ EOF
 }
 
 NAME=bench-cluster-vs-etcd
-die() { echo "$NAME: $*" >&2; exit 2; }
-warn() { echo "$NAME: $*" >&2; }
-
-ORIG_PWD=$PWD
-abspath() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$ORIG_PWD/$1" ;; esac; }
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+CMD_QUOTING=minimal   # show_cmd leaves the commas of endpoint lists unescaped
+# die, warn, abspath, ROOT (and cd there), show_cmd, make_work_dir, finish, ...
+# shellcheck source=lib/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/common.sh"
 
 CLIENTS=1,16,64,256
 OPS=20000
@@ -79,9 +76,9 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
-[[ $CLIENTS =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--clients must look like 1,16,64,256 (got '$CLIENTS')"
-[[ $OPS =~ ^[1-9][0-9]*$ ]] || die "--ops must be a positive integer (got '$OPS')"
-[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$RUNS')"
+positive_int_list --clients "$CLIENTS" 1,16,64,256
+positive_int --ops "$OPS"
+positive_int --runs "$RUNS"
 IFS=, read -r -a CLIST <<<"$CLIENTS"
 
 # Loopback only: every address below is 127.0.0.1.
@@ -94,7 +91,7 @@ ETCD_ENDPOINTS=$(join "${ETCD_CLIENT_PORTS[@]/#/$HOST:}")
 KV_ENDPOINTS=$(join "${KV_PORTS[@]/#/$HOST:}")
 
 # --- tools -------------------------------------------------------------------
-command -v python3 >/dev/null 2>&1 || die "python3 is needed to parse results"
+need_python3
 # etcd reads ETCD_* variables as flags, etcdctl ETCDCTL_*: none may leak in.
 while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^ETCD(CTL)?_' || true)
 export ETCDCTL_API=3
@@ -160,15 +157,10 @@ PY
     die "stop whatever listens there first"
 
 # --- work directory, and stopping everything on exit ----------------------------------
-CREATED_PARENT=0
-if [[ ! -d $PARENT ]]; then
-    mkdir -p "$PARENT"
-    CREATED_PARENT=1
-fi
-WORK=$(mktemp -d "$PARENT/bench-cluster-vs-etcd.XXXXXX")
-mkdir -p "$WORK/logs"
 PIDS=()     # every server process this script started
 BENCH_PID=""  # the benchmark client running now, if any
+make_work_dir "$NAME"   # RESULTS: system <TAB> clients <TAB> run <TAB> file
+mkdir -p "$WORK/logs"
 
 alive() { # pid: running (a zombie child counts as gone)
     local s
@@ -202,11 +194,8 @@ cleanup() {
         wait "$BENCH_PID" 2>/dev/null || true
     fi
     stop_servers
-    rm -rf -- "$WORK"
-    if [[ $CREATED_PARENT == 1 ]]; then rmdir -- "$PARENT" 2>/dev/null || true; fi
+    work_cleanup
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 show_logs() { # prints the tail of every server log (before they are removed)
     local f
@@ -215,21 +204,6 @@ show_logs() { # prints the tail of every server log (before they are removed)
         echo "--- $f (last 15 lines)" >&2
         tail -n 15 "$f" >&2 || true
     done
-}
-
-RESULTS="$WORK/results.tsv"   # system <TAB> clients <TAB> run <TAB> file
-: >"$RESULTS"
-COMMANDS=()
-FAILED=0
-
-show_cmd() { # prints a command line, shell-quoted where needed, and remembers it
-    local s="" a
-    for a in "$@"; do
-        if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then s+=" $a"; else s+=" $(printf '%q' "$a")"; fi
-    done
-    s=${s# }
-    echo "+ $s"
-    COMMANDS+=("$s")
 }
 
 start_server() { # log-name command...: starts it in the background
@@ -244,7 +218,7 @@ echo
 echo "$NAME: $(etcd --version | head -n1) ($(etcd --version | grep -m1 'Go Version' || true)), $(etcdctl version | head -n1)"
 if [[ $USE_KV == 1 ]]; then echo "$NAME: $("$KV" --version)"; fi
 echo "$NAME: $("$ETCD_BENCH" --version)"
-echo "$NAME: data under $WORK ($(df -P "$WORK" | awk 'NR==2 {print $1 " mounted on " $6}'))"
+echo_work_dir
 echo "$NAME: $(nproc) CPUs, kernel $(uname -r); clients $CLIENTS, $OPS writes per run, $RUNS run(s)"
 echo
 
@@ -384,11 +358,14 @@ stop_servers
 echo
 
 # --- report ---------------------------------------------------------------------------
-python3 - "$RESULTS" "$CLIENTS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
-import json, math, os, statistics, sys
-from xml.sax.saxutils import escape
+python3 - "$LIB" "$RESULTS" "$CLIENTS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
+import json, statistics, sys
 
-results, clients, ops, plot = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/lib
+sys.path.insert(0, sys.argv[1])
+from svg_plot import line_plot
+
+results, clients, ops, plot = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 clients = [int(c) for c in clients.split(",")]
 rows = {"kv": {}, "etcd": {}}  # system -> clients -> [row per run]
 
@@ -427,62 +404,10 @@ for c in clients:
 print("(ops/s kv/etcd above 1: kv is faster; p99 kv/etcd below 1: kv's tail is shorter)")
 
 if plot:
-    # Hand-written SVG: ops/s (linear y) against clients (log2 x).
-    W, H, L, R, T, B = 640, 400, 80, 30, 40, 50
-    vals = [v for s in series.values() for v in s if v]
-    top = max(vals) if vals else 1.0
-    mag = 10 ** (len(str(int(top))) - 1)
-    step = next(s * mag for s in (0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10) if top / (s * mag) <= 6)
-    ymax = step * (int(top / step) + 1)
-    lo, hi = math.log2(min(clients)), math.log2(max(clients))
-    def x(c):
-        if hi == lo:
-            return (L + W - R) / 2
-        return L + 20 + (W - L - R - 40) * (math.log2(c) - lo) / (hi - lo)
-    def y(v):
-        return H - B - (H - T - B) * v / ymax
+    # ops/s (linear y) against clients (log2 x).
     title = f"replicated writes, 3 nodes on 127.0.0.1: ops/s vs clients ({ops} x 16 B key + 100 B value)"
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="13">{escape(title)}</text>']
-    v = 0.0
-    while v <= ymax + 1e-9:
-        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
-        v += step
-    out.append(f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>')
-    out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>')
-    for c in clients:
-        out.append(f'<line x1="{x(c):.1f}" y1="{H - B}" x2="{x(c):.1f}" y2="{H - B + 5}" stroke="black"/>')
-        out.append(f'<text x="{x(c):.1f}" y="{H - B + 18}" text-anchor="middle">{c}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle">'
-               f'concurrent clients (log scale)</text>')
-    out.append(f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(T + H - B) / 2})">ops/s</text>')
-    colors = {"kv": "#1f77b4", "etcd": "#d62728"}
-    for n, (name, s) in enumerate(series.items()):
-        pts = [(x(c), y(v)) for c, v in zip(clients, s) if v]
-        if not pts:
-            continue
-        col = colors[name]
-        out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="'
-                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
-        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{col}"/>' for a, b in pts]
-        ly = T + 10 + 18 * n
-        out.append(f'<line x1="{L + 12}" y1="{ly}" x2="{L + 36}" y2="{ly}" stroke="{col}" stroke-width="2"/>')
-        out.append(f'<text x="{L + 42}" y="{ly + 4}">{name}</text>')
-    out.append("</svg>")
-    try:
-        os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
-        with open(plot, "w") as f:
-            f.write("\n".join(out) + "\n")
-        print(f"\nplot written to {plot}")
-    except OSError as e:
-        print(f"cannot write the plot {plot}: {e}", file=sys.stderr)
+    line_plot(plot, title, clients, series, {"kv": "#1f77b4", "etcd": "#d62728"},
+              "concurrent clients (log scale)", log_x=True, margin_right=30, title_size=13)
 PY
 
-echo
-echo "== commands used"
-for c in "${COMMANDS[@]}"; do echo "  $c"; done
-exit "$FAILED"
+finish

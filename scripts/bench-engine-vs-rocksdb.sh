@@ -41,13 +41,10 @@ make it fail; it exits 1 only if a run produced no result.
 EOF
 }
 
-die() { echo "bench-engine-vs-rocksdb: $*" >&2; exit 2; }
-warn() { echo "bench-engine-vs-rocksdb: $*" >&2; }
-
-ORIG_PWD=$PWD
-abspath() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$ORIG_PWD/$1" ;; esac; }
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+NAME=bench-engine-vs-rocksdb
+# die, warn, abspath, ROOT (and cd there), show_cmd, make_work_dir, finish, ...
+# shellcheck source=lib/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/common.sh"
 
 WRITERS=1,8,32,64
 OPS=20000
@@ -76,13 +73,13 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
-[[ $WRITERS =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--writers must look like 1,8,32,64 (got '$WRITERS')"
-[[ $OPS =~ ^[1-9][0-9]*$ ]] || die "--ops must be a positive integer (got '$OPS')"
-[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$RUNS')"
+positive_int_list --writers "$WRITERS" 1,8,32,64
+positive_int --ops "$OPS"
+positive_int --runs "$RUNS"
 IFS=, read -r -a WLIST <<<"$WRITERS"
 
 # --- tools -------------------------------------------------------------------
-command -v python3 >/dev/null 2>&1 || die "python3 is needed to parse results"
+need_python3
 DB_EXTRA=()
 if [[ $USE_ROCKSDB == 1 ]]; then
     if ! command -v "$DB_BENCH" >/dev/null 2>&1; then
@@ -113,47 +110,16 @@ EOF
     fi
 fi
 
-if [[ -z $KV ]]; then
-    KV="${CARGO_TARGET_DIR:-$ROOT/target}/release/kv"
-    if [[ $REBUILD == 1 || ! -x $KV ]]; then
-        echo "+ cargo build --release --bin kv"
-        cargo build --release --bin kv
-    fi
-fi
-[[ -x $KV ]] || die "kv binary not found or not executable: $KV"
+ensure_kv
 
 # --- work directory ------------------------------------------------------------
-CREATED_PARENT=0
-if [[ ! -d $PARENT ]]; then
-    mkdir -p "$PARENT"
-    CREATED_PARENT=1
-fi
-WORK=$(mktemp -d "$PARENT/bench-engine.XXXXXX")
-cleanup() {
-    rm -rf -- "$WORK"
-    if [[ $CREATED_PARENT == 1 ]]; then rmdir -- "$PARENT" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-RESULTS="$WORK/results.tsv"   # system <TAB> writers <TAB> run <TAB> file
-: >"$RESULTS"
-COMMANDS=()
-FAILED=0
-
-show_cmd() {
-    local s
-    s=$(printf '%q ' "$@")
-    s=${s% }
-    echo "+ $s"
-    COMMANDS+=("$s")
-}
+make_work_dir bench-engine   # RESULTS: system <TAB> writers <TAB> run <TAB> file
 
 echo "bench-engine-vs-rocksdb: kv=$KV"
 if [[ $USE_ROCKSDB == 1 ]]; then
     echo "bench-engine-vs-rocksdb: db_bench=$(command -v "$DB_BENCH") ($("$DB_BENCH" --version 2>&1 | head -n1 || true))"
 fi
-echo "bench-engine-vs-rocksdb: data under $WORK ($(df -P "$WORK" | awk 'NR==2 {print $1 " mounted on " $6}'))"
+echo_work_dir
 echo "bench-engine-vs-rocksdb: $(nproc) CPUs, kernel $(uname -r); writers $WRITERS, $OPS records per run, $RUNS run(s)"
 echo
 
@@ -215,11 +181,14 @@ done
 echo
 
 # --- report ---------------------------------------------------------------------------
-python3 - "$RESULTS" "$WRITERS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
-import json, os, re, statistics, sys
-from xml.sax.saxutils import escape
+python3 - "$LIB" "$RESULTS" "$WRITERS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
+import json, re, statistics, sys
 
-results, writers, ops, plot = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/lib
+sys.path.insert(0, sys.argv[1])
+from svg_plot import line_plot
+
+results, writers, ops, plot = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 writers = [int(w) for w in writers.split(",")]
 kv, rdb = {}, {}
 
@@ -270,56 +239,8 @@ for t in writers:
           f"  {fmt(ro):>13} {fmt(med(r, 'p50')):>7} {fmt(med(r, 'p99')):>7} {fmt(med(r, 'per_sync'), 1):>8}  {ratio:>10}")
 
 if plot:
-    W, H, L, R, T, B = 640, 400, 80, 20, 40, 50
-    vals = [v for s in series.values() for v in s if v]
-    top = max(vals) if vals else 1.0
-    mag = 10 ** (len(str(int(top))) - 1)
-    step = next(s * mag for s in (0.1, 0.2, 0.25, 0.5, 1, 2, 2.5, 5, 10) if top / (s * mag) <= 6)
-    ymax = step * (int(top / step) + 1)
-    def x(i):
-        return L + (W - L - R) * (i + 0.5) / len(writers)
-    def y(v):
-        return H - B - (H - T - B) * v / ymax
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="14">'
-           f'{escape(f"durable writes: ops/s vs writers ({ops} x 16 B key + 100 B value)")}</text>']
-    v = 0.0
-    while v <= ymax + 1e-9:
-        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{L - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
-        v += step
-    out.append(f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>')
-    out.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>')
-    for i, t in enumerate(writers):
-        out.append(f'<text x="{x(i):.1f}" y="{H - B + 18}" text-anchor="middle">{t}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle">writer threads</text>')
-    out.append(f'<text x="16" y="{(T + H - B) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(T + H - B) / 2})">ops/s</text>')
-    colors = {"kv": "#1f77b4", "rocksdb": "#ff7f0e"}
-    for n, (name, s) in enumerate(series.items()):
-        pts = [(x(i), y(v)) for i, v in enumerate(s) if v]
-        if not pts:
-            continue
-        c = colors[name]
-        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
-                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
-        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{c}"/>' for a, b in pts]
-        ly = T + 10 + 18 * n
-        out.append(f'<line x1="{L + 12}" y1="{ly}" x2="{L + 36}" y2="{ly}" stroke="{c}" stroke-width="2"/>')
-        out.append(f'<text x="{L + 42}" y="{ly + 4}">{name}</text>')
-    out.append("</svg>")
-    try:
-        os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
-        with open(plot, "w") as f:
-            f.write("\n".join(out) + "\n")
-        print(f"\nplot written to {plot}")
-    except OSError as e:
-        print(f"cannot write the plot {plot}: {e}", file=sys.stderr)
+    line_plot(plot, f"durable writes: ops/s vs writers ({ops} x 16 B key + 100 B value)",
+              writers, series, {"kv": "#1f77b4", "rocksdb": "#ff7f0e"}, "writer threads")
 PY
 
-echo
-echo "== commands used"
-for c in "${COMMANDS[@]}"; do echo "  $c"; done
-exit "$FAILED"
+finish

@@ -43,12 +43,10 @@ it exits 1 only if a kv run produced no BENCH line.
 EOF
 }
 
-die() { echo "bench-repl: $*" >&2; exit 2; }
-
-ORIG_PWD=$PWD
-abspath() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$ORIG_PWD/$1" ;; esac; }
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+NAME=bench-repl
+# die, warn, abspath, ROOT (and cd there), show_cmd, make_work_dir, finish, ...
+# shellcheck source=lib/common.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/common.sh"
 
 OPS=10000
 RUNS=3
@@ -73,12 +71,12 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
-[[ $OPS =~ ^[1-9][0-9]*$ ]] || die "--ops must be a positive integer (got '$OPS')"
-[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$RUNS')"
-[[ $FIO_RUNTIME =~ ^[1-9][0-9]*$ ]] || die "--fio-runtime must be a positive integer (got '$FIO_RUNTIME')"
+positive_int --ops "$OPS"
+positive_int --runs "$RUNS"
+positive_int --fio-runtime "$FIO_RUNTIME"
 
 # --- tools -------------------------------------------------------------------
-command -v python3 >/dev/null 2>&1 || die "python3 is needed to parse results"
+need_python3
 if [[ $USE_FIO == 1 ]] && ! command -v fio >/dev/null 2>&1; then
     cat >&2 <<'EOF'
 bench-repl: fio is not installed; it measures the disk's raw fdatasync rate.
@@ -88,44 +86,13 @@ EOF
     exit 2
 fi
 
-if [[ -z $KV ]]; then
-    KV="${CARGO_TARGET_DIR:-$ROOT/target}/release/kv"
-    if [[ $REBUILD == 1 || ! -x $KV ]]; then
-        echo "+ cargo build --release --bin kv"
-        cargo build --release --bin kv
-    fi
-fi
-[[ -x $KV ]] || die "kv binary not found or not executable: $KV"
+ensure_kv
 
 # --- work directory ------------------------------------------------------------
-CREATED_PARENT=0
-if [[ ! -d $PARENT ]]; then
-    mkdir -p "$PARENT"
-    CREATED_PARENT=1
-fi
-WORK=$(mktemp -d "$PARENT/bench-repl.XXXXXX")
-cleanup() {
-    rm -rf -- "$WORK"
-    if [[ $CREATED_PARENT == 1 ]]; then rmdir -- "$PARENT" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-RESULTS="$WORK/results.tsv"   # kind <TAB> name <TAB> run <TAB> payload
-: >"$RESULTS"
-COMMANDS=()
-FAILED=0
-
-show_cmd() { # prints a command line, shell-quoted, and remembers it
-    local s
-    s=$(printf '%q ' "$@")
-    s=${s% }
-    echo "+ $s"
-    COMMANDS+=("$s")
-}
+make_work_dir bench-repl   # RESULTS: kind <TAB> name <TAB> run <TAB> payload
 
 echo "bench-repl: kv=$KV"
-echo "bench-repl: data under $WORK ($(df -P "$WORK" | awk 'NR==2 {print $1 " mounted on " $6}'))"
+echo_work_dir
 echo "bench-repl: BENCH $OPS, $RUNS run(s) per mode"
 echo
 
@@ -160,8 +127,7 @@ repl_run() { # batch run
     local dir="$WORK/repl-b$batch-r$run"
     local shown
     shown="printf 'SETBATCH $batch\\nBENCH $OPS\\nEXIT\\n' | $(printf '%q' "$KV") repl --data-dir $(printf '%q' "$dir")"
-    echo "+ $shown"
-    COMMANDS+=("$shown")
+    record_cmd "$shown"
     local line=""
     if printf 'SETBATCH %s\nBENCH %s\nEXIT\n' "$batch" "$OPS" |
         "$KV" repl --data-dir "$dir" >"$dir.out" 2>"$dir.err"; then
@@ -189,7 +155,7 @@ done
 echo
 
 # --- report ---------------------------------------------------------------------------
-python3 - "$RESULTS" "$OPS" <<'PY' || { echo "bench-repl: could not summarise the results" >&2; FAILED=1; }
+python3 - "$RESULTS" "$OPS" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
 import json, re, statistics, sys
 
 results, ops = sys.argv[1], int(sys.argv[2])
@@ -246,7 +212,4 @@ for name in ("append", "prelaid", "overwrite"):
         print(f"  batch1 / raw fdatasync ({name + ')':<10}  {100 * b1 / fio[name][0]:.0f}%{note}")
 PY
 
-echo
-echo "== commands used"
-for c in "${COMMANDS[@]}"; do echo "  $c"; done
-exit "$FAILED"
+finish
