@@ -739,3 +739,36 @@ fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
         }
     }
 }
+
+#[test]
+fn sigterm_stops_a_single_node_cleanly_while_the_others_run() {
+    let mut cluster = Cluster::start();
+    cluster.put("a", "1").unwrap();
+    for id in [2, 1] {
+        let mut child = cluster.nodes[id - 1].take().unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "node {id} did not stop on SIGTERM (the others still run)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "node {id}: {status:?}");
+        let log =
+            std::fs::read_to_string(cluster.dir.path().join(format!("node{id}.log"))).unwrap();
+        assert!(log.contains("stopped cleanly"), "node {id}: {log}");
+        cluster.start_node(id);
+    }
+    cluster.put("b", "2").unwrap();
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 2);
+}

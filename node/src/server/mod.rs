@@ -110,6 +110,8 @@ pub struct Node {
     append_lock: tokio::sync::Mutex<()>,
     /// Serialises commit advancement.
     commit_lock: Mutex<()>,
+    /// Set when the node begins to shut down: long-lived streams end.
+    stopping: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Node {
@@ -194,6 +196,7 @@ impl Node {
             commit_checked: std::sync::atomic::AtomicU64::new(0),
             append_lock: tokio::sync::Mutex::new(()),
             commit_lock: Mutex::new(()),
+            stopping: watch::channel(false).0,
         }))
     }
 
@@ -976,9 +979,17 @@ impl Replication for ReplicationService {
         // A silent stream is dropped: the leader heartbeats far more often.
         let silence = Duration::from_millis(node.config.rpc_timeout_ms * 2);
         let errors = pending_tx.clone();
+        let mut stopping = node.stopping.subscribe();
         tokio::spawn(async move {
             loop {
-                let msg = match tokio::time::timeout(silence, inbound.message()).await {
+                let next = tokio::select! {
+                    biased;
+                    // Shutting down: end the stream (after the acks already
+                    // owed), so a graceful stop does not wait for the leader.
+                    _ = stopping.wait_for(|s| *s) => break,
+                    next = tokio::time::timeout(silence, inbound.message()) => next,
+                };
+                let msg = match next {
                     Ok(Ok(Some(msg))) => msg,
                     Ok(Ok(None)) => break,
                     Ok(Err(status)) => {
@@ -1039,6 +1050,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // On shutdown, end the replication streams this node serves first: a
+    // graceful stop waits for open requests, and the leader never ends its
+    // append stream by itself.
+    let stopping = node.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.stopping.send_replace(true);
+    };
     if node.config.is_leader() {
         for peer in node
             .config
