@@ -111,7 +111,8 @@ pub struct EngineBenchRow {
     pub records_per_fsync: f64,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+/// The `p`th percentile (nearest rank) of sorted values; 0 if empty.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

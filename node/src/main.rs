@@ -119,14 +119,18 @@ struct Target {
 }
 
 impl Target {
-    fn client(&self) -> anyhow::Result<Client> {
-        let endpoints = if self.endpoints.is_empty() {
-            client::endpoints_from_configs(&self.configs)?
+    /// `--endpoints`, or the members listed in `--configs`.
+    fn endpoints(&self) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+        if self.endpoints.is_empty() {
+            client::endpoints_from_configs(&self.configs)
         } else {
-            self.endpoints.clone()
-        };
+            Ok(self.endpoints.clone())
+        }
+    }
+
+    fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::new(
-            endpoints,
+            self.endpoints()?,
             Duration::from_millis(self.timeout_ms),
         ))
     }
@@ -290,20 +294,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 value: value.into_bytes(),
                 ack: client::parse_ack(&ack)? as i32,
             };
-            write_cmd(&target, |mut c| {
-                let req = req.clone();
-                async move { c.put(req).await }
-            })
+            let reply =
+                runtime()?.block_on(async { anyhow::Ok(target.client()?.put(req).await?) })?;
+            println!("OK lsn={}", reply.lsn);
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Del { key, target, ack } => {
             let req = pb::DeleteRequest {
                 key: key.into_bytes(),
                 ack: client::parse_ack(&ack)? as i32,
             };
-            write_cmd(&target, |mut c| {
-                let req = req.clone();
-                async move { c.delete(req).await }
-            })
+            let reply =
+                runtime()?.block_on(async { anyhow::Ok(target.client()?.delete(req).await?) })?;
+            println!("OK lsn={}", reply.lsn);
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Get {
             key,
@@ -320,13 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 consistency: consistency as i32,
             };
             runtime()?.block_on(async {
-                let reply = target
-                    .client()?
-                    .call(|mut c| {
-                        let req = req.clone();
-                        async move { c.get(req).await }
-                    })
-                    .await?;
+                let reply = target.client()?.get(req).await?;
                 let value = if reply.found {
                     String::from_utf8_lossy(&reply.value).into_owned()
                 } else {
@@ -341,11 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Status { target } => runtime()?.block_on(async {
-            let endpoints = if target.endpoints.is_empty() {
-                client::endpoints_from_configs(&target.configs)?
-            } else {
-                target.endpoints.clone()
-            };
+            let endpoints = target.endpoints()?;
             let replies =
                 client::status_all(&endpoints, Duration::from_millis(target.timeout_ms)).await;
             let lags: std::collections::BTreeMap<u64, u64> = replies
@@ -379,19 +373,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }),
     }
-}
-
-/// Runs one write against the cluster and prints `OK lsn=N`.
-fn write_cmd<F, Fut>(target: &Target, call: F) -> anyhow::Result<ExitCode>
-where
-    F: FnMut(pb::kv_client::KvClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<pb::WriteReply>, tonic::Status>>,
-{
-    runtime()?.block_on(async {
-        let reply = target.client()?.call(call).await?;
-        println!("OK lsn={}", reply.lsn);
-        Ok(ExitCode::SUCCESS)
-    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -637,11 +618,7 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             target,
             json,
         } => runtime()?.block_on(async {
-            let endpoints = if target.endpoints.is_empty() {
-                client::endpoints_from_configs(&target.configs)?
-            } else {
-                target.endpoints.clone()
-            };
+            let endpoints = target.endpoints()?;
             if !json {
                 println!("{}", client::CLUSTER_BENCH_HEADER);
             }

@@ -682,12 +682,7 @@ fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
                         value: value.clone().into_bytes(),
                         ack: pb::AckLevel::Quorum as i32,
                     };
-                    let ok = rt
-                        .block_on(client.call(|mut c| {
-                            let req = req.clone();
-                            async move { c.put(req).await }
-                        }))
-                        .is_ok();
+                    let ok = rt.block_on(client.put(req.clone())).is_ok();
                     if ok {
                         acked.lock().unwrap().push((key, value));
                     } else {
@@ -726,12 +721,7 @@ fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
                 key: key.clone().into_bytes(),
                 consistency: pb::ReadConsistency::Stale as i32,
             };
-            let reply = rt
-                .block_on(client.call(|mut c| {
-                    let req = req.clone();
-                    async move { c.get(req).await }
-                }))
-                .unwrap();
+            let reply = rt.block_on(client.get(req.clone())).unwrap();
             assert!(
                 reply.found && reply.value == value.as_bytes(),
                 "node {id} lost {key}"

@@ -887,10 +887,7 @@ fn truncation_across_segments_and_at_every_crash_point() {
         s.crash();
         let e = open(&s, &c).unwrap_or_else(|err| panic!("crash after op {stop_after}: {err}"));
         let last = e.stats().last_lsn;
-        assert!(
-            last == 30 || last == 200 || (30..200).contains(&last),
-            "op {stop_after}: {last}"
-        );
+        assert!((30..=200).contains(&last), "op {stop_after}: {last}");
         // Whatever survived is a prefix of what was appended.
         for r in e.read_from(1, 300).unwrap() {
             assert_eq!(

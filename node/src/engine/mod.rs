@@ -26,8 +26,10 @@
 //! without waiting and [`Engine::flush_step`] runs one flush round, so a
 //! simulation can drive the engine on one thread.
 //!
-//! Positions, asserted on every change:
-//! `applied_lsn <= durable_lsn <= written_lsn <= last_lsn`.
+//! Positions, asserted after every flush round:
+//! `durable_lsn <= written_lsn <= last_lsn` and `applied_lsn <= written_lsn`;
+//! in sync and replicated mode also `applied_lsn <= durable_lsn` (a batch-mode
+//! write is visible once written).
 //!
 //! What it does not do: networking, replication decisions, or timers of its
 //! own (the caller runs the flush timer; see [`crate::timer`]).
@@ -314,7 +316,7 @@ pub struct Engine {
     /// `wakeups[(r + 1) % 2]` wakes to run the next round: no thundering herd
     /// of waiters that the round did not cover.
     wakeups: [Condvar; 2],
-    /// Lock order: `state` before `map`; `wal` is never taken with `state` held.
+    /// Lock order: `wal`, then `state`, then `map`.
     map: RwLock<MapState>,
     wal: Mutex<Wal>,
     snapshot_lock: Mutex<()>,

@@ -120,6 +120,35 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `Put`, with redirects followed.
+    pub async fn put(&self, req: pb::PutRequest) -> Result<pb::WriteReply, CallError> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.put(req).await }
+        })
+        .await
+    }
+
+    /// `Delete`, with redirects followed.
+    pub async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::WriteReply, CallError> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.delete(req).await }
+        })
+        .await
+    }
+
+    /// `Get`, with redirects followed.
+    pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get(req).await }
+        })
+        .await
+    }
+}
+
 /// `--ack` values.
 pub fn parse_ack(s: &str) -> anyhow::Result<pb::AckLevel> {
     Ok(match s {
@@ -268,19 +297,12 @@ pub async fn bench_cluster(
     }
     let seconds = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
-    let pick = |p: f64| {
-        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        latencies
-            .get(rank.clamp(1, latencies.len().max(1)) - 1)
-            .copied()
-            .unwrap_or(0)
-    };
     Ok(ClusterBenchRow {
         clients,
         ops: latencies.len() as u64,
         seconds,
         ops_per_sec: latencies.len() as f64 / seconds,
-        p50_us: pick(50.0),
-        p99_us: pick(99.0),
+        p50_us: crate::bench::percentile(&latencies, 50.0),
+        p99_us: crate::bench::percentile(&latencies, 99.0),
     })
 }

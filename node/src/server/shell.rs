@@ -57,13 +57,7 @@ async fn run_command(client: &Client, cmd: Command) -> String {
                 value,
                 ack: pb::AckLevel::Default as i32,
             };
-            match client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.put(req).await }
-                })
-                .await
-            {
+            match client.put(req).await {
                 Ok(_) => "OK".into(),
                 Err(e) => err(e),
             }
@@ -73,13 +67,7 @@ async fn run_command(client: &Client, cmd: Command) -> String {
                 key,
                 ack: pb::AckLevel::Default as i32,
             };
-            match client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.delete(req).await }
-                })
-                .await
-            {
+            match client.delete(req).await {
                 Ok(_) => "OK".into(),
                 Err(e) => err(e),
             }
@@ -89,13 +77,7 @@ async fn run_command(client: &Client, cmd: Command) -> String {
                 key,
                 consistency: pb::ReadConsistency::Default as i32,
             };
-            match client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.get(req).await }
-                })
-                .await
-            {
+            match client.get(req).await {
                 Ok(r) if r.found => String::from_utf8_lossy(&r.value).into_owned(),
                 Ok(_) => "(nil)".into(),
                 Err(e) => err(e),

@@ -11,7 +11,7 @@
 //! bytes. It also does not retry anything: an error is reported as-is and the
 //! caller decides (the engine treats a failed write or sync as fatal).
 //!
-//! # Contract (checked by `tests/storage_contract.rs` against both)
+//! # Contract (checked by `node/tests/storage_contract.rs` against both)
 //! - `write_at` hands bytes to the OS: they survive a process crash, not a
 //!   power loss. `sync_data` returns only when every byte written to the file
 //!   before it is durable. A file's *name* (creation, rename, removal) is
