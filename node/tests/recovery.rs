@@ -32,6 +32,13 @@ fn small_segments() -> kv_node::engine::EngineConfig {
     c
 }
 
+/// A disk holding keys 1..=n written with small segments (several sealed).
+fn filled_small_segments(n: u64) -> (SimStorage, kv_node::engine::EngineConfig) {
+    let (s, c) = (sim(), small_segments());
+    put_range(&open(&s, &c).unwrap(), 1..=n);
+    (s, c)
+}
+
 /// Puts `key(i) = value(i)` for every `i` in `range`, in sync mode.
 fn put_range(engine: &kv_node::engine::Engine, range: std::ops::RangeInclusive<u64>) {
     for i in range {
@@ -164,11 +171,7 @@ fn row_mid_log_damage_is_refused_and_nothing_changes() {
 
 #[test]
 fn row_damage_in_a_sealed_segment_is_refused() {
-    let s = sim();
-    let c = small_segments();
-    let engine = open(&s, &c).unwrap();
-    put_range(&engine, 1..=200);
-    drop(engine);
+    let (s, c) = filled_small_segments(200);
     let segs = segment_names(&s);
     assert!(segs.len() >= 3, "small segments roll: {segs:?}");
     // Cut the last record of the first (sealed) segment: in the last segment
@@ -186,11 +189,7 @@ fn row_damage_in_a_sealed_segment_is_refused() {
 
 #[test]
 fn row_lsn_gap_between_segments_is_refused() {
-    let s = sim();
-    let c = small_segments();
-    let engine = open(&s, &c).unwrap();
-    put_range(&engine, 1..=200);
-    drop(engine);
+    let (s, c) = filled_small_segments(200);
     let segs = segment_names(&s);
     let middle = Path::new(DIR).join(&segs[1]);
     s.remove_file(&middle).unwrap();
