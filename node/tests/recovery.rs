@@ -1080,3 +1080,64 @@ fn installing_a_snapshot_replaces_state_and_log_at_every_crash_point() {
         );
     }
 }
+
+/// A snapshot whose last record the follower's durable log already holds
+/// changes nothing: those records may already count towards a commit, so
+/// dropping them would un-replicate committed writes (found by the
+/// simulation, seed 112). The answer says the log matches through it.
+#[test]
+fn a_snapshot_behind_a_matching_log_is_not_installed() {
+    let mut c = small_segments();
+    c.replicated = true;
+    let leader = sim();
+    let l = open(&leader, &c).unwrap();
+    l.append_records(leader_records(1..=40, 1)).unwrap();
+    l.wait_durable(40).unwrap();
+    l.set_commit_lsn(30).unwrap();
+    l.snapshot().unwrap();
+    let (lsn, bytes) = l.newest_snapshot().unwrap().unwrap();
+    assert_eq!(lsn, 30);
+
+    let s = sim();
+    let f = open(&s, &c).unwrap();
+    f.append_records(leader_records(1..=40, 1)).unwrap();
+    f.wait_durable(40).unwrap();
+    f.set_commit_lsn(10).unwrap();
+    let digest = f.digest();
+    assert_eq!(f.install_snapshot(&bytes).unwrap(), 30);
+    assert_eq!((f.stats().last_lsn, f.stats().durable_lsn), (40, 40));
+    assert_eq!((f.digest(), f.commit_lsn()), (digest, 10));
+    assert_eq!(f.term_at(40), Some(1));
+
+    // A log whose record at the snapshot's LSN has another term gets it.
+    let s = sim();
+    let f = open(&s, &c).unwrap();
+    f.append_records(leader_records(1..=35, 2)).unwrap();
+    f.wait_durable(35).unwrap();
+    assert_eq!(f.install_snapshot(&bytes).unwrap(), 30);
+    assert_eq!(f.stats().last_lsn, 30);
+    assert_eq!(f.term_at(30), Some(1));
+}
+
+/// After a restart, a log that still holds records the snapshot covers
+/// knows their terms (a leader needs them to ship those records).
+#[test]
+fn records_below_the_snapshot_keep_their_terms_across_a_restart() {
+    let mut c = small_segments();
+    c.replicated = true;
+    let s = sim();
+    let e = open(&s, &c).unwrap();
+    e.append_records(leader_records(1..=10, 1)).unwrap();
+    e.append_records(leader_records(11..=20, 2)).unwrap();
+    e.wait_durable(20).unwrap();
+    e.set_commit_lsn(20).unwrap();
+    e.snapshot().unwrap();
+    drop(e);
+    let e = open(&s, &c).unwrap();
+    assert_eq!(e.stats().snapshot_lsn, 20);
+    assert!(e.wal_first_lsn() <= 5, "the WAL still holds old records");
+    assert_eq!(
+        (e.term_at(5), e.term_at(15), e.term_at(20)),
+        (Some(1), Some(2), Some(2))
+    );
+}

@@ -404,6 +404,7 @@ impl Engine {
         };
         let mut terms = TermRuns::new(snapshot_lsn, map.applied_term());
         let mut deferred = VecDeque::new();
+        let mut below_snapshot = TermRuns::new(snapshot_lsn, map.applied_term());
         let (wal, rec) = Wal::open(
             storage.clone(),
             &dir,
@@ -421,7 +422,11 @@ impl Engine {
                     });
                 }
             },
+            // The snapshot covers these, but the log still holds them: a
+            // leader must know their terms to ship them.
+            |lsn, term| below_snapshot.push_below(lsn, term),
         )?;
+        terms.set_below(below_snapshot);
         assert_eq!(
             map.applied_lsn() + deferred.len() as u64,
             wal.last_lsn(),
@@ -1119,7 +1124,8 @@ impl Engine {
     /// snapshot is verified, then written durably (temp, sync, rename, sync
     /// dir) before the old log is deleted, so a crash at any point recovers
     /// either the old state or the new one. Ignored if we already applied
-    /// its LSN.
+    /// its LSN or our log holds its last record (same LSN and term). Returns
+    /// the LSN through which our durable log now matches the leader's.
     pub fn install_snapshot(&self, bytes: &[u8]) -> Result<u64> {
         let snap = snapshot::decode(bytes).map_err(|reason| {
             EngineError::InvalidLogOp(format!(
@@ -1135,8 +1141,13 @@ impl Engine {
         let (lsn, term) = (snap.lsn, snap.term);
         let dir = &self.config.data_dir;
         let map = MapState::from_snapshot(snap.map, lsn, term, snap.digest);
+        // Install only if it brings something new: never over records we
+        // have applied, nor over a log that already holds the snapshot's
+        // last record (then everything up to it matches the leader's, is
+        // durable here, and may already count towards a commit: dropping
+        // it would un-replicate committed records).
         self.exclusive_wal_op(
-            |st| Ok(lsn > st.applied_lsn),
+            |st| Ok(lsn > st.applied_lsn && st.terms.term_at(lsn) != Some(term)),
             |wal| {
                 snapshot::write(&*self.storage, dir, lsn, bytes)?;
                 wal.reset_after(lsn)?;
@@ -1155,7 +1166,8 @@ impl Engine {
                 *write(&self.map) = map;
             },
         )?;
-        Ok(lock(&self.state).applied_lsn)
+        // Installed, or the log already matched through `lsn` durably.
+        Ok(lock(&self.state).applied_lsn.max(lsn))
     }
 
     /// The newest snapshot on disk, as bytes, with its LSN (for shipping to

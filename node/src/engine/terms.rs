@@ -14,6 +14,10 @@ pub struct TermRuns {
     runs: Vec<(u64, u64)>,
     /// Last LSN covered.
     last: u64,
+    /// Records at or below the snapshot that the WAL still holds (found by
+    /// recovery): their LSN range and runs `(first LSN, term)`.
+    below: Vec<(u64, u64)>,
+    below_range: Option<(u64, u64)>,
 }
 
 impl TermRuns {
@@ -23,6 +27,31 @@ impl TermRuns {
             base: (lsn, term),
             runs: Vec::new(),
             last: lsn,
+            below: Vec::new(),
+            below_range: None,
+        }
+    }
+
+    /// Takes the below-the-snapshot terms `other` collected (with
+    /// [`TermRuns::push_below`]).
+    pub fn set_below(&mut self, other: TermRuns) {
+        self.below = other.below;
+        self.below_range = other.below_range;
+    }
+
+    /// Records that the record at `lsn`, at or below the snapshot but still
+    /// in the log, has `term` (recovery feeds these in LSN order).
+    pub fn push_below(&mut self, lsn: u64, term: u64) {
+        assert!(lsn <= self.base.0, "push_below is for the snapshot's range");
+        self.below_range = match self.below_range {
+            None => Some((lsn, lsn)),
+            Some((first, last)) => {
+                assert_eq!(lsn, last + 1, "terms are recorded in LSN order");
+                Some((first, lsn))
+            }
+        };
+        if self.below.last().is_none_or(|&(_, t)| t != term) {
+            self.below.push((lsn, term));
         }
     }
 
@@ -42,13 +71,21 @@ impl TermRuns {
     }
 
     /// The term of the record at `lsn`: `Some(0)` for LSN 0, `None` if the
-    /// LSN is past the end or older than the snapshot.
+    /// LSN is past the end, or older than the snapshot and not in the log.
     pub fn term_at(&self, lsn: u64) -> Option<u64> {
         if lsn == 0 {
             return Some(0);
         }
-        if lsn > self.last || lsn < self.base.0 {
+        if lsn > self.last {
             return None;
+        }
+        if lsn < self.base.0 {
+            let (first, last) = self.below_range?;
+            if lsn < first || lsn > last {
+                return None;
+            }
+            let i = self.below.partition_point(|&(first, _)| first <= lsn);
+            return i.checked_sub(1).map(|i| self.below[i].1);
         }
         if lsn == self.base.0 {
             return Some(self.base.1);
@@ -84,5 +121,19 @@ mod tests {
         t.truncate_after(12);
         assert_eq!(t.term_at(16), None);
         assert_eq!(t.term_at(12), Some(2));
+    }
+
+    #[test]
+    fn records_below_the_snapshot_that_the_log_holds_keep_their_terms() {
+        let mut t = TermRuns::new(10, 2);
+        for (lsn, term) in [(6, 1), (7, 1), (8, 2), (9, 2), (10, 2)] {
+            t.push_below(lsn, term);
+        }
+        t.push(11, 3);
+        assert_eq!(t.term_at(5), None, "not in the log");
+        assert_eq!((t.term_at(6), t.term_at(7)), (Some(1), Some(1)));
+        assert_eq!((t.term_at(8), t.term_at(9)), (Some(2), Some(2)));
+        assert_eq!(t.term_at(10), Some(2));
+        assert_eq!(t.term_at(11), Some(3));
     }
 }

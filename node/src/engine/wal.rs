@@ -270,6 +270,7 @@ impl Wal {
         snapshot_lsn: u64,
         superseded_ok: bool,
         mut replay: impl FnMut(Record),
+        mut below_snapshot: impl FnMut(u64, u64),
     ) -> Result<(Wal, WalRecovery)> {
         let replay_from = snapshot_lsn.checked_add(1).ok_or_else(|| {
             EngineError::InvalidLogOp("snapshot LSN is the largest LSN there is".into())
@@ -354,6 +355,8 @@ impl Wal {
                 if view.lsn >= replay_from {
                     replayed += 1;
                     replay(view.to_record());
+                } else {
+                    below_snapshot(view.lsn, view.term);
                 }
             })
             .map_err(|reason| corrupt(0, Some(first), reason.to_owned()))?;

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -15,6 +16,7 @@ use tonic::transport::Channel;
 
 use super::LEADER_METADATA;
 use super::config::NodeConfig;
+use super::env::{Dialer, TcpDialer};
 
 /// The members' addresses from `configs/node*.toml` (in `dir`), in order.
 pub fn endpoints_from_configs(dir: &Path) -> anyhow::Result<Vec<SocketAddr>> {
@@ -39,11 +41,16 @@ pub fn endpoints_from_configs(dir: &Path) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> anyhow::Result<KvClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+async fn connect(
+    dialer: &dyn Dialer,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<KvClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
+        .timeout(timeout);
+    let channel = dialer
+        .dial(endpoint)
         .await
         .with_context(|| format!("connect to {addr}"))?;
     Ok(KvClient::new(channel))
@@ -54,6 +61,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> anyhow::Result<KvClient
 pub struct Client {
     endpoints: Vec<SocketAddr>,
     timeout: Duration,
+    dialer: Arc<dyn Dialer>,
 }
 
 /// What a call against the cluster failed with.
@@ -68,9 +76,23 @@ pub enum CallError {
 }
 
 impl Client {
-    /// A client over `endpoints`, each call bounded by `timeout`.
+    /// A client over `endpoints` on the real network, each call bounded by
+    /// `timeout`.
     pub fn new(endpoints: Vec<SocketAddr>, timeout: Duration) -> Self {
-        Client { endpoints, timeout }
+        Client::with_dialer(endpoints, timeout, Arc::new(TcpDialer))
+    }
+
+    /// A client that reaches the endpoints through `dialer`.
+    pub fn with_dialer(
+        endpoints: Vec<SocketAddr>,
+        timeout: Duration,
+        dialer: Arc<dyn Dialer>,
+    ) -> Self {
+        Client {
+            endpoints,
+            timeout,
+            dialer,
+        }
     }
 
     /// Runs `call` against the endpoints in turn, following redirects.
@@ -87,7 +109,7 @@ impl Client {
                 continue;
             }
             tried.push(addr);
-            let client = match connect(addr, self.timeout).await {
+            let client = match connect(&*self.dialer, addr, self.timeout).await {
                 Ok(c) => c,
                 Err(e) => {
                     last_error = format!("{e:#}");
@@ -191,7 +213,7 @@ pub async fn status_all(
 ) -> Vec<(SocketAddr, Result<pb::StatusReply, String>)> {
     let mut out = Vec::new();
     for addr in endpoints {
-        let reply = match connect(*addr, timeout).await {
+        let reply = match connect(&TcpDialer, *addr, timeout).await {
             Ok(mut c) => c
                 .status(pb::StatusRequest {})
                 .await

@@ -1,19 +1,22 @@
-//! The node's flusher: one OS thread that runs the engine's group commit
-//! rounds and publishes the durable LSN to async waiters.
+//! The node's flusher: it runs the engine's group commit rounds and
+//! publishes the durable LSN to async waiters. With [`Offload::Threads`]
+//! (`kv serve`) it is one OS thread; with [`Offload::Inline`] (in-memory
+//! storage, the deterministic simulation) a tokio task on the node's
+//! runtime, so no thread escapes simulated time.
 //!
 //! Async code never blocks on the engine: a writer appends with
 //! `Engine::submit`/`append_records` (a few microseconds under a lock),
 //! kicks the flusher, and awaits the durable LSN on a `watch`. Every round
 //! makes everything appended before it durable with one `fdatasync`, so
-//! concurrent writers share syncs without one blocked thread each. (The
-//! simulation will drive `Engine::flush_step` from a task instead.)
+//! concurrent writers share syncs without one blocked thread each.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
+use super::env::Offload;
 use super::notify::LsnNotifier;
 use crate::engine::Engine;
 
@@ -21,29 +24,56 @@ use crate::engine::Engine;
 /// a blocking engine call flushed itself) and republishes the durable LSN.
 const IDLE_CHECK: Duration = Duration::from_millis(5);
 
-/// Handle to the flusher thread; it stops when every handle is dropped.
+/// Handle to the flusher; it stops when every handle is dropped.
 #[derive(Debug, Clone)]
 pub struct Flusher {
-    kick: SyncSender<()>,
+    kick: Kick,
     durable: Arc<LsnNotifier>,
+}
+
+/// How a flusher is asked for a round.
+#[derive(Debug, Clone)]
+enum Kick {
+    Thread(SyncSender<()>),
+    Task(Arc<Notify>),
 }
 
 impl Flusher {
     /// Starts the flusher for `engine`, publishing the durable LSN on
-    /// `durable_tx` (for replicators) and to its writers.
-    pub fn start(engine: Arc<Engine>, durable_tx: watch::Sender<u64>) -> std::io::Result<Flusher> {
-        let (kick, kicked) = sync_channel(1);
+    /// `durable_tx` (for replicators) and to its writers. With
+    /// [`Offload::Inline`] it must be called inside a tokio runtime.
+    pub fn start(
+        engine: Arc<Engine>,
+        durable_tx: watch::Sender<u64>,
+        offload: Offload,
+    ) -> std::io::Result<Flusher> {
         let durable = Arc::new(LsnNotifier::new(engine.durable_lsn()));
         let publish_to = durable.clone();
-        std::thread::Builder::new()
-            .name("kv-flusher".into())
-            .spawn(move || run(&engine, &kicked, &durable_tx, &publish_to))?;
+        let kick = match offload {
+            Offload::Threads => {
+                let (kick, kicked) = sync_channel(1);
+                std::thread::Builder::new()
+                    .name("kv-flusher".into())
+                    .spawn(move || run(&engine, &kicked, &durable_tx, &publish_to))?;
+                Kick::Thread(kick)
+            }
+            Offload::Inline => {
+                let kick = Arc::new(Notify::new());
+                tokio::spawn(run_task(engine, kick.clone(), durable_tx, publish_to));
+                Kick::Task(kick)
+            }
+        };
         Ok(Flusher { kick, durable })
     }
 
     /// Asks for a round soon (never blocks).
     pub fn kick(&self) {
-        let _ = self.kick.try_send(());
+        match &self.kick {
+            Kick::Thread(tx) => {
+                let _ = tx.try_send(());
+            }
+            Kick::Task(notify) => notify.notify_one(),
+        }
     }
 
     /// Waits until `lsn` is durable (kicking the flusher first).
@@ -53,35 +83,67 @@ impl Flusher {
     }
 }
 
-fn run(
-    engine: &Arc<Engine>,
-    kicked: &Receiver<()>,
-    durable_tx: &watch::Sender<u64>,
-    writers: &LsnNotifier,
-) {
+/// Runs rounds until nothing is left to write or sync, publishing after
+/// each. False if the engine failed (poisoned): the flusher then stops, and
+/// waiters time out with "outcome unknown", the truth after a failed fsync.
+fn flush_all(engine: &Engine, durable_tx: &watch::Sender<u64>, writers: &LsnNotifier) -> bool {
     let publish_all = || {
         let durable = engine.durable_lsn();
         writers.advance(durable);
         durable_tx.send_if_modified(|d| publish(d, durable));
     };
     loop {
+        match engine.flush_step() {
+            Ok(true) => publish_all(),
+            Ok(false) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed; the node takes no more writes");
+                return false;
+            }
+        }
+    }
+    publish_all();
+    true
+}
+
+/// The task flusher ([`Offload::Inline`]): rounds and snapshots run on the
+/// task itself. It ends when every [`Flusher`] handle is gone.
+async fn run_task(
+    engine: Arc<Engine>,
+    kick: Arc<Notify>,
+    durable_tx: watch::Sender<u64>,
+    writers: Arc<LsnNotifier>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            () = kick.notified() => {}
+            () = tokio::time::sleep(IDLE_CHECK) => {}
+        }
+        if Arc::strong_count(&kick) == 1 {
+            return;
+        }
+        if !flush_all(&engine, &durable_tx, &writers) {
+            return;
+        }
+        engine.maybe_snapshot();
+    }
+}
+
+fn run(
+    engine: &Arc<Engine>,
+    kicked: &Receiver<()>,
+    durable_tx: &watch::Sender<u64>,
+    writers: &LsnNotifier,
+) {
+    loop {
         match kicked.recv_timeout(IDLE_CHECK) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        loop {
-            match engine.flush_step() {
-                Ok(true) => publish_all(),
-                Ok(false) => break,
-                Err(e) => {
-                    // Poisoned: waiters time out with "outcome unknown",
-                    // which is the truth after a failed fsync.
-                    tracing::error!(error = %e, "flush failed; the node takes no more writes");
-                    return;
-                }
-            }
+        if !flush_all(engine, durable_tx, writers) {
+            return;
         }
-        publish_all();
         if engine.snapshot_due() {
             // Off this thread: a snapshot must not stall group commit.
             let engine = engine.clone();

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod env;
 pub mod flusher;
 pub mod notify;
 pub mod shell;
@@ -42,6 +43,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError, Op, Record};
 use config::{Member, NodeConfig};
+use env::NodeEnv;
 use flusher::Flusher;
 use notify::LsnNotifier;
 
@@ -112,6 +114,13 @@ pub struct Node {
     commit_lock: Mutex<()>,
     /// Set when the node begins to shut down: long-lived streams end.
     stopping: watch::Sender<bool>,
+    /// How it dials peers and runs blocking engine work.
+    env: NodeEnv,
+    /// Leader only: the last LSN its log held when it started. Reads wait
+    /// until the commit LSN covers it: after a restart the commit LSN starts
+    /// from the persisted floor, which may be behind what was already
+    /// committed (and acknowledged) before the restart.
+    read_barrier: u64,
 }
 
 impl std::fmt::Debug for Node {
@@ -137,6 +146,10 @@ fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("engine task failed: {e}"))
 }
 
+fn join_engine_error(e: tokio::task::JoinError) -> EngineError {
+    EngineError::InvalidLogOp(format!("engine task failed: {e}"))
+}
+
 /// The engine as `kv_cluster` sees a follower's log.
 struct EngineView<'a>(&'a Engine);
 
@@ -153,9 +166,21 @@ impl LogView for EngineView<'_> {
 }
 
 impl Node {
+    /// A node over an opened engine (in replicated mode) on the real
+    /// network, with blocking work on threads: see [`Node::with_env`].
+    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> anyhow::Result<Arc<Node>> {
+        Node::with_env(config, engine, NodeEnv::default())
+    }
+
     /// A node over an opened engine (in replicated mode): loads its term
     /// (persisting the first one on a new node) and starts its flusher.
-    pub fn new(config: NodeConfig, engine: Arc<Engine>) -> anyhow::Result<Arc<Node>> {
+    /// `env` says how it dials peers and where blocking work runs; with
+    /// [`env::Offload::Inline`] this must be called inside a tokio runtime.
+    pub fn with_env(
+        config: NodeConfig,
+        engine: Arc<Engine>,
+        env: NodeEnv,
+    ) -> anyhow::Result<Arc<Node>> {
         let storage = engine.storage();
         let mut term = term::load(&*storage, &config.data_dir)?;
         if term < FIRST_TERM {
@@ -180,7 +205,7 @@ impl Node {
             .collect();
         let commit = engine.commit_lsn();
         let durable_tx = watch::channel(engine.durable_lsn()).0;
-        let flusher = Flusher::start(engine.clone(), durable_tx.clone())?;
+        let flusher = Flusher::start(engine.clone(), durable_tx.clone(), env.offload)?;
         Ok(Arc::new(Node {
             config,
             engine,
@@ -197,6 +222,8 @@ impl Node {
             append_lock: tokio::sync::Mutex::new(()),
             commit_lock: Mutex::new(()),
             stopping: watch::channel(false).0,
+            env,
+            read_barrier: last,
         }))
     }
 
@@ -223,9 +250,11 @@ impl Node {
         }
         let storage = self.engine.storage();
         let dir = self.config.data_dir.clone();
-        tokio::task::spawn_blocking(move || term::persist(&*storage, &dir, new_term))
+        self.env
+            .offload
+            .run(move || term::persist(&*storage, &dir, new_term))
             .await
-            .map_err(|e| EngineError::InvalidLogOp(format!("term task failed: {e}")))??;
+            .map_err(join_engine_error)??;
         self.term.store(new_term, Ordering::Release);
         self.engine.set_term(new_term);
         if self.config.is_leader() {
@@ -367,6 +396,23 @@ impl Node {
         }
     }
 
+    /// Leader: waits until the commit LSN covers everything the log held at
+    /// start, so a read never misses a write committed before a restart.
+    async fn await_read_barrier(&self) -> Result<(), Status> {
+        let barrier = self.read_barrier;
+        if self.commit() >= barrier {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        tokio::time::timeout(timeout, self.commit_waiters.wait_for(barrier))
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the leader restarted and has not yet re-committed its log through LSN {barrier}; retry"
+                ))
+            })
+    }
+
     /// Records from `from` for shipping: from memory if recent, else (for a
     /// follower further behind) from the WAL. Returns only a contiguous run;
     /// empty if `from` is recent but its writer has not recorded it yet (the
@@ -393,9 +439,12 @@ impl Node {
             }
         }
         let engine = self.engine.clone();
-        let mut records = tokio::task::spawn_blocking(move || engine.read_from(from, max))
+        let mut records = self
+            .env
+            .offload
+            .run(move || engine.read_from(from, max))
             .await
-            .map_err(|e| EngineError::InvalidLogOp(format!("read task failed: {e}")))??;
+            .map_err(join_engine_error)??;
         records.retain(|r| r.lsn <= through);
         Ok(records.iter().map(convert::to_proto).collect())
     }
@@ -408,8 +457,11 @@ impl Node {
     /// log, in chunks, and moves its progress to the snapshot on success.
     async fn send_snapshot(&self, peer: u64) -> anyhow::Result<()> {
         let engine = self.engine.clone();
-        let Some((lsn, bytes)) =
-            tokio::task::spawn_blocking(move || engine.newest_snapshot()).await??
+        let Some((lsn, bytes)) = self
+            .env
+            .offload
+            .run(move || engine.newest_snapshot())
+            .await??
         else {
             anyhow::bail!("follower {peer} is behind the log, and there is no snapshot to send");
         };
@@ -419,11 +471,12 @@ impl Node {
             .addr_of(peer)
             .ok_or_else(|| anyhow::anyhow!("no address for node {peer}"))?;
         tracing::info!(peer, lsn, bytes = bytes.len(), "sending snapshot");
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_millis(self.config.rpc_timeout_ms))
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(rpc)
+            .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
+            .keep_alive_timeout(rpc);
+        let channel = self.env.dialer.dial(endpoint).await?;
         let total = bytes.len() as u64;
         let from = self.sender();
         let chunks: Vec<pb::SnapshotChunk> = bytes
@@ -439,10 +492,17 @@ impl Node {
                 total_bytes: total,
             })
             .collect();
-        let ack = ReplicationClient::new(channel)
-            .install_snapshot(tokio_stream::iter(chunks))
-            .await?
-            .into_inner();
+        // A deadline that grows with the snapshot: one RPC timeout per chunk
+        // (and one for the install), so a stalled transfer ends and is
+        // retried, and a large one is not cut short.
+        let deadline = rpc * (chunks.len() as u32 + 1);
+        let ack = tokio::time::timeout(
+            deadline,
+            ReplicationClient::new(channel).install_snapshot(tokio_stream::iter(chunks)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("snapshot to follower {peer} not done within {deadline:?}"))??
+        .into_inner();
         if let TermAction::StepDown { new_term } = observe_term(self.term(), ack.term) {
             self.adopt_term(new_term).await?;
             anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
@@ -518,7 +578,10 @@ impl Node {
         }
         let _no_appends_meanwhile = self.append_lock.lock().await;
         let engine = self.engine.clone();
-        let installed = tokio::task::spawn_blocking(move || engine.install_snapshot(&bytes))
+        let installed = self
+            .env
+            .offload
+            .run(move || engine.install_snapshot(&bytes))
             .await
             .map_err(join_error)?
             .map_err(|e| match e {
@@ -576,14 +639,12 @@ impl Node {
 
     async fn replicate_once(&self, peer: &Member) -> anyhow::Result<()> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))?
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))?
             .connect_timeout(rpc)
             .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
             .keep_alive_timeout(rpc)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+            .keep_alive_while_idle(true);
+        let channel = self.env.dialer.dial(endpoint).await?;
         let (tx, rx) = mpsc::channel::<pb::AppendRequest>(64);
         // Probe first: an empty append at our `next`, to learn where the
         // follower stands.
@@ -633,14 +694,31 @@ impl Node {
         let prev_lsn = next - 1;
         let prev_term = self.engine.term_at(prev_lsn).unwrap_or(0);
         let commit_lsn = self.commit();
-        tx.send(pb::AppendRequest {
-            from: Some(self.sender()),
-            prev_lsn,
-            prev_term,
-            records: Vec::new(),
-            commit_lsn,
-        })
-        .await?;
+        self.send_append(
+            tx,
+            pb::AppendRequest {
+                from: Some(self.sender()),
+                prev_lsn,
+                prev_term,
+                records: Vec::new(),
+                commit_lsn,
+            },
+        )
+        .await
+    }
+
+    /// Queues one request on a follower's append stream. A stream that
+    /// takes nothing for an RPC timeout is stuck (a full HTTP/2 window on a
+    /// dead connection): give up on it, so the replicator reconnects.
+    async fn send_append(
+        &self,
+        tx: &mpsc::Sender<pb::AppendRequest>,
+        req: pb::AppendRequest,
+    ) -> anyhow::Result<()> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        tokio::time::timeout(rpc, tx.send(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("append stream took nothing for {rpc:?}"))??;
         Ok(())
     }
 
@@ -659,8 +737,10 @@ impl Node {
             if next > durable {
                 return Ok(());
             }
-            if !self.is_recent(next) && next < self.engine.wal_first_lsn() {
-                // The follower needs records this log no longer holds.
+            let behind_log = !self.is_recent(next) && next < self.engine.wal_first_lsn();
+            if behind_log || self.engine.term_at(next - 1).is_none() {
+                // The follower needs records this log no longer holds (or
+                // ones whose predecessor's term it cannot vouch for).
                 self.send_snapshot(peer).await?;
                 continue;
             }
@@ -679,19 +759,20 @@ impl Node {
             }
             let prev_lsn = next - 1;
             let Some(prev_term) = self.engine.term_at(prev_lsn) else {
-                anyhow::bail!(
-                    "follower {peer} needs LSN {next}, older than this leader's log: snapshot install is not built yet"
-                );
+                anyhow::bail!("the term of LSN {prev_lsn} is no longer known here");
             };
             let last = records[records.len() - 1].lsn;
             let commit_lsn = self.commit();
-            tx.send(pb::AppendRequest {
-                from: Some(self.sender()),
-                prev_lsn,
-                prev_term,
-                records,
-                commit_lsn,
-            })
+            self.send_append(
+                tx,
+                pb::AppendRequest {
+                    from: Some(self.sender()),
+                    prev_lsn,
+                    prev_term,
+                    records,
+                    commit_lsn,
+                },
+            )
             .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
             inflight.push_back((last, bytes));
@@ -780,7 +861,9 @@ impl Node {
         if let Some(lsn) = truncate_after {
             // Rare (a new leader's conflicting records): blocking is fine.
             let engine = self.engine.clone();
-            tokio::task::spawn_blocking(move || engine.truncate_after(lsn))
+            self.env
+                .offload
+                .run(move || engine.truncate_after(lsn))
                 .await
                 .map_err(join_error)?
                 .map_err(engine_status)?;
@@ -838,7 +921,8 @@ impl Node {
         })
     }
 
-    fn status(&self) -> pb::StatusReply {
+    /// This node's status, as the `Status` call reports it.
+    pub fn status(&self) -> pb::StatusReply {
         let stats = self.engine.stats();
         let leader = self.leads();
         let followers = if leader {
@@ -926,6 +1010,9 @@ impl Kv for KvService {
             pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
         if !stale && !self.0.leads() {
             return Err(self.0.not_leader());
+        }
+        if !stale {
+            self.0.await_read_barrier().await?;
         }
         self.0
             .engine
@@ -1042,14 +1129,34 @@ fn incoming_nodelay(
     })
 }
 
-/// Runs a node until `shutdown` resolves: serves on `listener`, and on the
-/// leader replicates to every follower. On shutdown everything written is
-/// made durable before this returns.
+/// Runs a node until `shutdown` resolves: serves on `listener` (real TCP,
+/// Nagle off), and on the leader replicates to every follower. On shutdown
+/// everything written is made durable before this returns.
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_incoming(node, incoming_nodelay(listener), shutdown).await
+}
+
+/// [`serve`] over any stream of accepted connections (the listening seam: a
+/// simulation passes its own).
+pub async fn serve_incoming<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // On shutdown, end the replication streams this node serves first: a
     // graceful stop waits for open requests, and the leader never ends its
     // append stream by itself.
@@ -1086,9 +1193,9 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(KvServer::new(KvService(node.clone())))
         .add_service(ReplicationServer::new(ReplicationService(node.clone())))
-        .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let engine = node.engine.clone();
-    tokio::task::spawn_blocking(move || engine.flush()).await??;
+    node.env.offload.run(move || engine.flush()).await??;
     Ok(())
 }
