@@ -278,9 +278,20 @@ fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
         return durable.to_vec();
     }
     let start = first_diff / SECTOR_BYTES * SECTOR_BYTES;
-    let sectors = (written.len() - start).div_ceil(SECTOR_BYTES);
-    let keep_sectors = (roll % (sectors as u64 + 1)) as usize;
-    let end = (start + keep_sectors * SECTOR_BYTES).min(written.len());
+    // The cut is uniform over the sectors that hold data (a preallocated
+    // run of zeros behind the records must not make losing them rare);
+    // when every data sector survives, the zeros behind may too.
+    let data_end = written[start..]
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(start, |i| start + i + 1);
+    let data_sectors = (data_end - start).div_ceil(SECTOR_BYTES);
+    let keep_sectors = (roll % (data_sectors as u64 + 1)) as usize;
+    let end = if keep_sectors == data_sectors && (roll >> 32) % 2 == 1 {
+        written.len()
+    } else {
+        (start + keep_sectors * SECTOR_BYTES).min(written.len())
+    };
     let mut out = durable.to_vec();
     if out.len() < end {
         out.resize(end, 0);
