@@ -1,0 +1,1152 @@
+//! One simulated run: a 3- or 5-node cluster of the real node code (engine,
+//! replication, gRPC server) as turmoil hosts, each on its own
+//! [`SimStorage`] disk, clients as turmoil clients, and faults — all derived
+//! from one seed.
+//!
+//! A run has two phases (see `shared/design/simulation.md`):
+//! 1. **Chaos.** Clients issue PUT/GET/DEL on a small key set with unique
+//!    values, at the `quorum` and `local` acknowledgement levels, while the
+//!    test body injects partitions (symmetric, one-way, leader isolation),
+//!    holds, latency spikes, power losses (one node or several at once),
+//!    process restarts, long cut-offs and disk I/O errors. After every step
+//!    the invariants are checked ([`Checker`]).
+//! 2. **Recovery.** Every fault is healed. The cluster must converge (equal
+//!    applied LSN and state digest on every node) within a bounded simulated
+//!    time, a final write must succeed, and a final read of every key joins
+//!    the history, which is then checked for linearizability.
+//!
+//! What it does not do: elections (the leader is node 1, named in the
+//! configuration), and disk loss (a node's disk always comes back).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, UNIX_EPOCH};
+
+use kv_node::engine::{Engine, EngineError, Op};
+use kv_node::server::client::{CallError, Client};
+use kv_node::server::config::{Ack, Member, NodeConfig};
+use kv_node::server::env::{NodeEnv, Offload};
+use kv_node::server::{Node, serve_incoming};
+use kv_node::storage::{SimOptions, SimStorage};
+use kv_proto::v1 as pb;
+
+use crate::linearizability::{self, Input, Operation, Output, Verdict};
+use crate::net::{SimDialer, incoming};
+use crate::rng::Rng;
+
+/// The port every node listens on (each host has its own address).
+const PORT: u16 = 7000;
+/// Keys the workload uses: few, so operations collide.
+const KEYS: usize = 4;
+/// Data directory on each node's own disk.
+const DATA_DIR: &str = "/kv";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Everything derives from it.
+    pub seed: u64,
+    /// Cluster size (3 or 5).
+    pub nodes: usize,
+    /// Concurrent workload clients.
+    pub clients: usize,
+    /// Length of the chaos phase (simulated).
+    pub chaos: Duration,
+    /// Inject faults (false: a calm run, for the workload's own checks).
+    pub faults: bool,
+    /// Fewer successful operations than this fails the run.
+    pub min_successful_ops: usize,
+}
+
+impl RunOptions {
+    /// The options a seed gets in the sweep: mostly 3 nodes, every fourth
+    /// seed 5.
+    pub fn for_seed(seed: u64) -> RunOptions {
+        RunOptions {
+            seed,
+            nodes: if seed % 4 == 3 { 5 } else { 3 },
+            clients: 4,
+            chaos: Duration::from_secs(6),
+            faults: true,
+            min_successful_ops: 40,
+        }
+    }
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Its seed.
+    pub seed: u64,
+    /// Hash of the run's event trace (faults, operations, final state):
+    /// equal for two runs of one seed.
+    pub trace_hash: u64,
+    /// Writes acknowledged.
+    pub writes_acked: usize,
+    /// Reads that returned.
+    pub reads_ok: usize,
+    /// Operations whose outcome stayed unknown.
+    pub unknown: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Simulated time at the end.
+    pub sim_time: Duration,
+    /// The last applied LSN (equal on every node).
+    pub applied_lsn: u64,
+}
+
+/// Why a run failed, with what it takes to replay it.
+#[derive(Debug)]
+pub struct Failure {
+    /// Its seed.
+    pub seed: u64,
+    /// What went wrong.
+    pub message: String,
+    /// The recent events, readable.
+    pub trace_tail: Vec<String>,
+    /// The client history, readable (empty if not yet relevant).
+    pub history: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "simulation seed {} failed: {}", self.seed, self.message)?;
+        writeln!(
+            f,
+            "replay it: SIM_SEED={} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
+            self.seed
+        )?;
+        writeln!(f, "last events:")?;
+        for line in &self.trace_tail {
+            writeln!(f, "  {line}")?;
+        }
+        if !self.history.is_empty() {
+            writeln!(f, "history:\n{}", self.history)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn node_name(id: u64) -> String {
+    format!("n{id}")
+}
+
+fn now_ns() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_nanos() as u64
+}
+
+/// One node's current incarnation, as its host publishes it.
+#[derive(Default)]
+struct Slot {
+    node: Option<Arc<Node>>,
+    /// Bumped by every start.
+    incarnation: u64,
+    /// The last LSN the engine recovered at its latest start.
+    recovered_last: u64,
+}
+
+type Slots = Arc<Mutex<Vec<Slot>>>;
+
+/// The events of a run, hashed as they happen, the latest kept readable.
+struct Trace {
+    /// Print every event as it happens (`SIM_VERBOSE=1`).
+    verbose: bool,
+    hash: DefaultHasher,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Trace {
+    fn new() -> Self {
+        Trace {
+            verbose: std::env::var_os("SIM_VERBOSE").is_some(),
+            hash: DefaultHasher::new(),
+            tail: std::collections::VecDeque::new(),
+        }
+    }
+    fn event(&mut self, step: u64, what: String) {
+        if self.verbose {
+            eprintln!("[{step:>6} ms] {what}");
+        }
+        step.hash(&mut self.hash);
+        what.hash(&mut self.hash);
+        if self.tail.len() == 60 {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(format!("[{:>6} ms] {what}", step));
+    }
+}
+
+/// A write the leader acknowledged at `local`: it may be lost only if the
+/// leader loses power afterwards.
+#[derive(Debug, Clone)]
+struct LocalAck {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    call: u64,
+    lsn: u64,
+}
+
+/// What the clients recorded.
+#[derive(Default)]
+struct Recorded {
+    ops: Vec<Operation>,
+    local_acks: Vec<LocalAck>,
+    writes_acked: usize,
+    reads_ok: usize,
+    unknown: usize,
+    final_write_ok: bool,
+    final_reads_done: bool,
+}
+
+type History = Arc<Mutex<Recorded>>;
+
+fn node_config(id: u64, nodes: usize) -> NodeConfig {
+    let members = (1..=nodes as u64)
+        .map(|m| Member {
+            id: m,
+            addr: SocketAddr::new(turmoil::lookup(node_name(m)), PORT),
+        })
+        .collect();
+    NodeConfig {
+        cluster_id: "sim".into(),
+        node_id: id,
+        listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT),
+        data_dir: DATA_DIR.into(),
+        leader: 1,
+        members,
+        ack: Ack::Quorum,
+        write_timeout_ms: 1000,
+        rpc_timeout_ms: 500,
+        heartbeat_ms: 50,
+        batch_records_max: 32,
+        inflight_bytes_max: 16 << 10,
+        key_bytes_max: 64,
+        value_bytes_max: 256,
+        // Small, so snapshots, segment rolls and WAL deletion happen often
+        // and a cut-off follower needs a snapshot install.
+        snapshot_wal_bytes: 6 << 10,
+        segment_bytes_max: 4096,
+    }
+}
+
+fn endpoints(nodes: usize) -> Vec<SocketAddr> {
+    (1..=nodes as u64)
+        .map(|m| SocketAddr::new(turmoil::lookup(node_name(m)), PORT))
+        .collect()
+}
+
+fn sim_client(nodes: usize) -> Client {
+    Client::with_dialer(
+        endpoints(nodes),
+        Duration::from_millis(1500),
+        Arc::new(SimDialer),
+    )
+}
+
+/// The outcome of one client write.
+fn write_outcome(result: &Result<pb::WriteReply, CallError>) -> Option<Result<u64, ()>> {
+    match result {
+        Ok(reply) => Some(Ok(reply.lsn)),
+        // Refused before it was written: no effect, not in the history.
+        Err(CallError::Status(s)) if s.code() == tonic::Code::InvalidArgument => None,
+        // Anything else may or may not have taken effect.
+        Err(_) => Some(Err(())),
+    }
+}
+
+/// One workload client: random operations until the chaos phase ends.
+async fn workload(
+    client_id: u64,
+    seed: u64,
+    nodes: usize,
+    until: Duration,
+    history: History,
+) -> turmoil::Result {
+    let mut rng = Rng::new(seed);
+    let client = sim_client(nodes);
+    let mut seq = 0u64;
+    while turmoil::sim_elapsed().unwrap_or_default() < until {
+        let key = format!("k{}", rng.below(KEYS as u64)).into_bytes();
+        let roll = rng.below(100);
+        let call = now_ns();
+        if roll < 45 {
+            let resp = client
+                .get(pb::GetRequest {
+                    key: key.clone(),
+                    consistency: pb::ReadConsistency::Default as i32,
+                })
+                .await;
+            let ret = now_ns();
+            if let Ok(reply) = resp {
+                let mut h = lock(&history);
+                h.reads_ok += 1;
+                h.ops.push(Operation {
+                    client: client_id,
+                    key,
+                    input: Input::Get,
+                    output: Output::Read(reply.found.then_some(reply.value)),
+                    call,
+                    ret,
+                });
+            }
+        } else {
+            seq += 1;
+            let local = rng.below(100) < 20;
+            let ack = if local {
+                pb::AckLevel::Local
+            } else {
+                pb::AckLevel::Quorum
+            } as i32;
+            let (input, value, resp) = if roll < 85 {
+                let value = format!("c{client_id}.{seq}").into_bytes();
+                let resp = client
+                    .put(pb::PutRequest {
+                        key: key.clone(),
+                        value: value.clone(),
+                        ack,
+                    })
+                    .await;
+                (Input::Put(value.clone()), Some(value), resp)
+            } else {
+                let resp = client
+                    .delete(pb::DeleteRequest {
+                        key: key.clone(),
+                        ack,
+                    })
+                    .await;
+                (Input::Delete, None, resp)
+            };
+            let ret = now_ns();
+            let outcome = write_outcome(&resp);
+            let mut h = lock(&history);
+            match outcome {
+                None => {}
+                Some(Ok(lsn)) => {
+                    h.writes_acked += 1;
+                    if local {
+                        // Visible only once committed, which may be after
+                        // the ack: for linearizability its outcome is
+                        // "some time after its call"; its survival is
+                        // checked on its own.
+                        h.local_acks.push(LocalAck {
+                            key: key.clone(),
+                            value,
+                            call,
+                            lsn,
+                        });
+                    }
+                    let output = if local {
+                        Output::Unknown
+                    } else {
+                        Output::Written
+                    };
+                    h.ops.push(Operation {
+                        client: client_id,
+                        key,
+                        input,
+                        output,
+                        call,
+                        ret,
+                    });
+                }
+                Some(Err(())) => {
+                    h.unknown += 1;
+                    h.ops.push(Operation {
+                        client: client_id,
+                        key,
+                        input,
+                        output: Output::Unknown,
+                        call,
+                        ret,
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(15))).await;
+    }
+    Ok(())
+}
+
+/// After the faults are healed: one write that must succeed, then a read
+/// of every key (each joins the history).
+async fn final_client(
+    client_id: u64,
+    nodes: usize,
+    start: Duration,
+    history: History,
+) -> turmoil::Result {
+    let wait = start.saturating_sub(turmoil::sim_elapsed().unwrap_or_default());
+    tokio::time::sleep(wait).await;
+    let client = sim_client(nodes);
+    let key = b"k0".to_vec();
+    let value = b"final".to_vec();
+    for _ in 0..40 {
+        let call = now_ns();
+        let resp = client
+            .put(pb::PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                ack: pb::AckLevel::Quorum as i32,
+            })
+            .await;
+        let ret = now_ns();
+        let ok = resp.is_ok();
+        {
+            let mut h = lock(&history);
+            h.ops.push(Operation {
+                client: client_id,
+                key: key.clone(),
+                input: Input::Put(value.clone()),
+                output: if ok { Output::Written } else { Output::Unknown },
+                call,
+                ret,
+            });
+            if ok {
+                h.final_write_ok = true;
+            }
+        }
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for k in 0..KEYS {
+        let key = format!("k{k}").into_bytes();
+        for _ in 0..40 {
+            let call = now_ns();
+            let resp = client
+                .get(pb::GetRequest {
+                    key: key.clone(),
+                    consistency: pb::ReadConsistency::Default as i32,
+                })
+                .await;
+            let ret = now_ns();
+            if let Ok(reply) = resp {
+                lock(&history).ops.push(Operation {
+                    client: client_id,
+                    key: key.clone(),
+                    input: Input::Get,
+                    output: Output::Read(reply.found.then_some(reply.value)),
+                    call,
+                    ret,
+                });
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    lock(&history).final_reads_done = true;
+    Ok(())
+}
+
+/// A fault that ends later, and how to undo it.
+#[derive(Debug, Clone)]
+enum Heal {
+    Repair(String, String),
+    RepairOneway(String, String),
+    Release(String, String),
+    Latency(String, String),
+    Restart(u64),
+}
+
+/// The invariants of simulation.md, checked after every step.
+struct Checker {
+    nodes: usize,
+    /// Per node: the incarnation last seen, its commit LSN then, and its
+    /// durable LSN then (a durable LSN must survive a crash).
+    seen_incarnation: Vec<u64>,
+    last_commit: Vec<u64>,
+    last_durable: Vec<u64>,
+    /// The highest commit LSN any node ever reported.
+    commit_high: u64,
+    /// Leaders seen per term.
+    leaders: BTreeMap<u64, BTreeSet<u64>>,
+    /// Committed records seen so far: LSN -> (term, hash of the operation).
+    committed: BTreeMap<u64, (u64, u64)>,
+    /// Per node: records compared through this LSN (this incarnation).
+    compared_through: Vec<u64>,
+}
+
+fn op_hash(op: &Op) -> u64 {
+    let mut h = DefaultHasher::new();
+    match op {
+        Op::Put { key, value } => (0u8, key, value).hash(&mut h),
+        Op::Delete { key } => (1u8, key).hash(&mut h),
+    }
+    h.finish()
+}
+
+impl Checker {
+    fn new(nodes: usize) -> Self {
+        Checker {
+            nodes,
+            seen_incarnation: vec![0; nodes],
+            last_commit: vec![0; nodes],
+            last_durable: vec![0; nodes],
+            commit_high: 0,
+            leaders: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            compared_through: vec![0; nodes],
+        }
+    }
+
+    fn majority(&self) -> usize {
+        self.nodes / 2 + 1
+    }
+
+    /// Checks every live node's positions; `deep` also compares committed
+    /// records across nodes.
+    fn check(&mut self, slots: &[Slot], deep: bool) -> Result<(), String> {
+        for (i, slot) in slots.iter().enumerate() {
+            let id = i as u64 + 1;
+            let Some(node) = &slot.node else { continue };
+            let engine = node.engine();
+            let st = engine.stats();
+            let commit = engine.commit_lsn();
+            let (applied, durable, last) = (st.applied_lsn, st.durable_lsn, st.last_lsn);
+            if !(applied <= commit && commit <= durable && durable <= last) {
+                return Err(format!(
+                    "node {id}: positions out of order: applied {applied}, commit {commit}, durable {durable}, last {last}"
+                ));
+            }
+            if slot.incarnation != self.seen_incarnation[i] {
+                // A restart: everything it had made durable must be there.
+                if slot.recovered_last < self.last_durable[i] {
+                    return Err(format!(
+                        "node {id}: restarted with its log ending at LSN {}, but LSN {} was durable before",
+                        slot.recovered_last, self.last_durable[i]
+                    ));
+                }
+                self.seen_incarnation[i] = slot.incarnation;
+                self.compared_through[i] = 0;
+            } else if commit < self.last_commit[i] {
+                return Err(format!(
+                    "node {id}: commit LSN went back from {} to {commit}",
+                    self.last_commit[i]
+                ));
+            }
+            self.last_commit[i] = commit;
+            self.last_durable[i] = durable;
+            self.commit_high = self.commit_high.max(commit);
+            let status = node.status();
+            if status.role == "leader" {
+                let leaders = self.leaders.entry(status.term).or_default();
+                leaders.insert(id);
+                if leaders.len() > 1 {
+                    return Err(format!(
+                        "two leaders in term {}: nodes {leaders:?}",
+                        status.term
+                    ));
+                }
+            }
+        }
+        // Every committed record is durable on a majority (a node that is
+        // down counts with what it had made durable).
+        let holders = self
+            .last_durable
+            .iter()
+            .filter(|d| **d >= self.commit_high)
+            .count();
+        if holders < self.majority() {
+            return Err(format!(
+                "LSN {} is committed but durable on only {holders} of {} nodes (durable: {:?})",
+                self.commit_high, self.nodes, self.last_durable
+            ));
+        }
+        if deep {
+            self.compare_records(slots)?;
+        }
+        Ok(())
+    }
+
+    /// A committed LSN holds the same record (term and operation) on every
+    /// node that has it.
+    fn compare_records(&mut self, slots: &[Slot]) -> Result<(), String> {
+        for (i, slot) in slots.iter().enumerate() {
+            let Some(node) = &slot.node else { continue };
+            let engine = node.engine();
+            let commit = engine.commit_lsn();
+            let mut from = (self.compared_through[i] + 1).max(engine.wal_first_lsn());
+            while from <= commit {
+                let records = engine
+                    .read_from(from, 256)
+                    .map_err(|e| format!("node {}: read LSN {from}: {e}", i + 1))?;
+                if records.is_empty() {
+                    break;
+                }
+                for r in records.iter().take_while(|r| r.lsn <= commit) {
+                    let mine = (r.term, op_hash(&r.op));
+                    let reference = *self.committed.entry(r.lsn).or_insert(mine);
+                    if reference != mine {
+                        return Err(format!(
+                            "committed LSN {} differs on node {}: term {} vs {}",
+                            r.lsn,
+                            i + 1,
+                            mine.0,
+                            reference.0
+                        ));
+                    }
+                    from = r.lsn + 1;
+                }
+                if records.last().is_some_and(|r| r.lsn >= commit) {
+                    break;
+                }
+            }
+            self.compared_through[i] = from - 1;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed to the end; `Err` says what broke.
+pub fn run(options: &RunOptions) -> Result<Report, Failure> {
+    let mut run = Run::new(options);
+    let outcome = run.drive();
+    let trace_tail: Vec<String> = run.trace.tail.iter().cloned().collect();
+    match outcome {
+        Ok(report) => Ok(report),
+        Err((message, with_history)) => Err(Failure {
+            seed: options.seed,
+            message,
+            trace_tail,
+            history: if with_history {
+                linearizability::format_history(&lock(&run.history).ops)
+            } else {
+                String::new()
+            },
+        }),
+    }
+}
+
+struct Run<'a> {
+    options: RunOptions,
+    sim: turmoil::Sim<'a>,
+    rng: Rng,
+    slots: Slots,
+    disks: Vec<SimStorage>,
+    history: History,
+    trace: Trace,
+    checker: Checker,
+    heals: Vec<(u64, Heal)>,
+    down: BTreeSet<u64>,
+    /// When (ms) the leader lost power.
+    leader_power_losses: Vec<u64>,
+    faults: usize,
+    step: u64,
+}
+
+impl Run<'_> {
+    fn new(options: &RunOptions) -> Self {
+        let mut rng = Rng::new(options.seed);
+        let mut sim = turmoil::Builder::new()
+            .rng_seed(rng.next_u64())
+            .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+            .simulation_duration(Duration::from_secs(3600))
+            .min_message_latency(Duration::from_micros(200))
+            .max_message_latency(Duration::from_millis(3))
+            .tcp_capacity(4096)
+            .build();
+        let slots: Slots = Arc::new(Mutex::new(
+            (0..options.nodes).map(|_| Slot::default()).collect(),
+        ));
+        let mut disks = Vec::new();
+        for id in 1..=options.nodes as u64 {
+            let disk = SimStorage::new(SimOptions {
+                seed: rng.next_u64(),
+                torn_tails: true,
+            });
+            disks.push(disk.clone());
+            let slots = slots.clone();
+            let nodes = options.nodes;
+            sim.host(node_name(id), move || {
+                let disk = disk.clone();
+                let slots = slots.clone();
+                async move {
+                    let config = node_config(id, nodes);
+                    let engine = match Engine::open(Arc::new(disk), config.engine_config()) {
+                        Ok(engine) => engine,
+                        // An injected I/O error: the process exits, and the
+                        // supervisor starts it again later.
+                        Err(EngineError::Io { .. }) => return Ok(()),
+                        Err(e) => return Err(format!("node {id} cannot open its disk: {e}").into()),
+                    };
+                    let recovered_last = engine.last_lsn();
+                    let env = NodeEnv {
+                        dialer: Arc::new(SimDialer),
+                        offload: Offload::Inline,
+                    };
+                    let node = match Node::with_env(config, Arc::new(engine), env) {
+                        Ok(node) => node,
+                        Err(e) if matches!(e.downcast_ref(), Some(EngineError::Io { .. })) => {
+                            return Ok(());
+                        }
+                        Err(e) => return Err(format!("node {id} cannot start: {e:#}").into()),
+                    };
+                    {
+                        let mut slots = lock(&slots);
+                        let slot = &mut slots[id as usize - 1];
+                        slot.node = Some(node.clone());
+                        slot.incarnation += 1;
+                        slot.recovered_last = recovered_last;
+                    }
+                    let listener =
+                        turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT))
+                            .await?;
+                    serve_incoming(node, incoming(listener), std::future::pending()).await?;
+                    Ok(())
+                }
+            });
+        }
+        let history: History = Arc::new(Mutex::new(Recorded::default()));
+        for c in 1..=options.clients as u64 {
+            let seed = rng.next_u64();
+            sim.client(
+                format!("c{c}"),
+                workload(c, seed, options.nodes, options.chaos, history.clone()),
+            );
+        }
+        let final_start = options.chaos + Duration::from_secs(1);
+        sim.client(
+            "cfinal",
+            final_client(0, options.nodes, final_start, history.clone()),
+        );
+        Run {
+            options: options.clone(),
+            sim,
+            rng,
+            slots,
+            disks,
+            history,
+            trace: Trace::new(),
+            checker: Checker::new(options.nodes),
+            heals: Vec::new(),
+            down: BTreeSet::new(),
+            leader_power_losses: Vec::new(),
+            faults: 0,
+            step: 0,
+        }
+    }
+
+    fn event(&mut self, what: String) {
+        self.trace.event(self.step, what);
+    }
+
+    fn random_node(&mut self) -> u64 {
+        self.rng.below(self.options.nodes as u64) + 1
+    }
+
+    fn other_nodes(&self, id: u64) -> Vec<String> {
+        (1..=self.options.nodes as u64)
+            .filter(|m| *m != id)
+            .map(node_name)
+            .collect()
+    }
+
+    fn heal_at(&mut self, after_ms: u64, heal: Heal) {
+        self.heals.push((self.step + after_ms, heal));
+    }
+
+    /// Power loss: the disk keeps only what was synced (and maybe a torn
+    /// tail); the process dies with it.
+    fn power_off(&mut self, id: u64) {
+        lock(&self.slots)[id as usize - 1].node = None;
+        self.disks[id as usize - 1].crash();
+        self.sim.crash(node_name(id));
+        self.down.insert(id);
+        if id == 1 {
+            self.leader_power_losses.push(self.step);
+        }
+    }
+
+    fn restart(&mut self, id: u64) {
+        lock(&self.slots)[id as usize - 1].node = None;
+        self.sim.bounce(node_name(id));
+        self.down.remove(&id);
+    }
+
+    fn inject_fault(&mut self) {
+        let n = self.options.nodes as u64;
+        let roll = self.rng.below(100);
+        self.faults += 1;
+        match roll {
+            0..=14 => {
+                let (a, b) = (self.random_node(), self.random_node());
+                if a != b {
+                    let ms = 100 + self.rng.below(1500);
+                    self.event(format!("partition n{a} <-> n{b} for {ms} ms"));
+                    self.sim.partition(node_name(a), node_name(b));
+                    self.heal_at(ms, Heal::Repair(node_name(a), node_name(b)));
+                }
+            }
+            15..=24 => {
+                let (a, b) = (self.random_node(), self.random_node());
+                if a != b {
+                    let ms = 100 + self.rng.below(1500);
+                    self.event(format!("one-way partition n{a} -> n{b} for {ms} ms"));
+                    self.sim.partition_oneway(node_name(a), node_name(b));
+                    self.heal_at(ms, Heal::RepairOneway(node_name(a), node_name(b)));
+                }
+            }
+            25..=31 => {
+                let ms = 200 + self.rng.below(2000);
+                self.event(format!("isolate the leader n1 for {ms} ms"));
+                for other in self.other_nodes(1) {
+                    self.sim.partition(node_name(1), other.clone());
+                    self.heal_at(ms, Heal::Repair(node_name(1), other));
+                }
+            }
+            32..=41 => {
+                let (a, b) = (self.random_node(), self.random_node());
+                if a != b {
+                    let ms = 20 + self.rng.below(400);
+                    self.event(format!("hold n{a} <-> n{b} for {ms} ms"));
+                    self.sim.hold(node_name(a), node_name(b));
+                    self.heal_at(ms, Heal::Release(node_name(a), node_name(b)));
+                }
+            }
+            42..=49 => {
+                let (a, b) = (self.random_node(), self.random_node());
+                if a != b {
+                    let lat = 20 + self.rng.below(300);
+                    let ms = 100 + self.rng.below(1000);
+                    self.event(format!("latency {lat} ms on n{a} <-> n{b} for {ms} ms"));
+                    self.sim.set_link_latency(
+                        node_name(a),
+                        node_name(b),
+                        Duration::from_millis(lat),
+                    );
+                    self.heal_at(ms, Heal::Latency(node_name(a), node_name(b)));
+                }
+            }
+            50..=63 => {
+                let id = if self.rng.below(3) == 0 {
+                    1
+                } else {
+                    self.random_node()
+                };
+                if !self.down.contains(&id) {
+                    let ms = 50 + self.rng.below(1500);
+                    self.event(format!("power loss on n{id}, back in {ms} ms"));
+                    self.power_off(id);
+                    self.heal_at(ms, Heal::Restart(id));
+                }
+            }
+            64..=73 => {
+                let id = self.random_node();
+                if !self.down.contains(&id) {
+                    self.event(format!("process restart of n{id} (page cache kept)"));
+                    self.restart(id);
+                }
+            }
+            74..=79 => {
+                let count = 2 + self.rng.below(n - 1);
+                let mut ids: Vec<u64> = (1..=n).collect();
+                self.rng.shuffle(&mut ids);
+                ids.truncate(count as usize);
+                ids.retain(|id| !self.down.contains(id));
+                let ms = 50 + self.rng.below(1000);
+                self.event(format!("power loss on {ids:?} at once, back in {ms} ms"));
+                for id in ids {
+                    self.power_off(id);
+                    self.heal_at(ms, Heal::Restart(id));
+                }
+            }
+            80..=85 => {
+                let id = 2 + self.rng.below(n - 1);
+                let ms = 2000 + self.rng.below(2000);
+                self.event(format!("cut off follower n{id} for {ms} ms"));
+                for other in self.other_nodes(id) {
+                    self.sim.partition(node_name(id), other.clone());
+                    self.heal_at(ms, Heal::Repair(node_name(id), other));
+                }
+            }
+            _ => {
+                let id = self.random_node();
+                if !self.down.contains(&id) {
+                    let disk = &self.disks[id as usize - 1];
+                    if self.rng.below(2) == 0 {
+                        disk.fail_next_sync();
+                        self.event(format!("the next fsync on n{id} fails"));
+                    } else {
+                        disk.fail_next_write();
+                        self.event(format!("the next write on n{id} fails"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_heals(&mut self, all: bool) {
+        let now = self.step;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.heals)
+            .into_iter()
+            .partition(|(at, _)| all || *at <= now);
+        self.heals = later;
+        for (_, heal) in due {
+            match heal {
+                Heal::Repair(a, b) => self.sim.repair(a, b),
+                Heal::RepairOneway(a, b) => self.sim.repair_oneway(a, b),
+                Heal::Release(a, b) => self.sim.release(a, b),
+                Heal::Latency(a, b) => {
+                    self.sim.set_link_latency(a, b, Duration::from_millis(1));
+                }
+                Heal::Restart(id) => {
+                    if self.down.contains(&id) {
+                        self.event(format!("n{id} powers back on"));
+                        self.restart(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A node whose engine was poisoned by an I/O error takes no more
+    /// writes until restarted, and one that hit an I/O error while opening
+    /// exited: a supervisor restarts both.
+    fn restart_poisoned(&mut self) {
+        for id in 1..=self.options.nodes as u64 {
+            if !self.down.contains(&id) && !self.sim.is_host_running(node_name(id)) {
+                self.event(format!(
+                    "n{id} exited after an I/O error at start: start it again"
+                ));
+                self.restart(id);
+            }
+        }
+        let poisoned: Vec<u64> = lock(&self.slots)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.node
+                    .as_ref()
+                    .is_some_and(|n| n.engine().stats().poisoned.is_some())
+            })
+            .map(|(i, _)| i as u64 + 1)
+            .collect();
+        for id in poisoned {
+            self.event(format!("n{id} is poisoned by an I/O error: restart it"));
+            self.restart(id);
+        }
+    }
+
+    fn step_once(&mut self) -> Result<bool, (String, bool)> {
+        let done = self
+            .sim
+            .step()
+            .map_err(|e| (format!("a host failed: {e}"), true))?;
+        self.step += 1;
+        let deep = self.step.is_multiple_of(5);
+        let slots = lock(&self.slots);
+        let checked = self.checker.check(&slots, deep);
+        drop(slots);
+        checked.map_err(|e| (format!("invariant violated: {e}"), true))?;
+        Ok(done)
+    }
+
+    fn drive(&mut self) -> Result<Report, (String, bool)> {
+        let chaos_ms = self.options.chaos.as_millis() as u64;
+        // Chaos.
+        let mut next_fault = 200 + self.rng.below(400);
+        while self.step < chaos_ms {
+            if self.options.faults && self.step >= next_fault {
+                self.inject_fault();
+                next_fault = self.step + 50 + self.rng.below(500);
+            }
+            self.apply_heals(false);
+            if self.step.is_multiple_of(50) {
+                self.restart_poisoned();
+            }
+            self.step_once()?;
+        }
+        // Recovery: heal everything, restart whoever is down.
+        self.event("chaos ends: heal every fault".into());
+        self.apply_heals(true);
+        for d in &self.disks {
+            d.clear_faults();
+        }
+        let down: Vec<u64> = self.down.iter().copied().collect();
+        for id in down {
+            self.restart(id);
+        }
+        let deadline = self.step + 30_000;
+        let mut clients_done = false;
+        let mut converged_at = None;
+        while self.step < deadline {
+            if self.step.is_multiple_of(50) {
+                self.restart_poisoned();
+            }
+            clients_done |= self.step_once()?;
+            if clients_done && let Some(applied) = self.converged() {
+                converged_at = Some(applied);
+                break;
+            }
+        }
+        let statuses = self.statuses();
+        let recorded = lock(&self.history);
+        if !recorded.final_write_ok {
+            return Err((
+                format!("the final write never succeeded after healing: {statuses}"),
+                true,
+            ));
+        }
+        if !recorded.final_reads_done {
+            return Err(("the final reads did not finish".into(), true));
+        }
+        let Some(applied_lsn) = converged_at else {
+            return Err((
+                format!("no convergence within 30 s of healing: {statuses}"),
+                false,
+            ));
+        };
+        let ok = recorded.writes_acked + recorded.reads_ok;
+        if ok < self.options.min_successful_ops {
+            return Err((
+                format!(
+                    "only {ok} successful operations (at least {} required): the cluster was not doing work",
+                    self.options.min_successful_ops
+                ),
+                false,
+            ));
+        }
+        let ops = recorded.ops.clone();
+        let local_acks = recorded.local_acks.clone();
+        let (writes_acked, reads_ok, unknown) =
+            (recorded.writes_acked, recorded.reads_ok, recorded.unknown);
+        drop(recorded);
+        self.check_local_acks(&local_acks)?;
+        match linearizability::check(&ops, Duration::from_secs(20)) {
+            Verdict::Ok => {}
+            Verdict::Illegal { key, explanation } => {
+                return Err((
+                    format!(
+                        "history not linearizable for key {}:\n{explanation}",
+                        String::from_utf8_lossy(&key)
+                    ),
+                    true,
+                ));
+            }
+            Verdict::Unknown { key } => {
+                return Err((
+                    format!(
+                        "linearizability check ran out of time on key {}",
+                        String::from_utf8_lossy(&key)
+                    ),
+                    true,
+                ));
+            }
+        }
+        for op in &ops {
+            format!("{op:?}").hash(&mut self.trace.hash);
+        }
+        applied_lsn.hash(&mut self.trace.hash);
+        Ok(Report {
+            seed: self.options.seed,
+            trace_hash: self.trace.hash.finish(),
+            writes_acked,
+            reads_ok,
+            unknown,
+            faults: self.faults,
+            sim_time: Duration::from_millis(self.step),
+            applied_lsn,
+        })
+    }
+
+    /// Every write acknowledged at `local` is in the final log at its LSN,
+    /// unless the leader lost power after the write was issued.
+    fn check_local_acks(&self, acks: &[LocalAck]) -> Result<(), (String, bool)> {
+        let slots = lock(&self.slots);
+        let Some(leader) = slots[0].node.clone() else {
+            return Err(("the leader is not running at the end".into(), false));
+        };
+        drop(slots);
+        let engine = leader.engine();
+        for ack in acks {
+            if self.leader_lost_power_after(ack.call) {
+                continue;
+            }
+            if ack.lsn < engine.wal_first_lsn() {
+                // Folded into a snapshot; the history check covers it.
+                continue;
+            }
+            let found = engine
+                .read_from(ack.lsn, 1)
+                .map_err(|e| (format!("read LSN {}: {e}", ack.lsn), false))?;
+            let matches = found.first().is_some_and(|r| {
+                r.lsn == ack.lsn
+                    && match (&r.op, &ack.value) {
+                        (Op::Put { key, value }, Some(v)) => *key == ack.key && value == v,
+                        (Op::Delete { key }, None) => *key == ack.key,
+                        _ => false,
+                    }
+            });
+            if !matches {
+                return Err((
+                    format!(
+                        "a write acknowledged at `local` (LSN {}, key {}) is not in the leader's log, and the leader never lost power after it",
+                        ack.lsn,
+                        String::from_utf8_lossy(&ack.key)
+                    ),
+                    true,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn leader_lost_power_after(&self, call_ns: u64) -> bool {
+        self.leader_power_losses
+            .iter()
+            .any(|ms| ms * 1_000_000 >= call_ns)
+    }
+
+    /// `Some(applied)` once every node runs, and all have applied the
+    /// leader's whole log with identical digests.
+    fn converged(&self) -> Option<u64> {
+        let slots = lock(&self.slots);
+        let mut seen: Option<(u64, u64)> = None;
+        let leader_last = slots[0].node.as_ref()?.engine().last_lsn();
+        for slot in slots.iter() {
+            let status = slot.node.as_ref()?.status();
+            if status.applied_lsn != leader_last {
+                return None;
+            }
+            let this = (status.applied_lsn, status.digest);
+            if *seen.get_or_insert(this) != this {
+                return None;
+            }
+        }
+        seen.map(|(applied, _)| applied)
+    }
+
+    fn statuses(&self) -> String {
+        let slots = lock(&self.slots);
+        slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match &s.node {
+                None => format!("n{}: down", i + 1),
+                Some(n) => {
+                    let st = n.status();
+                    format!(
+                        "n{}: {} wal from {} snapshot {} last {} durable {} commit {} applied {} digest {:016x}",
+                        i + 1,
+                        st.role,
+                        n.engine().wal_first_lsn(),
+                        st.snapshot_lsn,
+                        st.last_lsn,
+                        st.durable_lsn,
+                        st.commit_lsn,
+                        st.applied_lsn,
+                        st.digest
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}

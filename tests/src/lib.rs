@@ -1,0 +1,10 @@
+//! kv's deterministic simulation (see `shared/design/simulation.md`):
+//! whole clusters of the real node code under turmoil ([`harness`]), over
+//! the network seams in [`net`], on disks that forget what was never synced
+//! (`kv_node::storage::SimStorage`), with every client history checked by a
+//! per-key linearizability checker ([`linearizability`]).
+
+pub mod harness;
+pub mod linearizability;
+pub mod net;
+pub mod rng;
