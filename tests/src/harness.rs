@@ -182,21 +182,22 @@ impl Trace {
     }
 }
 
-/// A write the leader acknowledged at `local`: it may be lost only if the
-/// leader loses power afterwards.
+/// A write the leader acknowledged, and where: it must be in the final log
+/// at that LSN (at `local`, unless the leader lost power after its call).
 #[derive(Debug, Clone)]
-struct LocalAck {
+struct AckedWrite {
     key: Vec<u8>,
     value: Option<Vec<u8>>,
     call: u64,
     lsn: u64,
+    local: bool,
 }
 
 /// What the clients recorded.
 #[derive(Default)]
 struct Recorded {
     ops: Vec<Operation>,
-    local_acks: Vec<LocalAck>,
+    acked: Vec<AckedWrite>,
     writes_acked: usize,
     reads_ok: usize,
     unknown: usize,
@@ -329,18 +330,17 @@ async fn workload(
                 None => {}
                 Some(Ok(lsn)) => {
                     h.writes_acked += 1;
-                    if local {
-                        // Visible only once committed, which may be after
-                        // the ack: for linearizability its outcome is
-                        // "some time after its call"; its survival is
-                        // checked on its own.
-                        h.local_acks.push(LocalAck {
-                            key: key.clone(),
-                            value,
-                            call,
-                            lsn,
-                        });
-                    }
+                    h.acked.push(AckedWrite {
+                        key: key.clone(),
+                        value,
+                        call,
+                        lsn,
+                        local,
+                    });
+                    // At `local` a write becomes visible once committed,
+                    // which may be after its ack: for linearizability it
+                    // takes effect "some time after its call"; its survival
+                    // is checked on its own.
                     let output = if local {
                         Output::Unknown
                     } else {
@@ -1014,11 +1014,11 @@ impl Run<'_> {
             ));
         }
         let ops = recorded.ops.clone();
-        let local_acks = recorded.local_acks.clone();
+        let acked = recorded.acked.clone();
         let (writes_acked, reads_ok, unknown) =
             (recorded.writes_acked, recorded.reads_ok, recorded.unknown);
         drop(recorded);
-        self.check_local_acks(&local_acks)?;
+        self.check_acked_writes(&acked)?;
         match linearizability::check(&ops, Duration::from_secs(20)) {
             Verdict::Ok => {}
             Verdict::Illegal { key, explanation } => {
@@ -1056,43 +1056,47 @@ impl Run<'_> {
         })
     }
 
-    /// Every write acknowledged at `local` is in the final log at its LSN,
-    /// unless the leader lost power after the write was issued.
-    fn check_local_acks(&self, acks: &[LocalAck]) -> Result<(), (String, bool)> {
-        let slots = lock(&self.slots);
-        let Some(leader) = slots[0].node.clone() else {
-            return Err(("the leader is not running at the end".into(), false));
-        };
-        drop(slots);
-        let engine = leader.engine();
-        for ack in acks {
-            if self.leader_lost_power_after(ack.call) {
-                continue;
-            }
-            if ack.lsn < engine.wal_first_lsn() {
-                // Folded into a snapshot; the history check covers it.
-                continue;
-            }
-            let found = engine
-                .read_from(ack.lsn, 1)
-                .map_err(|e| (format!("read LSN {}: {e}", ack.lsn), false))?;
-            let matches = found.first().is_some_and(|r| {
-                r.lsn == ack.lsn
-                    && match (&r.op, &ack.value) {
-                        (Op::Put { key, value }, Some(v)) => *key == ack.key && value == v,
-                        (Op::Delete { key }, None) => *key == ack.key,
-                        _ => false,
-                    }
-            });
-            if !matches {
-                return Err((
-                    format!(
-                        "a write acknowledged at `local` (LSN {}, key {}) is not in the leader's log, and the leader never lost power after it",
-                        ack.lsn,
-                        String::from_utf8_lossy(&ack.key)
-                    ),
-                    true,
-                ));
+    /// Every acknowledged write is in every node's final log at its LSN
+    /// (where the log still holds that LSN; older ones were folded into
+    /// snapshots, and the history check covers them). One acknowledged at
+    /// `local` may be missing only if the leader lost power after its call.
+    fn check_acked_writes(&self, acked: &[AckedWrite]) -> Result<(), (String, bool)> {
+        let nodes: Vec<Arc<Node>> = lock(&self.slots)
+            .iter()
+            .filter_map(|s| s.node.clone())
+            .collect();
+        for node in &nodes {
+            let engine = node.engine();
+            let id = node.status().node_id;
+            for ack in acked {
+                if ack.local && self.leader_lost_power_after(ack.call) {
+                    continue;
+                }
+                if ack.lsn < engine.wal_first_lsn() {
+                    continue;
+                }
+                let found = engine
+                    .read_from(ack.lsn, 1)
+                    .map_err(|e| (format!("node {id}: read LSN {}: {e}", ack.lsn), false))?;
+                let matches = found.first().is_some_and(|r| {
+                    r.lsn == ack.lsn
+                        && match (&r.op, &ack.value) {
+                            (Op::Put { key, value }, Some(v)) => *key == ack.key && value == v,
+                            (Op::Delete { key }, None) => *key == ack.key,
+                            _ => false,
+                        }
+                });
+                if !matches {
+                    return Err((
+                        format!(
+                            "a write acknowledged at `{}` (LSN {}, key {}) is not in node {id}'s final log",
+                            if ack.local { "local" } else { "quorum" },
+                            ack.lsn,
+                            String::from_utf8_lossy(&ack.key)
+                        ),
+                        true,
+                    ));
+                }
             }
         }
         Ok(())
