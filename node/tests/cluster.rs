@@ -41,8 +41,18 @@ impl Cluster {
         Cluster::start_with("")
     }
 
-    /// Starts a cluster whose node configs also hold `extra` (TOML lines).
+    /// Starts a cluster whose node configs also hold `extra` (TOML lines),
+    /// with node 1 as the fixed leader.
     fn start_with(extra: &str) -> Cluster {
+        Cluster::build(extra, "leader = 1\n")
+    }
+
+    /// Starts a cluster whose members elect their leader.
+    fn start_elected(extra: &str) -> Cluster {
+        Cluster::build(extra, "")
+    }
+
+    fn build(extra: &str, leader: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs = free_ports(3);
         for id in 1..=3u64 {
@@ -52,7 +62,7 @@ impl Cluster {
                 .map(|(i, a)| format!("[[members]]\nid = {}\naddr = \"{a}\"\n", i + 1))
                 .collect();
             let config = format!(
-                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\nleader = 1\nwrite_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}",
+                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\ndata_dir = \"{}\"\n{leader}write_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}",
                 addrs[id as usize - 1],
                 dir.path().join(format!("node{id}")).display()
             );
@@ -163,6 +173,20 @@ impl Cluster {
     }
 
     /// Waits until every node applied the same LSN with the same digest.
+    /// The node that leads the highest term, once one does.
+    fn wait_leader(&self) -> usize {
+        let mut leader = 0;
+        self.wait_until(Duration::from_secs(20), "a leader is elected", |c| {
+            let best = (1..=3)
+                .filter_map(|id| c.status_of(id))
+                .filter(|s| s.role == "leader")
+                .max_by_key(|s| s.term);
+            leader = best.map_or(0, |s| s.node_id as usize);
+            leader != 0
+        });
+        leader
+    }
+
     fn wait_converged(&self) -> (u64, u64) {
         let mut result = (0, 0);
         self.wait_until(Duration::from_secs(20), "all nodes converge", |c| {
@@ -557,7 +581,11 @@ fn a_stale_leader_is_fenced_by_a_higher_term() {
     // the configured leader, still in term 1, is now stale.
     for id in 2..=3 {
         let dir = cluster.dir.path().join(format!("node{id}"));
-        kv_node::server::term::persist(&kv_node::FsStorage, &dir, 7).unwrap();
+        let raised = kv_node::server::term::TermState {
+            term: 7,
+            voted_for: None,
+        };
+        kv_node::server::term::persist(&kv_node::FsStorage, &dir, raised).unwrap();
     }
     for id in 1..=3 {
         cluster.start_node(id);
@@ -574,7 +602,7 @@ fn a_stale_leader_is_fenced_by_a_higher_term() {
     );
     let out = cluster.kv(&["put", "after", "2"], &cluster.endpoint(1));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("deposed"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not leader"));
     for id in 2..=3 {
         let s = cluster.status_of(id).unwrap();
         assert_eq!(
@@ -587,7 +615,9 @@ fn a_stale_leader_is_fenced_by_a_higher_term() {
     cluster.kill(1);
     let dir = cluster.dir.path().join("node1");
     assert_eq!(
-        kv_node::server::term::load(&kv_node::FsStorage, &dir).unwrap(),
+        kv_node::server::term::load(&kv_node::FsStorage, &dir)
+            .unwrap()
+            .term,
         7
     );
 }
@@ -761,4 +791,97 @@ fn sigterm_stops_a_single_node_cleanly_while_the_others_run() {
     cluster.put("b", "2").unwrap();
     let (applied, _) = cluster.wait_converged();
     assert_eq!(applied, 2);
+}
+
+/// Elections: SIGKILL the elected leader under a write load, three times. A
+/// new leader takes writes each time, the old one rejoins as a follower,
+/// and every write acknowledged at `quorum` is on every node at the end.
+#[test]
+fn killing_the_elected_leader_repeatedly_fails_over_and_loses_no_quorum_write() {
+    use kv_node::server::client::Client;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut cluster = Cluster::start_elected("election_timeout_ms = 300\n");
+    cluster.wait_leader();
+    let endpoints = cluster.addrs.clone();
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (endpoints, acked, stop) = (endpoints.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let client = Client::new(endpoints, Duration::from_millis(2000));
+                let mut i = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
+                    let req = pb::PutRequest {
+                        key: key.clone().into_bytes(),
+                        value: value.clone().into_bytes(),
+                        ack: pb::AckLevel::Quorum as i32,
+                    };
+                    if rt.block_on(client.put(req)).is_ok() {
+                        acked.lock().unwrap().push((key, value));
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let old = cluster.wait_leader();
+        let before = acked.lock().unwrap().len();
+        let killed = Instant::now();
+        cluster.kill(old);
+        // A new leader takes writes: the acknowledged count grows again.
+        cluster.wait_until(
+            Duration::from_secs(20),
+            &format!("round {round}: writes resume after node {old} was killed"),
+            |_| acked.lock().unwrap().len() > before + 10,
+        );
+        let new = cluster.wait_leader();
+        assert_ne!(new, old, "round {round}: a new leader");
+        eprintln!(
+            "round {round}: node {old} killed, node {new} leads; writes resumed within {:?}",
+            killed.elapsed()
+        );
+        cluster.start_node(old);
+        cluster.wait_until(
+            Duration::from_secs(20),
+            &format!("round {round}: node {old} rejoins as a follower"),
+            |c| {
+                c.status_of(old)
+                    .is_some_and(|s| s.role == "follower" && s.leader_id != 0)
+            },
+        );
+    }
+    stop.store(true, Ordering::Release);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    cluster.wait_converged();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for id in 1..=3 {
+        let client = Client::new(vec![cluster.addrs[id - 1]], Duration::from_millis(2000));
+        for (key, value) in &acked {
+            let req = pb::GetRequest {
+                key: key.clone().into_bytes(),
+                consistency: pb::ReadConsistency::Stale as i32,
+            };
+            let reply = rt.block_on(client.get(req)).unwrap();
+            assert!(
+                reply.found && reply.value == value.as_bytes(),
+                "node {id} lost {key}"
+            );
+        }
+    }
 }

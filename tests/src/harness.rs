@@ -58,11 +58,14 @@ pub struct RunOptions {
     pub faults: bool,
     /// Fewer successful operations than this fails the run.
     pub min_successful_ops: usize,
+    /// The members elect their leader (the product's default); false: node
+    /// 1 is the fixed leader.
+    pub elections: bool,
 }
 
 impl RunOptions {
     /// The options a seed gets in the sweep: mostly 3 nodes, every fourth
-    /// seed 5.
+    /// seed 5; elections, except every fifth seed (a fixed leader).
     pub fn for_seed(seed: u64) -> RunOptions {
         RunOptions {
             seed,
@@ -71,6 +74,7 @@ impl RunOptions {
             chaos: Duration::from_secs(6),
             faults: true,
             min_successful_ops: 40,
+            elections: seed % 5 != 4,
         }
     }
 }
@@ -207,7 +211,7 @@ struct Recorded {
 
 type History = Arc<Mutex<Recorded>>;
 
-fn node_config(id: u64, nodes: usize) -> NodeConfig {
+fn node_config(id: u64, nodes: usize, elections: bool) -> NodeConfig {
     let members = (1..=nodes as u64)
         .map(|m| Member {
             id: m,
@@ -219,12 +223,13 @@ fn node_config(id: u64, nodes: usize) -> NodeConfig {
         node_id: id,
         listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT),
         data_dir: DATA_DIR.into(),
-        leader: 1,
+        leader: (!elections).then_some(1),
         members,
         ack: Ack::Quorum,
         write_timeout_ms: 1000,
         rpc_timeout_ms: 500,
         heartbeat_ms: 50,
+        election_timeout_ms: 300,
         batch_records_max: 32,
         inflight_bytes_max: 16 << 10,
         key_bytes_max: 64,
@@ -467,8 +472,9 @@ struct Checker {
     commit_high: u64,
     /// Leaders seen per term.
     leaders: BTreeMap<u64, BTreeSet<u64>>,
-    /// Committed records seen so far: LSN -> (term, hash of the operation).
-    committed: BTreeMap<u64, (u64, u64)>,
+    /// Committed records seen so far: LSN -> (term, hash of the operation,
+    /// the node it was first seen on).
+    committed: BTreeMap<u64, (u64, u64, u64)>,
     /// Per node: records compared through this LSN (this incarnation).
     compared_through: Vec<u64>,
 }
@@ -544,6 +550,21 @@ impl Checker {
                         status.term
                     ));
                 }
+                // Leader completeness: it holds every committed record.
+                if last < self.commit_high {
+                    return Err(format!(
+                        "leader n{id} of term {} ends at LSN {last}, but LSN {} is committed",
+                        status.term, self.commit_high
+                    ));
+                }
+                if let Some((term, _, _)) = self.committed.get(&self.commit_high)
+                    && engine.term_at(self.commit_high).is_some_and(|t| t != *term)
+                {
+                    return Err(format!(
+                        "leader n{id} holds another record at committed LSN {}",
+                        self.commit_high
+                    ));
+                }
             }
         }
         // Every committed record is durable on a majority (a node that is
@@ -581,15 +602,16 @@ impl Checker {
                     break;
                 }
                 for r in records.iter().take_while(|r| r.lsn <= commit) {
-                    let mine = (r.term, op_hash(&r.op));
+                    let mine = (r.term, op_hash(&r.op), i as u64 + 1);
                     let reference = *self.committed.entry(r.lsn).or_insert(mine);
-                    if reference != mine {
+                    if (reference.0, reference.1) != (mine.0, mine.1) {
                         return Err(format!(
-                            "committed LSN {} differs on node {}: term {} vs {}",
+                            "committed LSN {} differs: term {} on node {} (commit {commit}), term {} on node {}",
                             r.lsn,
-                            i + 1,
                             mine.0,
-                            reference.0
+                            i + 1,
+                            reference.0,
+                            reference.2
                         ));
                     }
                     from = r.lsn + 1;
@@ -635,8 +657,9 @@ struct Run<'a> {
     checker: Checker,
     heals: Vec<(u64, Heal)>,
     down: BTreeSet<u64>,
-    /// When (ms) the leader lost power.
-    leader_power_losses: Vec<u64>,
+    /// When (ms) a leader lost power or leadership changed hands: a write
+    /// acknowledged at `local` before then may be lost.
+    leader_disruptions: Vec<u64>,
     faults: usize,
     step: u64,
 }
@@ -664,11 +687,13 @@ impl Run<'_> {
             disks.push(disk.clone());
             let slots = slots.clone();
             let nodes = options.nodes;
+            let elections = options.elections;
+            let node_seed = rng.next_u64();
             sim.host(node_name(id), move || {
                 let disk = disk.clone();
                 let slots = slots.clone();
                 async move {
-                    let config = node_config(id, nodes);
+                    let config = node_config(id, nodes, elections);
                     let engine = match Engine::open(Arc::new(disk), config.engine_config()) {
                         Ok(engine) => engine,
                         // An injected I/O error: the process exits, and the
@@ -680,6 +705,7 @@ impl Run<'_> {
                     let env = NodeEnv {
                         dialer: Arc::new(SimDialer),
                         offload: Offload::Inline,
+                        seed: node_seed,
                     };
                     let node = match Node::with_env(config, Arc::new(engine), env) {
                         Ok(node) => node,
@@ -727,7 +753,7 @@ impl Run<'_> {
             checker: Checker::new(options.nodes),
             heals: Vec::new(),
             down: BTreeSet::new(),
-            leader_power_losses: Vec::new(),
+            leader_disruptions: Vec::new(),
             faults: 0,
             step: 0,
         }
@@ -759,8 +785,8 @@ impl Run<'_> {
         self.disks[id as usize - 1].crash();
         self.sim.crash(node_name(id));
         self.down.insert(id);
-        if id == 1 {
-            self.leader_power_losses.push(self.step);
+        if self.leader() == Some(id) {
+            self.leader_disruptions.push(self.step);
         }
     }
 
@@ -795,10 +821,11 @@ impl Run<'_> {
             }
             25..=31 => {
                 let ms = 200 + self.rng.below(2000);
-                self.event(format!("isolate the leader n1 for {ms} ms"));
-                for other in self.other_nodes(1) {
-                    self.sim.partition(node_name(1), other.clone());
-                    self.heal_at(ms, Heal::Repair(node_name(1), other));
+                let leader = self.leader().unwrap_or(1);
+                self.event(format!("isolate the leader n{leader} for {ms} ms"));
+                for other in self.other_nodes(leader) {
+                    self.sim.partition(node_name(leader), other.clone());
+                    self.heal_at(ms, Heal::Repair(node_name(leader), other));
                 }
             }
             32..=41 => {
@@ -825,10 +852,9 @@ impl Run<'_> {
                 }
             }
             50..=63 => {
-                let id = if self.rng.below(3) == 0 {
-                    1
-                } else {
-                    self.random_node()
+                let id = match self.leader() {
+                    Some(leader) if self.rng.below(4) == 0 => leader,
+                    _ => self.random_node(),
                 };
                 if !self.down.contains(&id) {
                     let ms = 50 + self.rng.below(1500);
@@ -858,7 +884,9 @@ impl Run<'_> {
                 }
             }
             80..=85 => {
-                let id = 2 + self.rng.below(n - 1);
+                // A follower: the one after the leader, then some more.
+                let leader = self.leader().unwrap_or(1);
+                let id = (leader + self.rng.below(n - 1)) % n + 1;
                 let ms = 2000 + self.rng.below(2000);
                 self.event(format!("cut off follower n{id} for {ms} ms"));
                 for other in self.other_nodes(id) {
@@ -942,9 +970,13 @@ impl Run<'_> {
         self.step += 1;
         let deep = self.step.is_multiple_of(5);
         let slots = lock(&self.slots);
+        let terms_with_leaders = self.checker.leaders.len();
         let checked = self.checker.check(&slots, deep);
         drop(slots);
         checked.map_err(|e| (format!("invariant violated: {e}"), true))?;
+        if self.checker.leaders.len() != terms_with_leaders {
+            self.leader_disruptions.push(self.step);
+        }
         Ok(done)
     }
 
@@ -955,7 +987,7 @@ impl Run<'_> {
         while self.step < chaos_ms {
             if self.options.faults && self.step >= next_fault {
                 self.inject_fault();
-                next_fault = self.step + 50 + self.rng.below(500);
+                next_fault = self.step + 100 + self.rng.below(900);
             }
             self.apply_heals(false);
             if self.step.is_multiple_of(50) {
@@ -1103,17 +1135,33 @@ impl Run<'_> {
     }
 
     fn leader_lost_power_after(&self, call_ns: u64) -> bool {
-        self.leader_power_losses
+        self.leader_disruptions
             .iter()
             .any(|ms| ms * 1_000_000 >= call_ns)
+    }
+
+    /// The node that leads the highest term now, if any runs.
+    fn leader(&self) -> Option<u64> {
+        lock(&self.slots)
+            .iter()
+            .filter_map(|s| s.node.as_ref())
+            .map(|n| n.status())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.node_id)
     }
 
     /// `Some(applied)` once every node runs, and all have applied the
     /// leader's whole log with identical digests.
     fn converged(&self) -> Option<u64> {
+        let leader = self.leader()?;
         let slots = lock(&self.slots);
         let mut seen: Option<(u64, u64)> = None;
-        let leader_last = slots[0].node.as_ref()?.engine().last_lsn();
+        let leader_last = slots[leader as usize - 1]
+            .node
+            .as_ref()?
+            .engine()
+            .last_lsn();
         for slot in slots.iter() {
             let status = slot.node.as_ref()?.status();
             if status.applied_lsn != leader_last {

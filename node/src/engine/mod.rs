@@ -666,6 +666,22 @@ impl Engine {
         Ok(Self::append_locked(&mut st, term, op, Level::Durable))
     }
 
+    /// Appends the entry a new leader starts its term with
+    /// ([`Op::term_start`], which changes no state) without waiting; returns
+    /// its LSN. Committing it commits everything before it (Raft's rule: a
+    /// leader commits only entries of its own term by counting).
+    pub fn submit_term_start(&self) -> Result<u64> {
+        let mut st = lock(&self.state);
+        self.check_writable(&st)?;
+        let term = st.term;
+        Ok(Self::append_locked(
+            &mut st,
+            term,
+            Op::term_start(),
+            Level::Durable,
+        ))
+    }
+
     /// Runs one flush round if none is running and there is anything to
     /// write or sync: writes the buffered records, syncs, applies what became
     /// durable (committed), wakes waiters. Returns whether it ran.
@@ -1091,6 +1107,9 @@ impl Engine {
                     "append at LSN {} where {expected} is next",
                     r.lsn
                 )));
+            }
+            if r.op.is_term_start() {
+                continue;
             }
             self.validate(
                 r.op.key(),

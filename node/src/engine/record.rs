@@ -40,6 +40,18 @@ impl Op {
         }
     }
 
+    /// The entry a new leader appends to start its term: a delete of the
+    /// empty key, which no client can write (keys are never empty), so it
+    /// changes no state.
+    pub fn term_start() -> Op {
+        Op::Delete { key: Vec::new() }
+    }
+
+    /// True for [`Op::term_start`].
+    pub fn is_term_start(&self) -> bool {
+        matches!(self, Op::Delete { key } if key.is_empty())
+    }
+
     /// The key this operation touches.
     pub fn key(&self) -> &[u8] {
         match self {

@@ -46,12 +46,15 @@ async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<KvClient<Channel>> {
+    // A dead or cut-off node answers no SYN: give connecting a third of the
+    // call's time, so the other endpoints get their turn.
+    let connect_timeout = (timeout / 3).max(Duration::from_millis(100));
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(timeout)
+        .connect_timeout(connect_timeout)
         .timeout(timeout);
-    let channel = dialer
-        .dial(endpoint)
+    let channel = tokio::time::timeout(connect_timeout, dialer.dial(endpoint))
         .await
+        .map_err(|_| anyhow::anyhow!("connect to {addr}: no answer within {connect_timeout:?}"))?
         .with_context(|| format!("connect to {addr}"))?;
     Ok(KvClient::new(channel))
 }
@@ -62,6 +65,8 @@ pub struct Client {
     endpoints: Vec<SocketAddr>,
     timeout: Duration,
     dialer: Arc<dyn Dialer>,
+    /// The endpoint that answered last (the leader, usually): tried first.
+    last_good: Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 /// What a call against the cluster failed with.
@@ -92,60 +97,94 @@ impl Client {
             endpoints,
             timeout,
             dialer,
+            last_good: Arc::default(),
         }
     }
 
-    /// Runs `call` against the endpoints in turn, following redirects.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, CallError>
+    /// Runs `call` against the endpoints, following redirects, until one
+    /// answers or `2 × timeout` has passed (rounds over every endpoint with
+    /// a growing pause between them, so an election can finish).
+    ///
+    /// Only refusals that prove nothing was done are retried elsewhere: a
+    /// failed connect, or "not leader". Any other failure after the request
+    /// was sent is returned as it is — for a write its outcome is unknown,
+    /// and retrying it at another node could apply it twice — unless
+    /// `idempotent` (reads), which try the next endpoint.
+    pub async fn call<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T, CallError>
     where
         F: FnMut(KvClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut queue: Vec<SocketAddr> = self.endpoints.clone();
-        let mut tried = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.timeout * 2;
+        let mut pause = Duration::from_millis(25);
         let mut last_error = String::from("no endpoints");
-        while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
-            if tried.contains(&addr) {
-                continue;
+        loop {
+            let mut queue: Vec<SocketAddr> = self.endpoints.clone();
+            let last_good = *self
+                .last_good
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(addr) = last_good {
+                queue.insert(0, addr);
             }
-            tried.push(addr);
-            let client = match connect(&*self.dialer, addr, self.timeout).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last_error = format!("{e:#}");
+            let mut tried = Vec::new();
+            while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                if tried.contains(&addr) {
                     continue;
                 }
-            };
-            match call(client).await {
-                Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                    let leader = status
-                        .metadata()
-                        .get(LEADER_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<SocketAddr>().ok());
-                    last_error = status.message().to_owned();
-                    if let Some(leader) = leader {
-                        queue.insert(0, leader);
+                tried.push(addr);
+                let client = match connect(&*self.dialer, addr, self.timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_error = format!("{e:#}");
+                        tracing::debug!(%addr, error = %last_error, "connect failed");
+                        continue;
                     }
+                };
+                let reply = call(client).await;
+                if let Err(status) = &reply {
+                    tracing::debug!(%addr, code = ?status.code(), message = status.message(), "call failed");
                 }
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable
-                        && !status.message().starts_with("outcome unknown") =>
-                {
-                    last_error = format!("{addr}: {}", status.message());
+                match reply {
+                    Ok(reply) => {
+                        *self
+                            .last_good
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
+                        return Ok(reply.into_inner());
+                    }
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        let leader = status
+                            .metadata()
+                            .get(LEADER_METADATA)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<SocketAddr>().ok());
+                        last_error = status.message().to_owned();
+                        if let Some(leader) = leader {
+                            queue.insert(0, leader);
+                        }
+                    }
+                    Err(status)
+                        if idempotent && !status.message().starts_with("outcome unknown") =>
+                    {
+                        last_error = format!("{addr}: {}", status.message());
+                    }
+                    Err(status) => return Err(CallError::Status(status)),
                 }
-                Err(status) => return Err(CallError::Status(status)),
             }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(CallError::Unreachable(last_error));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
-        Err(CallError::Unreachable(last_error))
     }
 }
 
 impl Client {
     /// `Put`, with redirects followed.
     pub async fn put(&self, req: pb::PutRequest) -> Result<pb::WriteReply, CallError> {
-        self.call(|mut c| {
+        self.call(false, |mut c| {
             let req = req.clone();
             async move { c.put(req).await }
         })
@@ -154,7 +193,7 @@ impl Client {
 
     /// `Delete`, with redirects followed.
     pub async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::WriteReply, CallError> {
-        self.call(|mut c| {
+        self.call(false, |mut c| {
             let req = req.clone();
             async move { c.delete(req).await }
         })
@@ -163,7 +202,7 @@ impl Client {
 
     /// `Get`, with redirects followed.
     pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
-        self.call(|mut c| {
+        self.call(true, |mut c| {
             let req = req.clone();
             async move { c.get(req).await }
         })
@@ -184,17 +223,26 @@ pub fn parse_ack(s: &str) -> anyhow::Result<pb::AckLevel> {
 
 /// One line per node for `kv status`.
 pub fn status_header() -> &'static str {
-    "node  role      term  leader  last_lsn  durable  commit  applied  snapshot  lag  digest            keys"
+    "node  role       term  vote  leader  last_lsn  durable  commit  applied  snapshot  lag  digest            keys"
 }
 
 /// Formats a status reply as a row (`lag` is the leader's view, if known).
 pub fn status_row(s: &pb::StatusReply, lag: Option<u64>) -> String {
     format!(
-        "{:<5} {:<9} {:<5} {:<7} {:<9} {:<8} {:<7} {:<8} {:<9} {:<4} {:016x}  {}",
+        "{:<5} {:<10} {:<5} {:<5} {:<7} {:<9} {:<8} {:<7} {:<8} {:<9} {:<4} {:016x}  {}",
         s.node_id,
         s.role,
         s.term,
-        s.leader_id,
+        if s.voted_for == 0 {
+            "-".to_owned()
+        } else {
+            s.voted_for.to_string()
+        },
+        if s.leader_id == 0 {
+            "-".to_owned()
+        } else {
+            s.leader_id.to_string()
+        },
         s.last_lsn,
         s.durable_lsn,
         s.commit_lsn,

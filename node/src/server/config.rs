@@ -50,6 +50,9 @@ fn default_rpc_timeout_ms() -> u64 {
 fn default_heartbeat_ms() -> u64 {
     100
 }
+fn default_election_timeout_ms() -> u64 {
+    1000
+}
 fn default_batch_records_max() -> usize {
     1024
 }
@@ -70,7 +73,7 @@ fn default_segment_bytes_max() -> u64 {
 }
 
 /// A node's settings. Every field but `cluster_id`, `node_id`, `listen`,
-/// `data_dir`, `leader` and `members` has a default.
+/// `data_dir` and `members` has a default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -83,8 +86,11 @@ pub struct NodeConfig {
     /// Data directory (created on demand). A relative path is relative to
     /// the directory `kv serve` runs in.
     pub data_dir: PathBuf,
-    /// The node that leads (static until elections arrive).
-    pub leader: u64,
+    /// A fixed leader, with elections off. Default: none, and the members
+    /// elect one (Raft's rules). A fixed leader never fails over; it exists
+    /// for tests and for comparison.
+    #[serde(default)]
+    pub leader: Option<u64>,
     /// Every member, this node included.
     pub members: Vec<Member>,
     /// Default acknowledgement level for writes. Default `quorum`.
@@ -99,6 +105,11 @@ pub struct NodeConfig {
     /// The leader sends an empty append at least this often. Default 100.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time between this and
+    /// twice this starts an election; a leader that hears from no majority
+    /// for this long steps down. Default 1000.
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: u64,
     /// Records in one append batch at most. Default 1024.
     #[serde(default = "default_batch_records_max")]
     pub batch_records_max: usize,
@@ -171,11 +182,14 @@ impl NodeConfig {
         if !ids.contains(&self.node_id) {
             return Err(format!("node_id {} is not a member", self.node_id));
         }
-        if !ids.contains(&self.leader) {
-            return Err(format!("leader {} is not a member", self.leader));
+        if let Some(leader) = self.leader.filter(|l| !ids.contains(l)) {
+            return Err(format!("leader {leader} is not a member"));
         }
         if self.heartbeat_ms == 0 || self.rpc_timeout_ms <= self.heartbeat_ms {
             return Err("rpc_timeout_ms must be longer than heartbeat_ms (> 0)".into());
+        }
+        if self.election_timeout_ms < 2 * self.heartbeat_ms {
+            return Err("election_timeout_ms must be at least twice heartbeat_ms".into());
         }
         if self.batch_records_max == 0 {
             return Err("batch_records_max must be at least 1".into());
@@ -188,9 +202,14 @@ impl NodeConfig {
         self.members.iter().find(|m| m.id == id).map(|m| m.addr)
     }
 
-    /// True if this node is the leader.
-    pub fn is_leader(&self) -> bool {
-        self.node_id == self.leader
+    /// True if this node is the fixed leader (elections off).
+    pub fn is_fixed_leader(&self) -> bool {
+        self.leader == Some(self.node_id)
+    }
+
+    /// True if the members elect their leader.
+    pub fn elections(&self) -> bool {
+        self.leader.is_none()
     }
 
     /// The engine settings this node runs with.
@@ -234,7 +253,7 @@ mod tests {
         let c = parse(BASE).unwrap();
         assert_eq!(c.ack, Ack::Quorum);
         assert_eq!(c.write_timeout_ms, 5000);
-        assert!(!c.is_leader());
+        assert!(!c.is_fixed_leader() && !c.elections());
         assert_eq!(c.addr_of(1), Some("127.0.0.1:7001".parse().unwrap()));
     }
 

@@ -1,5 +1,6 @@
 //! The node's seams to the world outside its own code: how it dials other
-//! nodes, and where it runs engine work that may block on the disk.
+//! nodes, where it runs engine work that may block on the disk, and the
+//! seed of its randomized election timeouts.
 //!
 //! `kv serve` uses the defaults ([`TcpDialer`], [`Offload::Threads`]). A
 //! deterministic simulation swaps in its own dialer (a connector over a
@@ -74,13 +75,20 @@ pub struct NodeEnv {
     pub dialer: Arc<dyn Dialer>,
     /// Where blocking engine work runs.
     pub offload: Offload,
+    /// Seeds the randomized election timeouts (mixed with the node id).
+    pub seed: u64,
 }
 
 impl Default for NodeEnv {
+    /// The real network, threads, and a seed from the clock.
     fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         NodeEnv {
             dialer: Arc::new(TcpDialer),
             offload: Offload::Threads,
+            seed,
         }
     }
 }

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod election;
 pub mod env;
 pub mod flusher;
 pub mod notify;
@@ -25,7 +26,7 @@ pub mod shell;
 pub mod term;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError, Op, Record};
 use config::{Member, NodeConfig};
+use election::{ElectionState, Role};
 use env::NodeEnv;
 use flusher::Flusher;
 use notify::LsnNotifier;
@@ -68,7 +70,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Follower {
     progress: Progress,
     connected: bool,
+    /// The send time of the newest request it acknowledged in this term
+    /// (the leader's lease and check quorum count these).
+    acked_sent: Option<tokio::time::Instant>,
 }
+
+/// One append request in flight to a follower: its last LSN, its bytes,
+/// and when it was sent.
+type Inflight = (u64, u64, tokio::time::Instant);
 
 /// A follower's answer to one append, possibly waiting for durability.
 #[derive(Debug)]
@@ -87,10 +96,9 @@ pub struct Node {
     engine: Arc<Engine>,
     /// The current term; persisted (`TERM`) before it is acted on.
     term: AtomicU64,
-    /// Leader only: set once it saw a higher term. It then takes no more
-    /// writes and serves no more reads (a fenced, stale leader).
-    deposed: AtomicBool,
-    /// Serialises term changes (persist, then publish).
+    /// Role, known leader, vote, timers (see [`election`]).
+    election: Mutex<ElectionState>,
+    /// Serialises term and vote changes (persist, then publish).
     term_lock: tokio::sync::Mutex<()>,
     /// Leader only: every follower's progress.
     followers: Mutex<BTreeMap<u64, Follower>>,
@@ -116,11 +124,11 @@ pub struct Node {
     stopping: watch::Sender<bool>,
     /// How it dials peers and runs blocking engine work.
     env: NodeEnv,
-    /// Leader only: the last LSN its log held when it started. Reads wait
-    /// until the commit LSN covers it: after a restart the commit LSN starts
-    /// from the persisted floor, which may be behind what was already
-    /// committed (and acknowledged) before the restart.
-    read_barrier: u64,
+    /// Leader only: reads wait until the commit LSN covers this LSN — the
+    /// first entry of its term (elections), or the last LSN its log held
+    /// when it started (fixed leader). After a restart or an election the
+    /// commit LSN may be behind what was already committed and acknowledged.
+    read_barrier: AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
@@ -182,12 +190,23 @@ impl Node {
         env: NodeEnv,
     ) -> anyhow::Result<Arc<Node>> {
         let storage = engine.storage();
-        let mut term = term::load(&*storage, &config.data_dir)?;
-        if term < FIRST_TERM {
-            term = FIRST_TERM;
-            term::persist(&*storage, &config.data_dir, term)?;
+        let mut persisted = term::load(&*storage, &config.data_dir)?;
+        if persisted.term < FIRST_TERM {
+            persisted = term::TermState {
+                term: FIRST_TERM,
+                voted_for: None,
+            };
+            term::persist(&*storage, &config.data_dir, persisted)?;
         }
+        let term = persisted.term;
         engine.set_term(term);
+        let (role, leader) = match config.leader {
+            Some(l) if l == config.node_id => (Role::Leader, Some(l)),
+            Some(l) => (Role::Follower, Some(l)),
+            None => (Role::Follower, None),
+        };
+        let seed = env.seed ^ config.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let election = ElectionState::new(role, leader, persisted.voted_for, seed);
         let last = engine.last_lsn();
         let followers = config
             .members
@@ -199,6 +218,7 @@ impl Node {
                     Follower {
                         progress: Progress::new(last),
                         connected: false,
+                        acked_sent: None,
                     },
                 )
             })
@@ -210,7 +230,7 @@ impl Node {
             config,
             engine,
             term: AtomicU64::new(term),
-            deposed: AtomicBool::new(false),
+            election: Mutex::new(election),
             term_lock: tokio::sync::Mutex::new(()),
             followers: Mutex::new(followers),
             commit_tx: watch::channel(commit).0,
@@ -223,7 +243,7 @@ impl Node {
             commit_lock: Mutex::new(()),
             stopping: watch::channel(false).0,
             env,
-            read_barrier: last,
+            read_barrier: AtomicU64::new(last),
         }))
     }
 
@@ -237,53 +257,64 @@ impl Node {
         self.term.load(Ordering::Acquire)
     }
 
-    /// True while this node is the (configured, not deposed) leader.
+    /// True while this node leads its term.
     fn leads(&self) -> bool {
-        self.config.is_leader() && !self.deposed.load(Ordering::Acquire)
+        self.role() == Role::Leader
     }
 
-    /// Adopts a higher term: persisted durably first, then acted on.
+    /// Adopts a higher term: persisted durably first (with no vote), then
+    /// acted on; a leader or candidate becomes a follower.
     async fn adopt_term(&self, new_term: u64) -> Result<(), EngineError> {
         let _one = self.term_lock.lock().await;
         if new_term <= self.term() {
             return Ok(());
         }
-        let storage = self.engine.storage();
-        let dir = self.config.data_dir.clone();
-        self.env
-            .offload
-            .run(move || term::persist(&*storage, &dir, new_term))
-            .await
-            .map_err(join_engine_error)??;
-        self.term.store(new_term, Ordering::Release);
-        self.engine.set_term(new_term);
-        if self.config.is_leader() {
+        self.adopt_term_locked(new_term).await
+    }
+
+    /// [`Node::adopt_term`] with `term_lock` held by the caller.
+    async fn adopt_term_locked(&self, new_term: u64) -> Result<(), EngineError> {
+        self.persist_term(term::TermState {
+            term: new_term,
+            voted_for: None,
+        })
+        .await?;
+        let mut e = lock(&self.election);
+        if e.role == Role::Leader {
             tracing::warn!(new_term, "saw a higher term: this leader steps down");
-            self.deposed.store(true, Ordering::Release);
         }
+        e.role = Role::Follower;
+        e.voted_for = None;
+        // With a fixed leader, followers keep following it; the fixed
+        // leader itself is deposed for good.
+        e.leader = self.config.leader.filter(|l| *l != self.config.node_id);
         Ok(())
     }
 
+    /// The refusal for a request only the leader serves: names the leader
+    /// (and its address, for redirects) when this node knows it.
     fn not_leader(&self) -> Status {
-        if self.config.is_leader() {
-            return Status::unavailable(format!(
-                "not leader: this node was deposed by term {}; the new leader is unknown",
+        let leader = lock(&self.election).leader;
+        match leader.filter(|l| *l != self.config.node_id) {
+            Some(leader) => {
+                let addr = self
+                    .config
+                    .addr_of(leader)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                let mut status = Status::failed_precondition(format!(
+                    "not leader; the leader is node {leader} at {addr}"
+                ));
+                if let Ok(v) = addr.parse() {
+                    status.metadata_mut().insert(LEADER_METADATA, v);
+                }
+                status
+            }
+            None => Status::failed_precondition(format!(
+                "not leader, and no leader is known in term {} (an election may be under way); retry",
                 self.term()
-            ));
+            )),
         }
-        let leader = self.config.leader;
-        let addr = self
-            .config
-            .addr_of(leader)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let mut status = Status::failed_precondition(format!(
-            "not leader; the leader is node {leader} at {addr}"
-        ));
-        if let Ok(v) = addr.parse() {
-            status.metadata_mut().insert(LEADER_METADATA, v);
-        }
-        status
     }
 
     fn ack_level(&self, requested: i32) -> Result<AckLevel, Status> {
@@ -317,6 +348,7 @@ impl Node {
         let durable = self.durable_lsns();
         let new = quorum_commit(&durable, self.term(), |l| self.engine.term_at(l), current);
         if new > current {
+            tracing::trace!(new, term = self.term(), "leader commit advances");
             self.engine.set_commit_lsn(new)?;
             self.commit_tx.send_replace(new);
             self.commit_waiters.advance(new);
@@ -396,21 +428,41 @@ impl Node {
         }
     }
 
-    /// Leader: waits until the commit LSN covers everything the log held at
-    /// start, so a read never misses a write committed before a restart.
-    async fn await_read_barrier(&self) -> Result<(), Status> {
-        let barrier = self.read_barrier;
-        if self.commit() >= barrier {
+    /// Leader: waits until a default read may be served: the commit LSN
+    /// covers the read barrier (so no committed write is missed after a
+    /// restart or an election), and, with elections, the lease says no
+    /// other leader can exist (see [`election`]).
+    async fn confirm_read(&self) -> Result<(), Status> {
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let barrier = self.read_barrier.load(Ordering::Acquire);
+        if self.commit() < barrier
+            && tokio::time::timeout(timeout, self.commit_waiters.wait_for(barrier))
+                .await
+                .is_err()
+        {
+            return Err(Status::unavailable(format!(
+                "the leader has not yet committed its log through LSN {barrier}; retry"
+            )));
+        }
+        if !self.config.elections() {
             return Ok(());
         }
-        let timeout = Duration::from_millis(self.config.write_timeout_ms);
-        tokio::time::timeout(timeout, self.commit_waiters.wait_for(barrier))
-            .await
-            .map_err(|_| {
-                Status::unavailable(format!(
-                    "the leader restarted and has not yet re-committed its log through LSN {barrier}; retry"
-                ))
-            })
+        let poll = Duration::from_millis((self.config.heartbeat_ms / 4).clamp(1, 5));
+        loop {
+            if !self.leads() {
+                return Err(self.not_leader());
+            }
+            if self.lease_valid() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(
+                    "this leader cannot confirm its leadership with a majority; retry",
+                ));
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     /// Records from `from` for shipping: from memory if recent, else (for a
@@ -428,6 +480,9 @@ impl Node {
             if recent
                 .first_key_value()
                 .is_some_and(|(first, _)| *first <= from)
+                && recent
+                    .get(&from)
+                    .is_none_or(|r| self.engine.term_at(r.lsn) == Some(r.term))
             {
                 return Ok(recent
                     .range(from..=through)
@@ -455,7 +510,7 @@ impl Node {
 
     /// Leader: streams the newest snapshot to a follower that is behind the
     /// log, in chunks, and moves its progress to the snapshot on success.
-    async fn send_snapshot(&self, peer: u64) -> anyhow::Result<()> {
+    async fn send_snapshot(&self, peer: u64, term: u64) -> anyhow::Result<()> {
         let engine = self.engine.clone();
         let Some((lsn, bytes)) = self
             .env
@@ -465,7 +520,7 @@ impl Node {
         else {
             anyhow::bail!("follower {peer} is behind the log, and there is no snapshot to send");
         };
-        let term = self.engine.term_at(lsn).unwrap_or(0);
+        let snapshot_term = self.engine.term_at(lsn).unwrap_or(0);
         let addr = self
             .config
             .addr_of(peer)
@@ -478,14 +533,14 @@ impl Node {
             .keep_alive_timeout(rpc);
         let channel = self.env.dialer.dial(endpoint).await?;
         let total = bytes.len() as u64;
-        let from = self.sender();
+        let from = self.sender_in(term);
         let chunks: Vec<pb::SnapshotChunk> = bytes
             .chunks(SNAPSHOT_CHUNK_BYTES)
             .enumerate()
             .map(|(i, data)| pb::SnapshotChunk {
                 from: Some(from.clone()),
                 lsn,
-                term,
+                term: snapshot_term,
                 offset: (i * SNAPSHOT_CHUNK_BYTES) as u64,
                 last: (i + 1) * SNAPSHOT_CHUNK_BYTES >= bytes.len(),
                 data: data.to_vec(),
@@ -503,7 +558,7 @@ impl Node {
         .await
         .map_err(|_| anyhow::anyhow!("snapshot to follower {peer} not done within {deadline:?}"))??
         .into_inner();
-        if let TermAction::StepDown { new_term } = observe_term(self.term(), ack.term) {
+        if let TermAction::StepDown { new_term } = observe_term(term, ack.term) {
             self.adopt_term(new_term).await?;
             anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
         }
@@ -542,24 +597,13 @@ impl Node {
                 .from
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
-            if from.cluster_id != self.config.cluster_id || from.node_id != self.config.leader {
-                return Err(Status::permission_denied(
-                    "snapshot from a node that is not our leader",
-                ));
-            }
-            match observe_term(self.term(), from.term) {
-                TermAction::Reject { ours } => {
-                    return Ok(pb::SnapshotAck {
-                        term: ours,
-                        success: false,
-                        lsn: 0,
-                        error: format!("stale term {}", from.term),
-                    });
-                }
-                TermAction::StepDown { new_term } => {
-                    self.adopt_term(new_term).await.map_err(engine_status)?;
-                }
-                TermAction::Accept => {}
+            if !self.accept_leader(from).await? {
+                return Ok(pb::SnapshotAck {
+                    term: self.term(),
+                    success: false,
+                    lsn: 0,
+                    error: format!("stale term {}", from.term),
+                });
             }
             if *lsn.get_or_insert(chunk.lsn) != chunk.lsn || chunk.offset != bytes.len() as u64 {
                 return Err(Status::invalid_argument("snapshot chunks out of order"));
@@ -608,15 +652,16 @@ impl Node {
     }
 
     /// Leader: keeps one follower up to date, reconnecting forever.
-    async fn replicate(self: Arc<Self>, peer: Member) {
+    /// Leader of `term`: keeps one follower up to date, reconnecting, until
+    /// it no longer leads that term.
+    async fn replicate(self: Arc<Self>, peer: Member, term: u64) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            if self.deposed.load(Ordering::Acquire) {
-                // A deposed leader must never replicate again (its term was
-                // raised to the newer one it saw).
+            if !self.leads_in(term) {
+                // A deposed leader must never replicate again.
                 return;
             }
-            match self.replicate_once(&peer).await {
+            match self.replicate_once(&peer, term).await {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
             }
@@ -630,14 +675,20 @@ impl Node {
     }
 
     fn sender(&self) -> pb::Sender {
+        self.sender_in(self.term())
+    }
+
+    /// This node as the sender of a message of `term` (a replicator keeps
+    /// the term it leads, whatever the node's term has become meanwhile).
+    fn sender_in(&self, term: u64) -> pb::Sender {
         pb::Sender {
             cluster_id: self.config.cluster_id.clone(),
             node_id: self.config.node_id,
-            term: self.term(),
+            term,
         }
     }
 
-    async fn replicate_once(&self, peer: &Member) -> anyhow::Result<()> {
+    async fn replicate_once(&self, peer: &Member, term: u64) -> anyhow::Result<()> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))?
             .connect_timeout(rpc)
@@ -648,26 +699,33 @@ impl Node {
         let (tx, rx) = mpsc::channel::<pb::AppendRequest>(64);
         // Probe first: an empty append at our `next`, to learn where the
         // follower stands.
-        self.send_heartbeat(peer.id, &tx).await?;
+        self.send_heartbeat(peer.id, &tx, term).await?;
         let mut acks = ReplicationClient::new(channel)
             .append(ReceiverStream::new(rx))
             .await?
             .into_inner();
         self.update_follower(peer.id, |f| f.connected = true);
-        // (last LSN, bytes) of each request in flight, in order: one ack each.
-        let mut inflight: VecDeque<(u64, u64)> = VecDeque::from([(0, 0)]);
+        // (last LSN, bytes, sent at) of each request in flight, in order:
+        // one ack each.
+        let mut inflight: VecDeque<Inflight> =
+            VecDeque::from([(0, 0, tokio::time::Instant::now())]);
         let mut durable_rx = self.durable_tx.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut last_ack = tokio::time::Instant::now();
         loop {
-            self.send_batches(peer.id, &tx, &mut inflight).await?;
+            if !self.leads_in(term) {
+                anyhow::bail!("no longer the leader of term {term}");
+            }
+            self.send_batches(peer.id, &tx, &mut inflight, term).await?;
             tokio::select! {
                 biased;
                 ack = acks.message() => {
                     let ack = ack?.ok_or_else(|| anyhow::anyhow!("follower closed the stream"))?;
                     last_ack = tokio::time::Instant::now();
-                    let (_, bytes) = inflight.pop_front().unwrap_or((0, 0));
-                    self.handle_ack(peer.id, ack, bytes).await?;
+                    let Some((_, bytes, sent_at)) = inflight.pop_front() else {
+                        anyhow::bail!("follower {} acknowledged more than was sent", peer.id);
+                    };
+                    self.handle_ack(peer.id, ack, bytes, sent_at, term).await?;
                 }
                 changed = durable_rx.changed() => {
                     changed?;
@@ -677,8 +735,8 @@ impl Node {
                         anyhow::bail!("no acknowledgement within {rpc:?}");
                     }
                     if inflight.is_empty() {
-                        self.send_heartbeat(peer.id, &tx).await?;
-                        inflight.push_back((0, 0));
+                        self.send_heartbeat(peer.id, &tx, term).await?;
+                        inflight.push_back((0, 0, tokio::time::Instant::now()));
                     }
                 }
             }
@@ -689,6 +747,7 @@ impl Node {
         &self,
         peer: u64,
         tx: &mpsc::Sender<pb::AppendRequest>,
+        term: u64,
     ) -> anyhow::Result<()> {
         let next = self.progress_of(peer).map_or(1, |p| p.next_lsn);
         let prev_lsn = next - 1;
@@ -697,7 +756,7 @@ impl Node {
         self.send_append(
             tx,
             pb::AppendRequest {
-                from: Some(self.sender()),
+                from: Some(self.sender_in(term)),
                 prev_lsn,
                 prev_term,
                 records: Vec::new(),
@@ -726,7 +785,8 @@ impl Node {
         &self,
         peer: u64,
         tx: &mpsc::Sender<pb::AppendRequest>,
-        inflight: &mut VecDeque<(u64, u64)>,
+        inflight: &mut VecDeque<Inflight>,
+        term: u64,
     ) -> anyhow::Result<()> {
         let durable = self.engine.durable_lsn();
         loop {
@@ -741,7 +801,7 @@ impl Node {
             if behind_log || self.engine.term_at(next - 1).is_none() {
                 // The follower needs records this log no longer holds (or
                 // ones whose predecessor's term it cannot vouch for).
-                self.send_snapshot(peer).await?;
+                self.send_snapshot(peer, term).await?;
                 continue;
             }
             let records = self
@@ -766,7 +826,7 @@ impl Node {
             self.send_append(
                 tx,
                 pb::AppendRequest {
-                    from: Some(self.sender()),
+                    from: Some(self.sender_in(term)),
                     prev_lsn,
                     prev_term,
                     records,
@@ -775,16 +835,32 @@ impl Node {
             )
             .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
-            inflight.push_back((last, bytes));
+            inflight.push_back((last, bytes, tokio::time::Instant::now()));
         }
     }
 
-    async fn handle_ack(&self, peer: u64, ack: pb::AppendAck, bytes: u64) -> anyhow::Result<()> {
-        if let TermAction::StepDown { new_term } = observe_term(self.term(), ack.term) {
+    async fn handle_ack(
+        &self,
+        peer: u64,
+        ack: pb::AppendAck,
+        bytes: u64,
+        sent_at: tokio::time::Instant,
+        term: u64,
+    ) -> anyhow::Result<()> {
+        if let TermAction::StepDown { new_term } = observe_term(term, ack.term) {
             // A newer term exists: this leader is stale. Persist the term,
             // stop leading, end the stream.
             self.adopt_term(new_term).await?;
             anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
+        }
+        if !self.leads_in(term) {
+            anyhow::bail!("no longer the leader of term {term}");
+        }
+        if ack.term == term {
+            // It follows us in this term: this counts for the lease.
+            self.update_follower(peer, |f| {
+                f.acked_sent = Some(f.acked_sent.map_or(sent_at, |t| t.max(sent_at)));
+            });
         }
         if ack.success {
             self.update_follower(peer, |f| f.progress.acked(ack.durable_lsn, bytes));
@@ -796,6 +872,62 @@ impl Node {
         Ok(())
     }
 
+    /// Follower: checks the sender of an append or snapshot: our cluster, a
+    /// member, and (fixed leader) the configured one. `Ok(false)` if its
+    /// term is stale (the caller refuses, with our term); a higher term is
+    /// persisted first. On success the sender is this term's leader: we
+    /// follow it and restart the election timer.
+    async fn accept_leader(&self, from: &pb::Sender) -> Result<bool, Status> {
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        let fixed_other = self.config.leader.is_some_and(|l| l != from.node_id);
+        if from.node_id == self.config.node_id
+            || self.config.addr_of(from.node_id).is_none()
+            || fixed_other
+        {
+            return Err(Status::permission_denied(format!(
+                "node {} is not the leader of this cluster",
+                from.node_id
+            )));
+        }
+        match observe_term(self.term(), from.term) {
+            TermAction::Reject { .. } => return Ok(false),
+            TermAction::StepDown { new_term } => {
+                self.adopt_term(new_term).await.map_err(engine_status)?;
+            }
+            TermAction::Accept => {}
+        }
+        let mut e = lock(&self.election);
+        if self.term() != from.term {
+            // The term moved on while we persisted: stale after all.
+            return Ok(false);
+        }
+        match e.leader {
+            Some(l) if l != from.node_id => {
+                return Err(Status::failed_precondition(format!(
+                    "node {l} leads term {}, not node {}",
+                    from.term, from.node_id
+                )));
+            }
+            _ => {}
+        }
+        if e.role == Role::Leader {
+            return Err(Status::failed_precondition(format!(
+                "this node leads term {} itself",
+                from.term
+            )));
+        }
+        e.role = Role::Follower;
+        e.leader = Some(from.node_id);
+        e.heard = tokio::time::Instant::now();
+        e.reset_timer(Duration::from_millis(self.config.election_timeout_ms));
+        Ok(true)
+    }
+
     /// Follower: checks one append request and appends its new records (not
     /// yet durable). The acknowledgement is sent by [`Node::acknowledge`]
     /// once they are durable, so the next batch can be appended meanwhile
@@ -805,28 +937,9 @@ impl Node {
         let from = req
             .from
             .ok_or_else(|| Status::invalid_argument("append without a sender"))?;
-        if from.cluster_id != self.config.cluster_id {
-            return Err(Status::permission_denied(format!(
-                "cluster id {:?} is not ours ({:?})",
-                from.cluster_id, self.config.cluster_id
-            )));
-        }
-        if from.node_id != self.config.leader || from.node_id == self.config.node_id {
-            return Err(Status::permission_denied(format!(
-                "node {} is not the leader of this cluster",
-                from.node_id
-            )));
-        }
-        match observe_term(self.term(), from.term) {
+        if !self.accept_leader(&from).await? {
             // A stale leader: refuse, answering with our term (fencing).
-            TermAction::Reject { .. } => {
-                return Ok(self.refusal(format!("stale term {}", from.term)));
-            }
-            // A newer term: persist it durably before acting on it.
-            TermAction::StepDown { new_term } => {
-                self.adopt_term(new_term).await.map_err(engine_status)?;
-            }
-            TermAction::Accept => {}
+            return Ok(self.refusal(format!("stale term {}", from.term)));
         }
         let records = req
             .records
@@ -858,6 +971,14 @@ impl Node {
                 return Ok(refusal);
             }
         };
+        tracing::trace!(
+            prev_lsn = meta.prev_lsn,
+            prev_term = meta.prev_term,
+            records = ?meta.records.first().zip(meta.records.last()),
+            ?truncate_after,
+            append_from,
+            "append accepted"
+        );
         if let Some(lsn) = truncate_after {
             // Rare (a new leader's conflicting records): blocking is fine.
             let engine = self.engine.clone();
@@ -909,6 +1030,7 @@ impl Node {
                 "LSN {batch_last} did not become durable in time"
             )));
         }
+        tracing::trace!(batch_last, commit_lsn, "follower commit");
         self.engine
             .set_commit_lsn(commit_lsn.min(batch_last))
             .map_err(engine_status)?;
@@ -924,7 +1046,11 @@ impl Node {
     /// This node's status, as the `Status` call reports it.
     pub fn status(&self) -> pb::StatusReply {
         let stats = self.engine.stats();
-        let leader = self.leads();
+        let (role, leader_id, voted_for) = {
+            let e = lock(&self.election);
+            (e.role, e.leader, e.voted_for)
+        };
+        let leader = role == Role::Leader;
         let followers = if leader {
             lock(&self.followers)
                 .iter()
@@ -941,13 +1067,9 @@ impl Node {
         };
         pb::StatusReply {
             node_id: self.config.node_id,
-            role: if leader { "leader" } else { "follower" }.into(),
+            role: role.name().into(),
             term: self.term(),
-            leader_id: if self.deposed.load(Ordering::Acquire) {
-                0
-            } else {
-                self.config.leader
-            },
+            leader_id: leader_id.unwrap_or(0),
             last_lsn: stats.last_lsn,
             durable_lsn: stats.durable_lsn,
             commit_lsn: self.engine.commit_lsn(),
@@ -957,11 +1079,12 @@ impl Node {
             keys: stats.keys as u64,
             followers,
             cluster_id: self.config.cluster_id.clone(),
-            leader_addr: self
-                .config
-                .addr_of(self.config.leader)
+            leader_addr: leader_id
+                .and_then(|l| self.config.addr_of(l))
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            voted_for: voted_for.unwrap_or(0),
+            elections: self.config.elections(),
         }
     }
 }
@@ -1012,7 +1135,7 @@ impl Kv for KvService {
             return Err(self.0.not_leader());
         }
         if !stale {
-            self.0.await_read_barrier().await?;
+            self.0.confirm_read().await?;
         }
         self.0
             .engine
@@ -1114,6 +1237,13 @@ impl Replication for ReplicationService {
             self.0.receive_snapshot(req.into_inner()).await?,
         ))
     }
+
+    async fn request_vote(
+        &self,
+        req: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteReply>, Status> {
+        Ok(Response::new(self.0.handle_vote(req.into_inner()).await?))
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off: small acks must not
@@ -1165,17 +1295,21 @@ where
         shutdown.await;
         stopping.stopping.send_replace(true);
     };
-    if node.config.is_leader() {
+    if node.config.is_fixed_leader() && node.leads() {
+        let term = node.term();
         for peer in node
             .config
             .members
             .iter()
             .filter(|m| m.id != node.config.node_id)
         {
-            tokio::spawn(node.clone().replicate(peer.clone()));
+            tokio::spawn(node.clone().replicate(peer.clone(), term));
         }
         // A lone leader commits by itself; others wait for acks.
         node.advance_commit()?;
+    }
+    if node.config.elections() {
+        tokio::spawn(node.clone().run_elections());
     }
     // The standard gRPC health service and server reflection, so ordinary
     // gRPC tools (grpcurl, grpc_health_probe) work against a node.

@@ -86,7 +86,7 @@ async fn run_command(client: &Client, cmd: Command) -> String {
         Command::Size => {
             // Ask a node; if it is not the leader, point at the leader it names.
             let reply = client
-                .call(|mut c| async move {
+                .call(true, |mut c| async move {
                     let s = c.status(pb::StatusRequest {}).await?;
                     if s.get_ref().role == "leader" {
                         return Ok(s);

@@ -1,0 +1,425 @@
+//! Leader election (Raft's rules, replication.md): who leads, campaigns,
+//! votes, the leader's lease and its step-down when it loses its majority.
+//!
+//! - A follower that hears from no leader for its election timeout (random,
+//!   between `election_timeout_ms` and twice that) becomes a candidate: it
+//!   raises its term and votes for itself, both durable first, and asks
+//!   every member for its vote.
+//! - A node grants one vote per term, durably before replying, and only to a
+//!   candidate whose log is at least as up to date as its own (last term,
+//!   then last LSN). It grants none while it has heard from a leader within
+//!   the minimum election timeout, or leads itself (so a partitioned node
+//!   rejoining with a high term cannot depose a working leader, and the
+//!   leader's lease below holds).
+//! - A candidate with a majority leads: it appends an entry of its own term
+//!   ([`crate::engine::Op::term_start`]) and serves no read until that entry
+//!   is committed.
+//! - Reads at the leader use a lease: a follower that acknowledged a request
+//!   the leader sent at `s` votes for nobody until `s + election_timeout` on
+//!   its own clock, so while a majority's acknowledgements are that fresh no
+//!   other leader can exist. The lease is 90% of that window, measured on
+//!   tokio's monotonic clock.
+//! - A leader that has heard from no majority for an election timeout steps
+//!   down (check quorum), so a partitioned minority stops acknowledging.
+//!
+//! With a fixed leader (`leader = N` in the configuration) none of this
+//! runs: the configured node leads in term 1 until a higher term deposes it.
+//!
+//! It does not decide log matching or the commit rule (`kv_cluster`), nor
+//! ship records (`super::Node::replicate`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_proto::v1 as pb;
+use pb::replication_client::ReplicationClient;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::term::TermState;
+use super::{Node, lock};
+use crate::engine::{EngineError, Op};
+
+/// A node's role in its current term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Follows `leader` (if known).
+    Follower,
+    /// Campaigns for votes in its term.
+    Candidate,
+    /// Leads its term.
+    Leader,
+}
+
+impl Role {
+    /// As `kv status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
+/// Election state, under one lock. The term itself is `Node::term`.
+#[derive(Debug)]
+pub(super) struct ElectionState {
+    pub role: Role,
+    /// The leader of the current term, if known.
+    pub leader: Option<u64>,
+    /// Whom this node voted for in the current term (mirrors `TERM`).
+    pub voted_for: Option<u64>,
+    /// When this node last heard from a leader of its term (or started).
+    /// No vote is granted within the minimum election timeout of it.
+    pub heard: Instant,
+    /// When the election timer was last reset.
+    pub timer_start: Instant,
+    /// This round's election timeout (randomized).
+    pub timeout: Duration,
+    /// Leader only: when it took office (check quorum before any ack).
+    pub leading_since: Instant,
+    /// Deterministic per seed: draws the randomized timeouts.
+    pub rng: u64,
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl ElectionState {
+    pub fn new(role: Role, leader: Option<u64>, voted_for: Option<u64>, seed: u64) -> Self {
+        let now = Instant::now();
+        ElectionState {
+            role,
+            leader,
+            voted_for,
+            heard: now,
+            timer_start: now,
+            timeout: Duration::ZERO,
+            leading_since: now,
+            rng: seed,
+        }
+    }
+
+    /// Restarts the election timer with a fresh random timeout in
+    /// `[base, 2 * base)`.
+    pub fn reset_timer(&mut self, base: Duration) {
+        let base_ms = base.as_millis().max(1) as u64;
+        let jitter = splitmix64(&mut self.rng) % base_ms;
+        self.timeout = Duration::from_millis(base_ms + jitter);
+        self.timer_start = Instant::now();
+    }
+}
+
+impl Node {
+    fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.election_timeout_ms)
+    }
+
+    fn majority(&self) -> usize {
+        self.config.members.len() / 2 + 1
+    }
+
+    /// This node's role now.
+    pub fn role(&self) -> Role {
+        lock(&self.election).role
+    }
+
+    /// True while this node leads `term` (replicators of an older term stop).
+    pub(super) fn leads_in(&self, term: u64) -> bool {
+        self.term() == term && self.role() == Role::Leader
+    }
+
+    /// Persists `state` durably (the caller holds `term_lock`), then
+    /// publishes its term.
+    pub(super) async fn persist_term(&self, state: TermState) -> Result<(), EngineError> {
+        let storage = self.engine.storage();
+        let dir = self.config.data_dir.clone();
+        self.env
+            .offload
+            .run(move || super::term::persist(&*storage, &dir, state))
+            .await
+            .map_err(super::join_engine_error)??;
+        self.term
+            .store(state.term, std::sync::atomic::Ordering::Release);
+        self.engine.set_term(state.term);
+        Ok(())
+    }
+
+    /// The election timer (elections on): campaigns when no leader was heard
+    /// for the timeout, and steps a leader down that lost its majority.
+    pub(super) async fn run_elections(self: Arc<Self>) {
+        let tick = Duration::from_millis((self.config.election_timeout_ms / 10).max(1));
+        lock(&self.election).reset_timer(self.election_timeout());
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(tick) => {}
+            }
+            let (role, due) = {
+                let e = lock(&self.election);
+                (e.role, e.timer_start.elapsed() >= e.timeout)
+            };
+            match role {
+                Role::Leader => self.check_quorum(),
+                Role::Follower | Role::Candidate if due => {
+                    // Reset first, so a slow campaign is not started twice;
+                    // a campaign that fails leaves the next one to the timer.
+                    lock(&self.election).reset_timer(self.election_timeout());
+                    tokio::spawn(self.clone().campaign());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Leader: steps down if no majority acknowledged anything it sent
+    /// within an election timeout.
+    fn check_quorum(&self) {
+        let now = Instant::now();
+        let timeout = self.election_timeout();
+        let fresh = self
+            .majority_acked_sent()
+            .unwrap_or_else(|| lock(&self.election).leading_since);
+        if now.duration_since(fresh) > timeout {
+            let mut e = lock(&self.election);
+            if e.role == Role::Leader {
+                tracing::warn!(
+                    term = self.term(),
+                    "no majority heard within the election timeout: stepping down"
+                );
+                e.role = Role::Follower;
+                e.leader = None;
+                e.reset_timer(timeout);
+            }
+        }
+    }
+
+    /// The send time of the newest request a majority (this leader
+    /// included) has acknowledged in this term; `None` if none yet.
+    fn majority_acked_sent(&self) -> Option<Instant> {
+        let need = self.majority() - 1;
+        if need == 0 {
+            return Some(Instant::now());
+        }
+        let mut sent: Vec<Instant> = lock(&self.followers)
+            .values()
+            .filter_map(|f| f.acked_sent)
+            .collect();
+        sent.sort_unstable_by(|a, b| b.cmp(a));
+        sent.get(need - 1).copied()
+    }
+
+    /// Leader: true while its lease says no other leader can exist.
+    pub(super) fn lease_valid(&self) -> bool {
+        let lease = self.election_timeout().mul_f64(0.9);
+        self.majority_acked_sent()
+            .is_some_and(|sent| Instant::now() < sent + lease)
+    }
+
+    /// Becomes a candidate in the next term and asks every member for its
+    /// vote; leads if a majority grants it.
+    async fn campaign(self: Arc<Self>) {
+        let me = self.config.node_id;
+        let term = {
+            let _one = self.term_lock.lock().await;
+            if self.role() == Role::Leader {
+                return;
+            }
+            let term = self.term() + 1;
+            let state = TermState {
+                term,
+                voted_for: Some(me),
+            };
+            if let Err(e) = self.persist_term(state).await {
+                tracing::error!(error = %e, "cannot persist a new term; not campaigning");
+                return;
+            }
+            let mut e = lock(&self.election);
+            e.role = Role::Candidate;
+            e.leader = None;
+            e.voted_for = Some(me);
+            term
+        };
+        tracing::info!(term, "election timeout: campaigning");
+        let last_lsn = self.engine.last_lsn();
+        let request = pb::VoteRequest {
+            from: Some(self.sender()),
+            last_lsn,
+            last_term: self.engine.term_at(last_lsn).unwrap_or(0),
+        };
+        let mut votes = 1;
+        if votes >= self.majority() {
+            self.become_leader(term).await;
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel(self.config.members.len());
+        for peer in self.config.members.iter().filter(|m| m.id != me) {
+            let (node, tx, request, addr) = (self.clone(), tx.clone(), request.clone(), peer.addr);
+            tokio::spawn(async move {
+                let _ = tx.send(node.ask_for_vote(addr, request).await).await;
+            });
+        }
+        drop(tx);
+        while let Some(reply) = rx.recv().await {
+            let Ok(reply) = reply else { continue };
+            if reply.term > term {
+                let _one = self.term_lock.lock().await;
+                if reply.term > self.term() {
+                    let _ = self.adopt_term_locked(reply.term).await;
+                }
+                return;
+            }
+            if reply.granted && reply.term == term {
+                votes += 1;
+                if votes >= self.majority() {
+                    self.become_leader(term).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn ask_for_vote(
+        &self,
+        addr: std::net::SocketAddr,
+        request: pb::VoteRequest,
+    ) -> anyhow::Result<pb::VoteReply> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(rpc)
+            .timeout(rpc);
+        let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
+        let reply =
+            tokio::time::timeout(rpc, ReplicationClient::new(channel).request_vote(request))
+                .await??;
+        Ok(reply.into_inner())
+    }
+
+    /// Takes office in `term` if still its candidate: resets every
+    /// follower's progress, appends the term's first entry, starts the
+    /// replicators.
+    async fn become_leader(self: Arc<Self>, term: u64) {
+        {
+            let mut e = lock(&self.election);
+            if e.role != Role::Candidate || self.term() != term {
+                return;
+            }
+            e.role = Role::Leader;
+            e.leader = Some(self.config.node_id);
+            e.leading_since = Instant::now();
+        }
+        // Records cached while leading an earlier term may since have been
+        // replaced in the log (as a follower): ship only from this term's.
+        lock(&self.recent).clear();
+        let last = self.engine.last_lsn();
+        for f in lock(&self.followers).values_mut() {
+            f.progress = kv_cluster::Progress::new(last);
+            f.connected = false;
+            f.acked_sent = None;
+        }
+        let lsn = match self.engine.submit_term_start() {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot append the term's first entry; stepping down");
+                lock(&self.election).role = Role::Follower;
+                return;
+            }
+        };
+        self.remember(lsn, term, Op::term_start());
+        self.read_barrier
+            .store(lsn, std::sync::atomic::Ordering::Release);
+        tracing::info!(term, lsn, "won the election: leading");
+        for peer in self
+            .config
+            .members
+            .iter()
+            .filter(|m| m.id != self.config.node_id)
+        {
+            tokio::spawn(self.clone().replicate(peer.clone(), term));
+        }
+        // The entry commits like any write: once a majority has it durable.
+        self.flusher.durable(lsn).await;
+        if let Err(e) = self.advance_commit() {
+            tracing::error!(error = %e, "commit failed");
+        }
+    }
+
+    /// The vote handler (`RequestVote`).
+    pub(super) async fn handle_vote(&self, req: pb::VoteRequest) -> Result<pb::VoteReply, Status> {
+        let from = req
+            .from
+            .ok_or_else(|| Status::invalid_argument("vote request without a sender"))?;
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        let candidate = from.node_id;
+        if candidate == self.config.node_id || self.config.addr_of(candidate).is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {candidate} is not another member of this cluster"
+            )));
+        }
+        let _one = self.term_lock.lock().await;
+        let ours = self.term();
+        let refuse = |term: u64, reason: &str| pb::VoteReply {
+            term,
+            granted: false,
+            reason: reason.to_owned(),
+        };
+        if !self.config.elections() {
+            return Ok(refuse(ours, "elections are off (fixed leader)"));
+        }
+        if from.term < ours {
+            return Ok(refuse(ours, "stale term"));
+        }
+        {
+            let e = lock(&self.election);
+            if e.role == Role::Leader || e.heard.elapsed() < self.election_timeout() {
+                // Neither adopt its term nor vote: a leader is (or was just)
+                // active, and its lease relies on this.
+                return Ok(refuse(ours, "a leader is active"));
+            }
+        }
+        if from.term > ours {
+            self.adopt_term_locked(from.term)
+                .await
+                .map_err(super::engine_status)?;
+        }
+        let term = self.term();
+        let last_lsn = self.engine.last_lsn();
+        let last_term = self.engine.term_at(last_lsn).unwrap_or(0);
+        if (req.last_term, req.last_lsn) < (last_term, last_lsn) {
+            return Ok(refuse(term, "the candidate's log is behind ours"));
+        }
+        if let Some(v) = lock(&self.election).voted_for.filter(|v| *v != candidate) {
+            return Ok(refuse(term, &format!("already voted for node {v}")));
+        }
+        // Durable before it is granted: a crash must not let us vote twice.
+        self.persist_term(TermState {
+            term,
+            voted_for: Some(candidate),
+        })
+        .await
+        .map_err(super::engine_status)?;
+        let mut e = lock(&self.election);
+        e.voted_for = Some(candidate);
+        e.reset_timer(self.election_timeout());
+        tracing::info!(term, candidate, "vote granted");
+        Ok(pb::VoteReply {
+            term,
+            granted: true,
+            reason: String::new(),
+        })
+    }
+}
