@@ -58,6 +58,7 @@ pub fn check(config: &EngineConfig) -> anyhow::Result<CheckReport> {
     let sim = SimStorage::new(SimOptions {
         seed: 0,
         torn_tails: false,
+        independent_names: false,
     });
     sim.create_dir_all(dir)?;
     for name in &names {

@@ -50,6 +50,7 @@ fn run_seed(seed: u64) {
     let sim = SimStorage::new(SimOptions {
         seed,
         torn_tails: true,
+        independent_names: true,
     });
     let mut rng = Rng::new(seed);
     let c = small_config();
@@ -239,6 +240,7 @@ fn crash_at_every_storage_operation() {
             let sim = SimStorage::new(SimOptions {
                 seed: stop_after,
                 torn_tails: torn,
+                independent_names: true,
             });
             let mut model = Model::default();
             {

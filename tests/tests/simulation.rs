@@ -5,7 +5,7 @@
 //! - `SIM_SEED=<seed>`: `replay` runs exactly that seed (`SIM_VERBOSE=1`
 //!   prints every fault as it fires, `RUST_LOG=kv_node=debug` the nodes'
 //!   logs).
-//! - `SIM_SEEDS=<n>`: the sweep runs `n` seeds (default 256) with no time
+//! - `SIM_SEEDS=<n>`: the sweep runs `n` seeds (default 200) with no time
 //!   cap; `SIM_SEED_BASE=<b>` moves its first seed (default 1000).
 
 #![allow(clippy::expect_used)]
@@ -83,13 +83,13 @@ fn replay() {
 fn sweep(part: u64) {
     let base = env_u64("SIM_SEED_BASE").unwrap_or(1000);
     let explicit = env_u64("SIM_SEEDS");
-    let count = explicit.unwrap_or(256);
+    let count = explicit.unwrap_or(200);
     // Without an explicit count, a cap keeps CI bounded on a slow machine;
     // hitting it is reported, never silent.
     let cap = if explicit.is_some() {
         Duration::MAX
     } else {
-        Duration::from_secs(240)
+        Duration::from_secs(300)
     };
     let started = Instant::now();
     let mut ran = 0;

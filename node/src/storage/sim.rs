@@ -37,8 +37,13 @@ pub struct SimOptions {
     /// Seed for the choices a crash makes (how much of an unsynced tail survives).
     pub seed: u64,
     /// If true, a crash keeps a random sector-aligned prefix of each file's
-    /// unsynced tail; if false it keeps exactly the durable bytes.
+    /// unsynced tail (sometimes with its last data byte damaged, as a sector
+    /// caught mid-write); if false it keeps exactly the durable bytes.
     pub torn_tails: bool,
+    /// If true, each unsynced change to a directory entry (a create, a
+    /// removal, either side of a rename) survives a crash or not on its
+    /// own; if false a crash keeps exactly the synced entries.
+    pub independent_names: bool,
 }
 
 impl Default for SimOptions {
@@ -46,6 +51,7 @@ impl Default for SimOptions {
         SimOptions {
             seed: 1,
             torn_tails: true,
+            independent_names: false,
         }
     }
 }
@@ -173,8 +179,24 @@ impl SimStorage {
         st.fail_next_sync = false;
         st.fail_next_write = false;
         let mut referenced = Vec::new();
+        let independent = st.options.independent_names;
         for dir in st.dirs.values_mut() {
-            dir.live = dir.durable.clone();
+            let mut survived = dir.durable.clone();
+            if independent {
+                let names: Vec<String> =
+                    dir.live.keys().chain(dir.durable.keys()).cloned().collect();
+                for name in names {
+                    let live = dir.live.get(&name).copied();
+                    if live != dir.durable.get(&name).copied() && splitmix64(&mut st.rng) % 2 == 0 {
+                        match live {
+                            Some(id) => survived.insert(name, id),
+                            None => survived.remove(&name),
+                        };
+                    }
+                }
+            }
+            dir.live = survived.clone();
+            dir.durable = survived;
             referenced.extend(dir.live.values().copied());
         }
         st.inodes.retain(|id, _| referenced.contains(id));
@@ -297,6 +319,14 @@ fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
         out.resize(end, 0);
     }
     out[start..end].copy_from_slice(&written[start..end]);
+    // A sector caught mid-write: sometimes the last data byte kept is wrong
+    // (a reader must notice by its checksum, and cut there).
+    if keep_sectors > 0 && keep_sectors < data_sectors && (roll >> 40) % 2 == 1 {
+        if let Some(i) = out[start..end].iter().rposition(|b| *b != 0) {
+            let b = &mut out[start + i];
+            *b = if *b == 0x5a { 0xa5 } else { *b ^ 0x5a };
+        }
+    }
     out
 }
 

@@ -16,6 +16,7 @@ pub fn sim() -> SimStorage {
     SimStorage::new(SimOptions {
         seed: 1,
         torn_tails: false,
+        independent_names: false,
     })
 }
 
