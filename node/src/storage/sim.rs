@@ -187,7 +187,9 @@ impl SimStorage {
                     dir.live.keys().chain(dir.durable.keys()).cloned().collect();
                 for name in names {
                     let live = dir.live.get(&name).copied();
-                    if live != dir.durable.get(&name).copied() && splitmix64(&mut st.rng) % 2 == 0 {
+                    if live != dir.durable.get(&name).copied()
+                        && splitmix64(&mut st.rng).is_multiple_of(2)
+                    {
                         match live {
                             Some(id) => survived.insert(name, id),
                             None => survived.remove(&name),
@@ -321,11 +323,13 @@ fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
     out[start..end].copy_from_slice(&written[start..end]);
     // A sector caught mid-write: sometimes the last data byte kept is wrong
     // (a reader must notice by its checksum, and cut there).
-    if keep_sectors > 0 && keep_sectors < data_sectors && (roll >> 40) % 2 == 1 {
-        if let Some(i) = out[start..end].iter().rposition(|b| *b != 0) {
-            let b = &mut out[start + i];
-            *b = if *b == 0x5a { 0xa5 } else { *b ^ 0x5a };
-        }
+    if keep_sectors > 0
+        && keep_sectors < data_sectors
+        && (roll >> 40) % 2 == 1
+        && let Some(i) = out[start..end].iter().rposition(|b| *b != 0)
+    {
+        let b = &mut out[start + i];
+        *b = if *b == 0x5a { 0xa5 } else { *b ^ 0x5a };
     }
     out
 }
