@@ -64,6 +64,7 @@ const REGRESSION_SEEDS: &[u64] = &[
     112, // a follower installed a snapshot behind its own durable log and dropped committed records
     1001, // a restarted leader served reads from its persisted commit floor, behind writes it had acknowledged
     1253, // a snapshot send with no deadline hung on a dead connection, and the follower never caught up
+    1106, // elections: a node leading a second time shipped records cached in its earlier term
 ];
 
 #[test]
