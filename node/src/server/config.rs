@@ -51,7 +51,7 @@ fn default_heartbeat_ms() -> u64 {
     100
 }
 fn default_election_timeout_ms() -> u64 {
-    1000
+    300
 }
 fn default_batch_records_max() -> usize {
     1024
@@ -107,7 +107,9 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// A follower that hears no leader for a random time between this and
     /// twice this starts an election; a leader that hears from no majority
-    /// for this long steps down. Default 1000.
+    /// for this long steps down. Default 300 (three heartbeats; on a LAN or
+    /// loopback a round trip is well under a millisecond; raise it for
+    /// slower networks).
     #[serde(default = "default_election_timeout_ms")]
     pub election_timeout_ms: u64,
     /// Records in one append batch at most. Default 1024.
