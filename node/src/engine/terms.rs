@@ -44,11 +44,15 @@ impl TermRuns {
     pub fn push_below(&mut self, lsn: u64, term: u64) {
         assert!(lsn <= self.base.0, "push_below is for the snapshot's range");
         self.below_range = match self.below_range {
-            None => Some((lsn, lsn)),
-            Some((first, last)) => {
-                assert_eq!(lsn, last + 1, "terms are recorded in LSN order");
-                Some((first, lsn))
+            Some((first, last)) if lsn == last + 1 => Some((first, lsn)),
+            Some((_, last)) => {
+                // A gap: recovery skips leftover segments before it; only
+                // the run that reaches the snapshot counts.
+                assert!(lsn > last, "terms are recorded in LSN order");
+                self.below.clear();
+                Some((lsn, lsn))
             }
+            None => Some((lsn, lsn)),
         };
         if self.below.last().is_none_or(|&(_, t)| t != term) {
             self.below.push((lsn, term));

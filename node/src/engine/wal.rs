@@ -89,6 +89,9 @@ pub struct WalRecovery {
     pub tail_bytes_cut: u64,
     /// A half-created last segment that was removed, if any.
     pub removed_segment: Option<PathBuf>,
+    /// Segments wholly covered by the snapshot, left by an interrupted
+    /// deletion, that were removed.
+    pub stale_segments_removed: usize,
 }
 
 /// The recovery verdict for one segment's bytes, before anything is changed.
@@ -280,6 +283,10 @@ impl Wal {
             .map_err(EngineError::io("list data directory", dir))?;
         let mut firsts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         firsts.sort_unstable();
+        // Segments wholly covered by the snapshot, cut off from the rest by
+        // a gap: an interrupted deletion left them (unsynced removals
+        // survive a crash each on its own). Removed in phase 2.
+        let mut stale: Vec<PathBuf> = Vec::new();
 
         // Phase 1: read and judge; change nothing.
         let mut recovery = WalRecovery::default();
@@ -335,6 +342,15 @@ impl Wal {
                         header.first_lsn
                     ),
                 ));
+            }
+            if segments
+                .last()
+                .is_some_and(|prev| header.first_lsn != prev.last_lsn + 1)
+                && header.first_lsn <= replay_from
+            {
+                // The gap lies below what the snapshot covers: the segments
+                // before it are leftovers, not needed by this log.
+                stale.extend(segments.drain(..).map(|s| s.path));
             }
             if let Some(prev) = segments.last()
                 && header.first_lsn != prev.last_lsn + 1
@@ -418,6 +434,12 @@ impl Wal {
         }
 
         // Phase 2: the verdict is "open"; repair, then make it all durable.
+        for path in &stale {
+            storage
+                .remove_file(path)
+                .map_err(EngineError::io("remove stale wal segment", path))?;
+        }
+        recovery.stale_segments_removed = stale.len();
         if let Some(path) = &half_created {
             storage
                 .remove_file(path)
@@ -677,17 +699,21 @@ impl Wal {
         let mut removed = false;
         while self.segments.len() > keep + 1 {
             if let Some(seg) = self.segments.pop() {
+                // Newest first, each removal durable before the next: a
+                // crash between two leaves a log with its tail cut, never
+                // one with a gap (unsynced removals survive a crash each on
+                // its own).
                 self.storage
                     .remove_file(&seg.path)
                     .map_err(EngineError::io("remove wal segment", &seg.path))?;
+                self.storage
+                    .sync_dir(&self.dir)
+                    .map_err(EngineError::io("sync data directory", &self.dir))?;
                 removed = true;
             }
         }
         let seg = self.segments[keep].clone();
         if removed {
-            self.storage
-                .sync_dir(&self.dir)
-                .map_err(EngineError::io("sync data directory", &self.dir))?;
             // The segment holding `lsn` is the active one now.
             self.active = self
                 .storage
