@@ -423,3 +423,108 @@ impl Node {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Engine;
+    use crate::server::config::{Ack, Member, NodeConfig};
+    use crate::server::env::{NodeEnv, Offload, TcpDialer};
+    use crate::storage::{SimOptions, SimStorage};
+
+    fn config() -> NodeConfig {
+        let members = (1..=3)
+            .map(|id| Member {
+                id,
+                addr: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+            })
+            .collect();
+        NodeConfig {
+            cluster_id: "c".into(),
+            node_id: 1,
+            listen: "127.0.0.1:1001".parse().unwrap(),
+            data_dir: "/kv".into(),
+            leader: None,
+            members,
+            ack: Ack::Quorum,
+            write_timeout_ms: 1000,
+            rpc_timeout_ms: 200,
+            heartbeat_ms: 20,
+            election_timeout_ms: 60,
+            batch_records_max: 16,
+            inflight_bytes_max: 1 << 20,
+            key_bytes_max: 64,
+            value_bytes_max: 64,
+            snapshot_wal_bytes: 0,
+            segment_bytes_max: 1 << 20,
+        }
+    }
+
+    fn start(disk: &SimStorage) -> Arc<Node> {
+        let config = config();
+        let engine = Engine::open(Arc::new(disk.clone()), config.engine_config()).unwrap();
+        let env = NodeEnv {
+            dialer: Arc::new(TcpDialer),
+            offload: Offload::Inline,
+            seed: 7,
+        };
+        Node::with_env(config, Arc::new(engine), env).unwrap()
+    }
+
+    fn ask(candidate: u64, term: u64) -> pb::VoteRequest {
+        pb::VoteRequest {
+            from: Some(pb::Sender {
+                cluster_id: "c".into(),
+                node_id: candidate,
+                term,
+            }),
+            last_lsn: 0,
+            last_term: 0,
+        }
+    }
+
+    /// A vote is durable before it is granted: after a power loss right
+    /// after voting, the node refuses a second candidate in the same term.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_vote_survives_a_power_loss_right_after_it_was_granted() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        // Wait out the start-up window in which no vote is granted.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(node.handle_vote(ask(2, 5)).await.unwrap().granted);
+        drop(node);
+        disk.crash();
+        let node = start(&disk);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let again = node.handle_vote(ask(3, 5)).await.unwrap();
+        assert!(!again.granted, "voted twice in term 5: {again:?}");
+        assert_eq!(node.status().voted_for, 2);
+        // The same candidate asking again is fine; a later term is open.
+        assert!(node.handle_vote(ask(2, 5)).await.unwrap().granted);
+        assert!(node.handle_vote(ask(3, 6)).await.unwrap().granted);
+    }
+
+    /// No vote for a candidate whose log is behind ours.
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_vote_for_a_shorter_log() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        node.engine
+            .append_records(vec![crate::engine::Record {
+                lsn: 1,
+                term: 1,
+                op: Op::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                },
+            }])
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let reply = node.handle_vote(ask(2, 5)).await.unwrap();
+        assert!(!reply.granted, "granted to an empty log: {reply:?}");
+        let mut longer = ask(3, 5);
+        longer.last_lsn = 1;
+        longer.last_term = 1;
+        assert!(node.handle_vote(longer).await.unwrap().granted);
+    }
+}
