@@ -504,6 +504,41 @@ mod tests {
         assert!(node.handle_vote(ask(3, 6)).await.unwrap().granted);
     }
 
+    /// A leader serves a read only while a majority's acknowledgements are
+    /// fresh (its lease); without them it refuses, however sure it is that
+    /// it leads.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_leader_without_a_fresh_majority_serves_no_read() {
+        let disk = SimStorage::new(SimOptions::default());
+        let mut config = config();
+        config.write_timeout_ms = 100;
+        let engine = Engine::open(Arc::new(disk.clone()), config.engine_config()).unwrap();
+        let env = NodeEnv {
+            dialer: Arc::new(TcpDialer),
+            offload: Offload::Inline,
+            seed: 7,
+        };
+        let node = Node::with_env(config, Arc::new(engine), env).unwrap();
+        // It believes it leads (as a partitioned old leader would), and its
+        // term's first entry is committed: only the lease is missing.
+        lock(&node.election).role = Role::Leader;
+        let refused = node.confirm_read().await;
+        assert!(refused.is_err(), "served a read with no lease");
+        // One follower (with itself, a majority of 3) acknowledged just now.
+        lock(&node.followers)
+            .values_mut()
+            .next()
+            .unwrap()
+            .acked_sent = Some(Instant::now());
+        node.confirm_read().await.unwrap();
+        // The lease runs out within the election timeout.
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        assert!(
+            node.confirm_read().await.is_err(),
+            "the lease outlived its window"
+        );
+    }
+
     /// No vote for a candidate whose log is behind ours.
     #[tokio::test(flavor = "current_thread")]
     async fn no_vote_for_a_shorter_log() {
