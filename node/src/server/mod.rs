@@ -752,28 +752,29 @@ impl Node {
         let next = self.progress_of(peer).map_or(1, |p| p.next_lsn);
         let prev_lsn = next - 1;
         let prev_term = self.engine.term_at(prev_lsn).unwrap_or(0);
-        let commit_lsn = self.commit();
-        self.send_append(
-            tx,
-            pb::AppendRequest {
-                from: Some(self.sender_in(term)),
-                prev_lsn,
-                prev_term,
-                records: Vec::new(),
-                commit_lsn,
-            },
-        )
-        .await
+        self.send_append(tx, term, prev_lsn, prev_term, Vec::new())
+            .await
     }
 
-    /// Queues one request on a follower's append stream. A stream that
-    /// takes nothing for an RPC timeout is stuck (a full HTTP/2 window on a
-    /// dead connection): give up on it, so the replicator reconnects.
+    /// Queues one append of `term` (records after `prev_lsn`, with our
+    /// commit LSN) on a follower's stream. A stream that takes nothing for
+    /// an RPC timeout is stuck (a full HTTP/2 window on a dead connection):
+    /// give up on it, so the replicator reconnects.
     async fn send_append(
         &self,
         tx: &mpsc::Sender<pb::AppendRequest>,
-        req: pb::AppendRequest,
+        term: u64,
+        prev_lsn: u64,
+        prev_term: u64,
+        records: Vec<pb::LogRecord>,
     ) -> anyhow::Result<()> {
+        let req = pb::AppendRequest {
+            from: Some(self.sender_in(term)),
+            prev_lsn,
+            prev_term,
+            records,
+            commit_lsn: self.commit(),
+        };
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         tokio::time::timeout(rpc, tx.send(req))
             .await
@@ -822,18 +823,8 @@ impl Node {
                 anyhow::bail!("the term of LSN {prev_lsn} is no longer known here");
             };
             let last = records[records.len() - 1].lsn;
-            let commit_lsn = self.commit();
-            self.send_append(
-                tx,
-                pb::AppendRequest {
-                    from: Some(self.sender_in(term)),
-                    prev_lsn,
-                    prev_term,
-                    records,
-                    commit_lsn,
-                },
-            )
-            .await?;
+            self.send_append(tx, term, prev_lsn, prev_term, records)
+                .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
             inflight.push_back((last, bytes, tokio::time::Instant::now()));
         }
