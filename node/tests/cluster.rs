@@ -688,51 +688,14 @@ fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
 
 #[test]
 fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
-    use kv_node::server::client::Client;
-    use std::sync::{Arc, Mutex};
-
     let mut cluster = Cluster::start();
-    let endpoints = cluster.addrs.clone();
-    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let (endpoints, acked, stop) = (endpoints.clone(), acked.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let client = Client::new(endpoints, Duration::from_millis(2000));
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
-                    let req = pb::PutRequest {
-                        key: key.clone().into_bytes(),
-                        value: value.clone().into_bytes(),
-                        ack: pb::AckLevel::Quorum as i32,
-                    };
-                    let ok = rt.block_on(client.put(req.clone())).is_ok();
-                    if ok {
-                        acked.lock().unwrap().push((key, value));
-                    } else {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&cluster, 8);
     std::thread::sleep(Duration::from_millis(500));
     cluster.kill(1);
     std::thread::sleep(Duration::from_millis(200));
     cluster.start_node(1);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    for w in writers {
-        w.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.stop();
     assert!(
         acked.len() > 100,
         "the load ran: {} writes acknowledged",
@@ -780,51 +743,20 @@ fn sigterm_stops_a_single_node_cleanly_while_the_others_run() {
 /// and every write acknowledged at `quorum` is on every node at the end.
 #[test]
 fn killing_the_elected_leader_repeatedly_fails_over_and_loses_no_quorum_write() {
-    use kv_node::server::client::Client;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-
     let mut cluster = Cluster::start_elected("election_timeout_ms = 300\n");
     cluster.wait_leader();
-    let endpoints = cluster.addrs.clone();
-    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (endpoints, acked, stop) = (endpoints.clone(), acked.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let client = Client::new(endpoints, Duration::from_millis(2000));
-                let mut i = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
-                    let req = pb::PutRequest {
-                        key: key.clone().into_bytes(),
-                        value: value.clone().into_bytes(),
-                        ack: pb::AckLevel::Quorum as i32,
-                    };
-                    if rt.block_on(client.put(req)).is_ok() {
-                        acked.lock().unwrap().push((key, value));
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&cluster, 4);
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(400));
         let old = cluster.wait_leader();
-        let before = acked.lock().unwrap().len();
+        let before = load.acked();
         let killed = Instant::now();
         cluster.kill(old);
         // A new leader takes writes: the acknowledged count grows again.
         cluster.wait_until(
             Duration::from_secs(20),
             &format!("round {round}: writes resume after node {old} was killed"),
-            |_| acked.lock().unwrap().len() > before + 10,
+            |_| load.acked() > before + 10,
         );
         let new = cluster.wait_leader();
         assert_ne!(new, old, "round {round}: a new leader");
@@ -842,11 +774,7 @@ fn killing_the_elected_leader_repeatedly_fails_over_and_loses_no_quorum_write() 
             },
         );
     }
-    stop.store(true, Ordering::Release);
-    for w in writers {
-        w.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.stop();
     cluster.wait_converged();
     assert_every_node_has(&cluster, &acked);
 }
@@ -872,5 +800,66 @@ fn assert_every_node_has(cluster: &Cluster, acked: &[(String, String)]) {
                 "node {id} lost {key}"
             );
         }
+    }
+}
+
+/// Writers putting unique keys at `quorum` until stopped, remembering what
+/// was acknowledged.
+struct Load {
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cluster: &Cluster, writers: usize) -> Load {
+        use kv_node::server::client::Client;
+        let acked = std::sync::Arc::<std::sync::Mutex<Vec<(String, String)>>>::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers = (0..writers)
+            .map(|w| {
+                let (endpoints, acked, stop) = (cluster.addrs.clone(), acked.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let client = Client::new(endpoints, Duration::from_millis(2000));
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let (key, value) = (format!("w{w}-{i}"), format!("v{w}-{i}"));
+                        let req = pb::PutRequest {
+                            key: key.clone().into_bytes(),
+                            value: value.clone().into_bytes(),
+                            ack: pb::AckLevel::Quorum as i32,
+                        };
+                        if rt.block_on(client.put(req)).is_ok() {
+                            acked.lock().unwrap().push((key, value));
+                        } else {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            acked,
+            stop,
+            writers,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops the writers; what they had acknowledged.
+    fn stop(self) -> Vec<(String, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for w in self.writers {
+            w.join().unwrap();
+        }
+        self.acked.lock().unwrap().clone()
     }
 }
