@@ -262,7 +262,8 @@ impl Wal {
     /// | any segment | a valid record with a higher LSN, or a valid record with the wrong LSN | mid-log corruption: refuse |
     /// | sealed segment, any damage | - | corruption: refuse |
     /// | last segment, unreadable header | no valid record in the file | half-created: remove, sync dir |
-    /// | LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
+    /// | LSN gap between segments, the later one starting at or below `snapshot_lsn + 1` | - | leftovers of an interrupted deletion before the gap: skip, remove, sync dir |
+    /// | any other LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
     /// | the log starts after `snapshot_lsn + 1` or ends before `snapshot_lsn` | - | records missing: refuse |
     /// | (replicated, `superseded_ok`) the whole log ends before `snapshot_lsn` | - | an installed snapshot superseded it: start after the snapshot |
     /// | any segment, zeros to the end | - | preallocated space: keep |
