@@ -1,5 +1,6 @@
 //! `kv serve`: one cluster node — the engine in replicated mode, the client
-//! API, and WAL shipping from the (configured) leader to the followers.
+//! API, and WAL shipping from the leader (elected, see [`election`], or
+//! fixed by configuration) to the followers.
 //!
 //! The leader appends a client's write to its own WAL and makes it durable
 //! (group commit), then the per-follower replicators ship it; followers
@@ -8,8 +9,8 @@
 //! apply what the leader's commit LSN covers. The protocol decisions are
 //! `kv_cluster`'s; this module carries them out.
 //!
-//! Terms are persisted before they are acted on; a follower refuses a lower
-//! term, and a leader that sees a higher one steps down for good.
+//! Terms are persisted before they are acted on; a node refuses a lower
+//! term, and a leader or candidate that sees a higher one steps down.
 //!
 //! A follower that needs records the leader's log no longer holds gets the
 //! leader's newest snapshot, streamed in chunks, installed durably, and then
