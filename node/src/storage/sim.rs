@@ -321,14 +321,17 @@ fn torn(durable: &[u8], written: &[u8], roll: u64) -> Vec<u8> {
         out.resize(end, 0);
     }
     out[start..end].copy_from_slice(&written[start..end]);
-    // A sector caught mid-write: sometimes the last data byte kept is wrong
+    // A sector caught mid-write: sometimes the last byte written is wrong
     // (a reader must notice by its checksum, and cut there).
+    // Only a byte that was never synced may be damaged: the last non-zero
+    // one the unsynced write put there.
     if keep_sectors > 0
-        && keep_sectors < data_sectors
         && (roll >> 40) % 2 == 1
-        && let Some(i) = out[start..end].iter().rposition(|b| *b != 0)
+        && let Some(i) = (first_diff.min(end)..end)
+            .rev()
+            .find(|&i| out[i] != 0 && durable.get(i) != Some(&out[i]))
     {
-        let b = &mut out[start + i];
+        let b = &mut out[i];
         *b = if *b == 0x5a { 0xa5 } else { *b ^ 0x5a };
     }
     out
