@@ -765,7 +765,10 @@ impl Wal {
             .max()
             .unwrap_or(0)
             .wrapping_add(1);
-        for seg in std::mem::take(&mut self.segments) {
+        // The list of segments changes only once the new log exists: an
+        // I/O error on the way (which poisons the engine) leaves it
+        // describing the old log, never an empty one.
+        for seg in &self.segments {
             self.storage
                 .remove_file(&seg.path)
                 .map_err(EngineError::io("remove wal segment", &seg.path))?;
@@ -780,7 +783,7 @@ impl Wal {
         };
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
         self.active_allocated = info.bytes;
-        self.segments.push(info);
+        self.segments = vec![info];
         self.active = file;
         Ok(())
     }
