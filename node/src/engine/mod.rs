@@ -700,6 +700,28 @@ impl Engine {
         Ok(true)
     }
 
+    /// The first half of a round: writes the buffered records to the WAL
+    /// without syncing them (they are written, not durable, until a later
+    /// [`Engine::flush_step`] syncs). Lets a simulation put time between a
+    /// round's write and its sync, as a real disk's fsync takes. Returns
+    /// whether it wrote anything.
+    pub fn write_step(&self) -> Result<bool> {
+        let plan = {
+            let mut st = lock(&self.state);
+            self.check_writable(&st)?;
+            if st.flushing || st.log.is_empty() {
+                return Ok(false);
+            }
+            let mut plan = Self::begin_round(&mut st);
+            plan.sync = false;
+            st.round_syncs = false;
+            plan
+        };
+        self.run_round(plan);
+        self.check_writable(&lock(&self.state))?;
+        Ok(true)
+    }
+
     /// Blocks until every record up to `lsn` is durable.
     pub fn wait_durable(&self, lsn: u64) -> Result<()> {
         self.wait_for(lsn, Level::Durable)

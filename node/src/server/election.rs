@@ -17,8 +17,10 @@
 //! - Reads at the leader use a lease: a follower that acknowledged a request
 //!   the leader sent at `s` votes for nobody until `s + election_timeout` on
 //!   its own clock, so while a majority's acknowledgements are that fresh no
-//!   other leader can exist. The lease is 90% of that window, measured on
-//!   tokio's monotonic clock.
+//!   other leader can exist. The lease is [`LEASE_FRACTION`] of that window,
+//!   measured on the node's monotonic [`super::env::Clock`]: short enough to
+//!   hold while clock rates differ from true time by up to
+//!   [`super::env::MAX_CLOCK_DRIFT`].
 //! - A leader that has heard from no majority for an election timeout steps
 //!   down (check quorum), so a partitioned minority stops acknowledging.
 //!
@@ -37,9 +39,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::env::MAX_CLOCK_DRIFT;
 use super::term::TermState;
 use super::{Node, lock};
 use crate::engine::{EngineError, Op};
+
+/// The lease, as a fraction of the election timeout: with every clock's
+/// rate within `1 ± d` of true time (`d` = [`MAX_CLOCK_DRIFT`]), a lease of
+/// `(1 - d) / (1 + d)` of the timeout on the leader's clock ends, in true
+/// time, no later than the timeout on any follower's clock, after which a
+/// follower may vote for someone else.
+pub const LEASE_FRACTION: f64 = (1.0 - MAX_CLOCK_DRIFT) / (1.0 + MAX_CLOCK_DRIFT);
 
 /// A node's role in its current term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +103,13 @@ fn splitmix64(state: &mut u64) -> u64 {
 }
 
 impl ElectionState {
-    pub fn new(role: Role, leader: Option<u64>, voted_for: Option<u64>, seed: u64) -> Self {
-        let now = Instant::now();
+    pub fn new(
+        role: Role,
+        leader: Option<u64>,
+        voted_for: Option<u64>,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
         ElectionState {
             role,
             leader,
@@ -108,12 +123,12 @@ impl ElectionState {
     }
 
     /// Restarts the election timer with a fresh random timeout in
-    /// `[base, 2 * base)`.
-    pub fn reset_timer(&mut self, base: Duration) {
+    /// `[base, 2 * base)`, from `now`.
+    pub fn reset_timer(&mut self, base: Duration, now: Instant) {
         let base_ms = base.as_millis().max(1) as u64;
         let jitter = splitmix64(&mut self.rng) % base_ms;
         self.timeout = Duration::from_millis(base_ms + jitter);
-        self.timer_start = Instant::now();
+        self.timer_start = now;
     }
 }
 
@@ -156,7 +171,7 @@ impl Node {
     /// for the timeout, and steps a leader down that lost its majority.
     pub(super) async fn run_elections(self: Arc<Self>) {
         let tick = Duration::from_millis((self.config.election_timeout_ms / 10).max(1));
-        lock(&self.election).reset_timer(self.election_timeout());
+        lock(&self.election).reset_timer(self.election_timeout(), self.env.clock.now());
         let mut stopping = self.stopping.subscribe();
         loop {
             tokio::select! {
@@ -166,14 +181,14 @@ impl Node {
             }
             let (role, due) = {
                 let e = lock(&self.election);
-                (e.role, e.timer_start.elapsed() >= e.timeout)
+                (e.role, self.env.clock.since(e.timer_start) >= e.timeout)
             };
             match role {
                 Role::Leader => self.check_quorum(),
                 Role::Follower | Role::Candidate if due => {
                     // Reset first, so a slow campaign is not started twice;
                     // a campaign that fails leaves the next one to the timer.
-                    lock(&self.election).reset_timer(self.election_timeout());
+                    lock(&self.election).reset_timer(self.election_timeout(), self.env.clock.now());
                     tokio::spawn(self.clone().campaign());
                 }
                 _ => {}
@@ -184,7 +199,7 @@ impl Node {
     /// Leader: steps down if no majority acknowledged anything it sent
     /// within an election timeout.
     fn check_quorum(&self) {
-        let now = Instant::now();
+        let now = self.env.clock.now();
         let timeout = self.election_timeout();
         let fresh = self
             .majority_acked_sent()
@@ -198,7 +213,7 @@ impl Node {
                 );
                 e.role = Role::Follower;
                 e.leader = None;
-                e.reset_timer(timeout);
+                e.reset_timer(timeout, now);
             }
         }
     }
@@ -208,7 +223,7 @@ impl Node {
     fn majority_acked_sent(&self) -> Option<Instant> {
         let need = self.majority() - 1;
         if need == 0 {
-            return Some(Instant::now());
+            return Some(self.env.clock.now());
         }
         let mut sent: Vec<Instant> = lock(&self.followers)
             .values()
@@ -220,9 +235,9 @@ impl Node {
 
     /// Leader: true while its lease says no other leader can exist.
     pub(super) fn lease_valid(&self) -> bool {
-        let lease = self.election_timeout().mul_f64(0.9);
+        let lease = self.election_timeout().mul_f64(LEASE_FRACTION);
         self.majority_acked_sent()
-            .is_some_and(|sent| Instant::now() < sent + lease)
+            .is_some_and(|sent| self.env.clock.now() < sent + lease)
     }
 
     /// Becomes a candidate in the next term and asks every member for its
@@ -315,7 +330,7 @@ impl Node {
             }
             e.role = Role::Leader;
             e.leader = Some(self.config.node_id);
-            e.leading_since = Instant::now();
+            e.leading_since = self.env.clock.now();
         }
         // Records cached while leading an earlier term may since have been
         // replaced in the log (as a follower): ship only from this term's.
@@ -385,7 +400,7 @@ impl Node {
         }
         {
             let e = lock(&self.election);
-            if e.role == Role::Leader || e.heard.elapsed() < self.election_timeout() {
+            if e.role == Role::Leader || self.env.clock.since(e.heard) < self.election_timeout() {
                 // Neither adopt its term nor vote: a leader is (or was just)
                 // active, and its lease relies on this.
                 return Ok(refuse(ours, "a leader is active"));
@@ -414,7 +429,7 @@ impl Node {
         .map_err(super::engine_status)?;
         let mut e = lock(&self.election);
         e.voted_for = Some(candidate);
-        e.reset_timer(self.election_timeout());
+        e.reset_timer(self.election_timeout(), self.env.clock.now());
         tracing::info!(term, candidate, "vote granted");
         Ok(pb::VoteReply {
             term,
@@ -429,7 +444,7 @@ mod tests {
     use super::*;
     use crate::engine::Engine;
     use crate::server::config::{Ack, Member, NodeConfig};
-    use crate::server::env::{NodeEnv, Offload, TcpDialer};
+    use crate::server::env::{Clock, NodeEnv, Offload, TcpDialer};
     use crate::storage::{SimOptions, SimStorage};
 
     fn config() -> NodeConfig {
@@ -466,6 +481,8 @@ mod tests {
         let env = NodeEnv {
             dialer: Arc::new(TcpDialer),
             offload: Offload::Inline,
+            clock: Clock::default(),
+            sync_latency: Duration::ZERO,
             seed: 7,
         };
         Node::with_env(config, Arc::new(engine), env).unwrap()
@@ -516,6 +533,8 @@ mod tests {
         let env = NodeEnv {
             dialer: Arc::new(TcpDialer),
             offload: Offload::Inline,
+            clock: Clock::default(),
+            sync_latency: Duration::ZERO,
             seed: 7,
         };
         let node = Node::with_env(config, Arc::new(engine), env).unwrap();

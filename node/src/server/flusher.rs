@@ -29,6 +29,7 @@ const IDLE_CHECK: Duration = Duration::from_millis(5);
 pub struct Flusher {
     kick: Kick,
     durable: Arc<LsnNotifier>,
+    engine: Arc<Engine>,
 }
 
 /// How a flusher is asked for a round.
@@ -42,13 +43,20 @@ impl Flusher {
     /// Starts the flusher for `engine`, publishing the durable LSN on
     /// `durable_tx` (for replicators) and to its writers. With
     /// [`Offload::Inline`] it must be called inside a tokio runtime.
+    ///
+    /// `sync_latency` (task flusher only; zero in `kv serve`) is simulated
+    /// time let pass between writing a round and syncing it, as a real
+    /// disk's fsync takes: a simulated power loss can then fall between the
+    /// two and find records written but not durable.
     pub fn start(
         engine: Arc<Engine>,
         durable_tx: watch::Sender<u64>,
         offload: Offload,
+        sync_latency: Duration,
     ) -> std::io::Result<Flusher> {
         let durable = Arc::new(LsnNotifier::new(engine.durable_lsn()));
         let publish_to = durable.clone();
+        let handle_engine = engine.clone();
         let kick = match offload {
             Offload::Threads => {
                 let (kick, kicked) = sync_channel(1);
@@ -59,11 +67,21 @@ impl Flusher {
             }
             Offload::Inline => {
                 let kick = Arc::new(Notify::new());
-                tokio::spawn(run_task(engine, kick.clone(), durable_tx, publish_to));
+                tokio::spawn(run_task(
+                    engine,
+                    kick.clone(),
+                    durable_tx,
+                    publish_to,
+                    sync_latency,
+                ));
                 Kick::Task(kick)
             }
         };
-        Ok(Flusher { kick, durable })
+        Ok(Flusher {
+            kick,
+            durable,
+            engine: handle_engine,
+        })
     }
 
     /// Asks for a round soon (never blocks).
@@ -77,9 +95,21 @@ impl Flusher {
     }
 
     /// Waits until `lsn` is durable (kicking the flusher first).
+    ///
+    /// The published position only moves forward, but the log can be cut
+    /// back under it (a follower's truncation, a snapshot install), and
+    /// its LSNs then written again: so the engine has the last word, and a
+    /// stale position is lowered and waited on again.
     pub async fn durable(&self, lsn: u64) {
-        self.kick();
-        self.durable.wait_for(lsn).await;
+        loop {
+            self.kick();
+            self.durable.wait_for(lsn).await;
+            let actual = self.engine.durable_lsn();
+            if actual >= lsn {
+                return;
+            }
+            self.durable.lower_to(actual);
+        }
     }
 }
 
@@ -113,6 +143,7 @@ async fn run_task(
     kick: Arc<Notify>,
     durable_tx: watch::Sender<u64>,
     writers: Arc<LsnNotifier>,
+    sync_latency: Duration,
 ) {
     loop {
         tokio::select! {
@@ -122,6 +153,16 @@ async fn run_task(
         }
         if Arc::strong_count(&kick) == 1 {
             return;
+        }
+        if !sync_latency.is_zero() {
+            match engine.write_step() {
+                Ok(true) => tokio::time::sleep(sync_latency).await,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "write failed; the node takes no more writes");
+                    return;
+                }
+            }
         }
         if !flush_all(&engine, &durable_tx, &writers) {
             return;
@@ -163,5 +204,58 @@ fn publish(current: &mut u64, durable: u64) -> bool {
         true
     } else {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EngineConfig, Op, Record};
+    use crate::storage::{SimOptions, SimStorage};
+
+    fn records(range: std::ops::RangeInclusive<u64>) -> Vec<Record> {
+        range
+            .map(|lsn| Record {
+                lsn,
+                term: 1,
+                op: Op::Put {
+                    key: format!("k{lsn}").into_bytes(),
+                    value: b"v".to_vec(),
+                },
+            })
+            .collect()
+    }
+
+    /// After the log is cut back below what was published as durable, and
+    /// the same LSNs are appended again, waiting for one of them waits for
+    /// its new fsync (the simulation found a follower taking a commit LSN
+    /// beyond its durable log after a snapshot install this way).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_log_cut_back_makes_the_published_durable_position_wait_again() {
+        let mut config = EngineConfig::new("/kv");
+        config.replicated = true;
+        let engine = Arc::new(
+            Engine::open(Arc::new(SimStorage::new(SimOptions::default())), config).unwrap(),
+        );
+        let (durable_tx, _rx) = watch::channel(0);
+        let flusher = Flusher::start(
+            engine.clone(),
+            durable_tx,
+            Offload::Inline,
+            Duration::from_millis(5),
+        )
+        .unwrap();
+        engine.append_records(records(1..=10)).unwrap();
+        flusher.durable(10).await;
+        assert_eq!(engine.durable_lsn(), 10);
+        engine.truncate_after(4).unwrap();
+        engine.append_records(records(5..=8)).unwrap();
+        assert_eq!(engine.durable_lsn(), 4);
+        flusher.durable(8).await;
+        assert!(
+            engine.durable_lsn() >= 8,
+            "LSN 8 reported durable while the engine has {}",
+            engine.durable_lsn()
+        );
     }
 }

@@ -71,13 +71,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Follower {
     progress: Progress,
     connected: bool,
-    /// The send time of the newest request it acknowledged in this term
-    /// (the leader's lease and check quorum count these).
+    /// The send time (on the election clock) of the newest request it
+    /// acknowledged in this term (the leader's lease and check quorum
+    /// count these).
     acked_sent: Option<tokio::time::Instant>,
 }
 
 /// One append request in flight to a follower: its last LSN, its bytes,
-/// and when it was sent.
+/// and when it was sent (on the election clock).
 type Inflight = (u64, u64, tokio::time::Instant);
 
 /// A follower's answer to one append, possibly waiting for durability.
@@ -207,7 +208,7 @@ impl Node {
             None => (Role::Follower, None),
         };
         let seed = env.seed ^ config.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let election = ElectionState::new(role, leader, persisted.voted_for, seed);
+        let election = ElectionState::new(role, leader, persisted.voted_for, seed, env.clock.now());
         let last = engine.last_lsn();
         let followers = config
             .members
@@ -226,7 +227,12 @@ impl Node {
             .collect();
         let commit = engine.commit_lsn();
         let durable_tx = watch::channel(engine.durable_lsn()).0;
-        let flusher = Flusher::start(engine.clone(), durable_tx.clone(), env.offload)?;
+        let flusher = Flusher::start(
+            engine.clone(),
+            durable_tx.clone(),
+            env.offload,
+            env.sync_latency,
+        )?;
         Ok(Arc::new(Node {
             config,
             engine,
@@ -708,8 +714,7 @@ impl Node {
         self.update_follower(peer.id, |f| f.connected = true);
         // (last LSN, bytes, sent at) of each request in flight, in order:
         // one ack each.
-        let mut inflight: VecDeque<Inflight> =
-            VecDeque::from([(0, 0, tokio::time::Instant::now())]);
+        let mut inflight: VecDeque<Inflight> = VecDeque::from([(0, 0, self.env.clock.now())]);
         let mut durable_rx = self.durable_tx.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut last_ack = tokio::time::Instant::now();
@@ -737,7 +742,7 @@ impl Node {
                     }
                     if inflight.is_empty() {
                         self.send_heartbeat(peer.id, &tx, term).await?;
-                        inflight.push_back((0, 0, tokio::time::Instant::now()));
+                        inflight.push_back((0, 0, self.env.clock.now()));
                     }
                 }
             }
@@ -827,7 +832,7 @@ impl Node {
             self.send_append(tx, term, prev_lsn, prev_term, records)
                 .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
-            inflight.push_back((last, bytes, tokio::time::Instant::now()));
+            inflight.push_back((last, bytes, self.env.clock.now()));
         }
     }
 
@@ -915,8 +920,9 @@ impl Node {
         }
         e.role = Role::Follower;
         e.leader = Some(from.node_id);
-        e.heard = tokio::time::Instant::now();
-        e.reset_timer(Duration::from_millis(self.config.election_timeout_ms));
+        let now = self.env.clock.now();
+        e.heard = now;
+        e.reset_timer(Duration::from_millis(self.config.election_timeout_ms), now);
         Ok(true)
     }
 

@@ -58,6 +58,13 @@ impl LsnNotifier {
         }
     }
 
+    /// Moves the position back to `to` if it is ahead (the log it tracks
+    /// was cut back); waiters stay queued.
+    pub fn lower_to(&self, to: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.current = inner.current.min(to);
+    }
+
     /// Resolves once the position reaches `lsn`.
     pub async fn wait_for(&self, lsn: u64) {
         let rx = {

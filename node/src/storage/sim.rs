@@ -79,6 +79,11 @@ struct State {
     inode_next: u64,
     ops: u64,
     fail_after_ops: Option<u64>,
+    /// Armed crash point: once a rename to a name with this prefix
+    /// succeeds, the disk stops after that many more operations.
+    stop_after_rename: Option<(String, u64)>,
+    /// An operation failed because the disk had stopped.
+    stopped: bool,
     fail_next_sync: bool,
     fail_next_write: bool,
     syncs: u64,
@@ -123,7 +128,10 @@ impl State {
     fn tick(&mut self) -> io::Result<()> {
         self.ops += 1;
         match self.fail_after_ops {
-            Some(limit) if self.ops > limit => Err(injected("disk stopped (crash point)")),
+            Some(limit) if self.ops > limit => {
+                self.stopped = true;
+                Err(injected("disk stopped (crash point)"))
+            }
             _ => Ok(()),
         }
     }
@@ -155,6 +163,8 @@ impl SimStorage {
                 inode_next: 1,
                 ops: 0,
                 fail_after_ops: None,
+                stop_after_rename: None,
+                stopped: false,
                 fail_next_sync: false,
                 fail_next_write: false,
                 syncs: 0,
@@ -176,6 +186,8 @@ impl SimStorage {
         let st = &mut *st;
         st.epoch += 1;
         st.fail_after_ops = None;
+        st.stop_after_rename = None;
+        st.stopped = false;
         st.fail_next_sync = false;
         st.fail_next_write = false;
         let mut referenced = Vec::new();
@@ -230,10 +242,25 @@ impl SimStorage {
         st.fail_after_ops = Some(st.ops + n);
     }
 
+    /// Arms a crash point at a dangerous moment: after the next rename to
+    /// a name starting with `prefix` (say, a snapshot put into place), the
+    /// disk stops after `n` more operations. See [`SimStorage::stopped`].
+    pub fn stop_after_rename(&self, prefix: &str, n: u64) {
+        self.lock().stop_after_rename = Some((prefix.to_owned(), n));
+    }
+
+    /// True once an operation failed because the disk had stopped (a
+    /// crash point was reached): the machine should now lose power.
+    pub fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
     /// Drops every injected fault not yet triggered.
     pub fn clear_faults(&self) {
         let mut st = self.lock();
         st.fail_after_ops = None;
+        st.stop_after_rename = None;
+        st.stopped = false;
         st.fail_next_sync = false;
         st.fail_next_write = false;
     }
@@ -482,6 +509,14 @@ impl Storage for SimStorage {
             .live
             .remove(&from_name)
             .ok_or_else(|| not_found(from))?;
+        if st
+            .stop_after_rename
+            .as_ref()
+            .is_some_and(|(prefix, _)| to_name.starts_with(prefix.as_str()))
+            && let Some((_, n)) = st.stop_after_rename.take()
+        {
+            st.fail_after_ops = Some(st.ops + n);
+        }
         st.dir_mut(&to_dir)?.live.insert(to_name, id);
         Ok(())
     }
