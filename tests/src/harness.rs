@@ -21,13 +21,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use kv_node::engine::{Engine, EngineError, Op};
 use kv_node::server::client::{CallError, Client};
 use kv_node::server::config::{Ack, Member, NodeConfig};
-use kv_node::server::env::{NodeEnv, Offload};
+use kv_node::server::env::{Clock, MAX_CLOCK_DRIFT, NodeEnv, Offload};
 use kv_node::server::{Node, serve_incoming};
 use kv_node::storage::{SimOptions, SimStorage};
 use kv_proto::v1 as pb;
@@ -156,6 +157,8 @@ struct Slot {
     incarnation: u64,
     /// The last LSN the engine recovered at its latest start.
     recovered_last: u64,
+    /// The term and vote (0: none) it recovered at its latest start.
+    recovered_vote: (u64, u64),
 }
 
 type Slots = Arc<Mutex<Vec<Slot>>>;
@@ -251,11 +254,15 @@ fn endpoints(nodes: usize) -> Vec<SocketAddr> {
 }
 
 fn sim_client(nodes: usize) -> Client {
-    Client::with_dialer(
-        endpoints(nodes),
-        Duration::from_millis(1500),
-        Arc::new(SimDialer),
-    )
+    sim_client_from(nodes, 0)
+}
+
+/// A client whose endpoint list starts at node `first + 1` (as a fresh
+/// client process configured with another node first would).
+fn sim_client_from(nodes: usize, first: usize) -> Client {
+    let mut list = endpoints(nodes);
+    list.rotate_left(first % nodes.max(1));
+    Client::with_dialer(list, Duration::from_millis(1500), Arc::new(SimDialer))
 }
 
 /// The outcome of one client write.
@@ -278,9 +285,20 @@ async fn workload(
     history: History,
 ) -> turmoil::Result {
     let mut rng = Rng::new(seed);
-    let client = sim_client(nodes);
+    let sticky = sim_client(nodes);
     let mut seq = 0u64;
     while turmoil::sim_elapsed().unwrap_or_default() < until {
+        // Mostly the same client, which sticks to the node that answered
+        // last; sometimes a fresh one that starts at a random node, so
+        // clients disagree about who leads (a deposed leader that still
+        // believes it leads keeps getting some of them).
+        let fresh;
+        let client = if rng.below(4) == 0 {
+            fresh = sim_client_from(nodes, rng.below(nodes as u64) as usize);
+            &fresh
+        } else {
+            &sticky
+        };
         let key = format!("k{}", rng.below(KEYS as u64)).into_bytes();
         let roll = rng.below(100);
         let call = now_ns();
@@ -529,6 +547,9 @@ struct Checker {
     seen_incarnation: Vec<u64>,
     last_commit: Vec<u64>,
     last_durable: Vec<u64>,
+    /// Per node: the term and vote (0: none) it last showed. Both were
+    /// durable before it showed them, so a restart must bring them back.
+    last_vote: Vec<(u64, u64)>,
     /// The highest commit LSN any node ever reported.
     commit_high: u64,
     /// Leaders seen per term.
@@ -556,6 +577,7 @@ impl Checker {
             seen_incarnation: vec![0; nodes],
             last_commit: vec![0; nodes],
             last_durable: vec![0; nodes],
+            last_vote: vec![(0, 0); nodes],
             commit_high: 0,
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
@@ -590,6 +612,15 @@ impl Checker {
                         slot.recovered_last, self.last_durable[i]
                     ));
                 }
+                // Its term and vote too (a vote forgotten is a second vote
+                // in the same term, and two leaders).
+                let (term, vote) = self.last_vote[i];
+                let (r_term, r_vote) = slot.recovered_vote;
+                if r_term < term || (r_term == term && vote != 0 && r_vote != vote) {
+                    return Err(format!(
+                        "node {id}: restarted in term {r_term} with vote {r_vote}, but had term {term} with vote {vote} before"
+                    ));
+                }
                 self.seen_incarnation[i] = slot.incarnation;
                 self.compared_through[i] = 0;
             } else if commit < self.last_commit[i] {
@@ -602,6 +633,7 @@ impl Checker {
             self.last_durable[i] = durable;
             self.commit_high = self.commit_high.max(commit);
             let status = node.status();
+            self.last_vote[i] = (status.term, status.voted_for);
             if status.role == "leader" {
                 let leaders = self.leaders.entry(status.term).or_default();
                 leaders.insert(id);
@@ -719,6 +751,11 @@ struct Run<'a> {
     checker: Checker,
     heals: Vec<(u64, Heal)>,
     down: BTreeSet<u64>,
+    /// Nodes whose disk has an armed crash point: they lose power the
+    /// moment it is reached.
+    trapped: BTreeSet<u64>,
+    /// Each node's clock rate (1.0: true time).
+    clock_rates: Vec<f64>,
     /// When (ms) a leader lost power or leadership changed hands: a write
     /// acknowledged at `local` before then may be lost.
     leader_disruptions: Vec<u64>,
@@ -741,6 +778,10 @@ impl Run<'_> {
             (0..options.nodes).map(|_| Slot::default()).collect(),
         ));
         let mut disks = Vec::new();
+        // Clock rates draw from their own stream, so the faults a seed
+        // injects stay as they were before clocks drifted.
+        let mut clocks = Rng::new(options.seed ^ 0xC10C_0000_0000_0000);
+        let mut clock_rates = Vec::new();
         for id in 1..=options.nodes as u64 {
             let disk = SimStorage::new(SimOptions {
                 seed: rng.next_u64(),
@@ -752,9 +793,15 @@ impl Run<'_> {
             let nodes = options.nodes;
             let elections = options.elections;
             let node_seed = rng.next_u64();
+            // Its clock runs fast or slow, within the drift the lease
+            // tolerates (some margin kept).
+            let drift = MAX_CLOCK_DRIFT * 0.8 * (clocks.below(2001) as f64 / 1000.0 - 1.0);
+            clock_rates.push(1.0 + drift);
+            let rate = Arc::new(AtomicU64::new((1.0 + drift).to_bits()));
             sim.host(node_name(id), move || {
                 let disk = disk.clone();
                 let slots = slots.clone();
+                let rate = rate.clone();
                 async move {
                     let config = node_config(id, nodes, elections);
                     let engine = match Engine::open(Arc::new(disk), config.engine_config()) {
@@ -768,6 +815,10 @@ impl Run<'_> {
                     let env = NodeEnv {
                         dialer: Arc::new(SimDialer),
                         offload: Offload::Inline,
+                        clock: Clock::drifting(rate.clone()),
+                        // A round's records sit written but not yet durable
+                        // for a tick, where a power loss can find them.
+                        sync_latency: Duration::from_millis(1),
                         seed: node_seed,
                     };
                     let node = match Node::with_env(config, Arc::new(engine), env) {
@@ -783,6 +834,8 @@ impl Run<'_> {
                         slot.node = Some(node.clone());
                         slot.incarnation += 1;
                         slot.recovered_last = recovered_last;
+                        let status = node.status();
+                        slot.recovered_vote = (status.term, status.voted_for);
                     }
                     let listener =
                         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT))
@@ -820,6 +873,8 @@ impl Run<'_> {
             checker: Checker::new(options.nodes),
             heals: Vec::new(),
             down: BTreeSet::new(),
+            trapped: BTreeSet::new(),
+            clock_rates,
             leader_disruptions: Vec::new(),
             faults: 0,
             step: 0,
@@ -956,6 +1011,18 @@ impl Run<'_> {
                 let id = (leader + self.rng.below(n - 1)) % n + 1;
                 let ms = 2000 + self.rng.below(2000);
                 self.event(format!("cut off follower n{id} for {ms} ms"));
+                if self.rng.below(2) == 0 {
+                    // It will likely catch up by a snapshot install: crash
+                    // in the middle of it.
+                    // Up to 8: an install removes the old log segment by
+                    // segment, and the crash must fall among them.
+                    let ops = self.rng.below(8);
+                    self.event(format!(
+                        "n{id}'s disk will stop {ops} operations after its next snapshot rename"
+                    ));
+                    self.disks[id as usize - 1].stop_after_rename("snap-", ops);
+                    self.trapped.insert(id);
+                }
                 for other in self.other_nodes(id) {
                     self.sim.partition(node_name(id), other.clone());
                     self.heal_at(ms, Heal::Repair(node_name(id), other));
@@ -1026,6 +1093,27 @@ impl Run<'_> {
     /// A node whose engine was poisoned by an I/O error takes no more
     /// writes until restarted, and one that hit an I/O error while opening
     /// exited: a supervisor restarts both.
+    /// A node whose disk reached its armed crash point loses power now.
+    fn spring_traps(&mut self) {
+        let sprung: Vec<u64> = self
+            .trapped
+            .iter()
+            .copied()
+            .filter(|id| self.disks[*id as usize - 1].stopped())
+            .collect();
+        for id in sprung {
+            self.trapped.remove(&id);
+            if !self.down.contains(&id) {
+                let back = 50 + self.rng.below(500);
+                self.event(format!(
+                    "n{id}'s disk reached its crash point: power loss, back in {back} ms"
+                ));
+                self.power_off(id);
+                self.heal_at(back, Heal::Restart(id));
+            }
+        }
+    }
+
     fn restart_poisoned(&mut self) {
         for id in 1..=self.options.nodes as u64 {
             if !self.down.contains(&id) && !self.sim.is_host_running(node_name(id)) {
@@ -1071,6 +1159,9 @@ impl Run<'_> {
 
     fn drive(&mut self) -> Result<Report, (String, bool)> {
         let chaos_ms = self.options.chaos.as_millis() as u64;
+        for (i, rate) in self.clock_rates.clone().into_iter().enumerate() {
+            self.event(format!("n{}'s clock runs at {rate:.3}x true time", i + 1));
+        }
         // Chaos.
         let mut next_fault = 200 + self.rng.below(400);
         while self.step < chaos_ms {
@@ -1078,12 +1169,14 @@ impl Run<'_> {
                 self.inject_fault();
                 next_fault = self.step + 100 + self.rng.below(900);
             }
+            self.spring_traps();
             self.apply_heals(false);
             if self.step.is_multiple_of(50) {
                 self.restart_poisoned();
             }
             self.step_once()?;
         }
+        self.trapped.clear();
         // Recovery: heal everything, restart whoever is down.
         self.event("chaos ends: heal every fault".into());
         self.apply_heals(true);

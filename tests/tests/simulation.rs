@@ -65,6 +65,7 @@ const REGRESSION_SEEDS: &[u64] = &[
     1001, // a restarted leader served reads from its persisted commit floor, behind writes it had acknowledged
     1253, // a snapshot send with no deadline hung on a dead connection, and the follower never caught up
     1106, // elections: a node leading a second time shipped records cached in its earlier term
+    1050, // after a snapshot install cut its log back, a follower's stale "durable" position let it take a commit LSN beyond its durable log
 ];
 
 #[test]
