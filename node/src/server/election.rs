@@ -430,7 +430,13 @@ impl Node {
         let mut e = lock(&self.election);
         e.voted_for = Some(candidate);
         e.reset_timer(self.election_timeout(), self.env.clock.now());
-        tracing::info!(term, candidate, "vote granted");
+        tracing::info!(
+            term,
+            candidate,
+            candidate_last = ?(req.last_term, req.last_lsn),
+            ours = ?(last_term, last_lsn),
+            "vote granted"
+        );
         Ok(pb::VoteReply {
             term,
             granted: true,

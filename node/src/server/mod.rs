@@ -77,9 +77,28 @@ struct Follower {
     acked_sent: Option<tokio::time::Instant>,
 }
 
-/// One append request in flight to a follower: its last LSN, its bytes,
-/// and when it was sent (on the election clock).
-type Inflight = (u64, u64, tokio::time::Instant);
+/// One append request in flight to a follower.
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    /// Its bytes, as counted by flow control.
+    bytes: u64,
+    /// When it was sent (on the election clock).
+    sent_at: tokio::time::Instant,
+    /// Sent before a refusal moved `next` back: its own refusal says
+    /// nothing new, and acting on it would undo the back-up (with several
+    /// requests in flight, forever).
+    stale: bool,
+}
+
+impl Inflight {
+    fn new(bytes: u64, sent_at: tokio::time::Instant) -> Self {
+        Inflight {
+            bytes,
+            sent_at,
+            stale: false,
+        }
+    }
+}
 
 /// A follower's answer to one append, possibly waiting for durability.
 #[derive(Debug)]
@@ -385,6 +404,10 @@ impl Node {
         // Append without blocking; the flusher makes it durable together
         // with every other write appended meanwhile (group commit).
         let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
+        // The record's identity is (LSN, term): if this node is deposed
+        // meanwhile, the LSN may be filled again by a new leader's record
+        // and commit, which must not acknowledge this write.
+        let written_term = self.engine.term_at(lsn);
         self.remember(lsn, self.term(), op);
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let unknown = |why: &str| {
@@ -430,7 +453,13 @@ impl Node {
             }
         };
         match tokio::time::timeout(timeout, wait).await {
-            Ok(true) => Ok(lsn),
+            Ok(true) => match (written_term, self.engine.term_at(lsn)) {
+                (Some(ours), Some(now)) if ours == now => Ok(lsn),
+                (Some(_), Some(other)) => Err(Status::aborted(format!(
+                    "the write at LSN {lsn} did not take effect: a new leader's record (term {other}) replaced it"
+                ))),
+                _ => Err(unknown("could no longer be told from its log")),
+            },
             _ => Err(unknown(&format!("was not acknowledged at level {level:?}"))),
         }
     }
@@ -714,7 +743,8 @@ impl Node {
         self.update_follower(peer.id, |f| f.connected = true);
         // (last LSN, bytes, sent at) of each request in flight, in order:
         // one ack each.
-        let mut inflight: VecDeque<Inflight> = VecDeque::from([(0, 0, self.env.clock.now())]);
+        let mut inflight: VecDeque<Inflight> =
+            VecDeque::from([Inflight::new(0, self.env.clock.now())]);
         let mut durable_rx = self.durable_tx.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut last_ack = tokio::time::Instant::now();
@@ -728,10 +758,16 @@ impl Node {
                 ack = acks.message() => {
                     let ack = ack?.ok_or_else(|| anyhow::anyhow!("follower closed the stream"))?;
                     last_ack = tokio::time::Instant::now();
-                    let Some((_, bytes, sent_at)) = inflight.pop_front() else {
+                    let Some(sent) = inflight.pop_front() else {
                         anyhow::bail!("follower {} acknowledged more than was sent", peer.id);
                     };
-                    self.handle_ack(peer.id, ack, bytes, sent_at, term).await?;
+                    if self.handle_ack(peer.id, ack, sent, term).await? {
+                        // Everything still in flight was sent from the old
+                        // `next`: its refusals are stale.
+                        for later in &mut inflight {
+                            later.stale = true;
+                        }
+                    }
                 }
                 changed = durable_rx.changed() => {
                     changed?;
@@ -742,7 +778,7 @@ impl Node {
                     }
                     if inflight.is_empty() {
                         self.send_heartbeat(peer.id, &tx, term).await?;
-                        inflight.push_back((0, 0, self.env.clock.now()));
+                        inflight.push_back(Inflight::new(0, self.env.clock.now()));
                     }
                 }
             }
@@ -832,18 +868,22 @@ impl Node {
             self.send_append(tx, term, prev_lsn, prev_term, records)
                 .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
-            inflight.push_back((last, bytes, self.env.clock.now()));
+            inflight.push_back(Inflight::new(bytes, self.env.clock.now()));
         }
     }
 
+    /// Leader: handles a follower's answer to the request `sent`. Returns
+    /// true if it backed up `next` (a fresh refusal).
     async fn handle_ack(
         &self,
         peer: u64,
         ack: pb::AppendAck,
-        bytes: u64,
-        sent_at: tokio::time::Instant,
+        sent: Inflight,
         term: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
+        let sent_at = sent.sent_at;
+        // A stale request's bytes were written off by the refusal.
+        let bytes = if sent.stale { 0 } else { sent.bytes };
         if let TermAction::StepDown { new_term } = observe_term(term, ack.term) {
             // A newer term exists: this leader is stale. Persist the term,
             // stop leading, end the stream.
@@ -862,11 +902,15 @@ impl Node {
         if ack.success {
             self.update_follower(peer, |f| f.progress.acked(ack.durable_lsn, bytes));
             self.advance_commit()?;
+            Ok(false)
+        } else if sent.stale {
+            tracing::trace!(peer, error = %ack.error, "stale refusal ignored");
+            Ok(false)
         } else {
             tracing::debug!(peer, error = %ack.error, last = ack.last_lsn, "append refused; backing up");
             self.update_follower(peer, |f| f.progress.refused(ack.last_lsn + 1));
+            Ok(true)
         }
-        Ok(())
     }
 
     /// Follower: checks the sender of an append or snapshot: our cluster, a
@@ -1145,6 +1189,8 @@ impl Kv for KvService {
             found: value.is_some(),
             value: value.unwrap_or_default(),
             applied_lsn,
+            node_id: self.0.config.node_id,
+            term: self.0.term(),
         }))
     }
 
