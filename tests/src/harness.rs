@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -56,6 +56,9 @@ pub struct RunOptions {
     pub nodes: usize,
     /// Concurrent workload clients.
     pub clients: usize,
+    /// Clients that only read (reads keep flowing while writers wait on
+    /// a leader that cannot commit).
+    pub readers: usize,
     /// Length of the chaos phase (simulated).
     pub chaos: Duration,
     /// Inject faults (false: a calm run, for the workload's own checks).
@@ -75,6 +78,7 @@ impl RunOptions {
             seed,
             nodes: if seed % 4 == 3 { 5 } else { 3 },
             clients: 4,
+            readers: 2,
             chaos: Duration::from_secs(6),
             faults: true,
             min_successful_ops: 40,
@@ -208,6 +212,8 @@ struct AckedWrite {
 struct Recorded {
     ops: Vec<Operation>,
     acked: Vec<AckedWrite>,
+    /// Leader reads: (called at ns, the node that answered, its term).
+    leader_reads: Vec<(u64, u64, u64)>,
     writes_acked: usize,
     reads_ok: usize,
     unknown: usize,
@@ -283,6 +289,7 @@ async fn workload(
     nodes: usize,
     until: Duration,
     history: History,
+    reads_only: bool,
 ) -> turmoil::Result {
     let mut rng = Rng::new(seed);
     let sticky = sim_client(nodes);
@@ -302,7 +309,7 @@ async fn workload(
         let key = format!("k{}", rng.below(KEYS as u64)).into_bytes();
         let roll = rng.below(100);
         let call = now_ns();
-        if roll < 45 {
+        if roll < 45 || reads_only {
             let resp = client
                 .get(pb::GetRequest {
                     key: key.clone(),
@@ -313,6 +320,7 @@ async fn workload(
             if let Ok(reply) = resp {
                 let mut h = lock(&history);
                 h.reads_ok += 1;
+                h.leader_reads.push((call, reply.node_id, reply.term));
                 h.ops.push(Operation {
                     client: client_id,
                     key,
@@ -537,6 +545,8 @@ enum Heal {
     Restart(u64),
     /// Power loss now (its disk stopped mid-operation), back after the ms.
     PowerOff(u64, u64),
+    /// Every node's clock back to its own rate.
+    ClockRates,
 }
 
 /// The invariants of simulation.md, checked after every step.
@@ -559,6 +569,9 @@ struct Checker {
     committed: BTreeMap<u64, (u64, u64, u64)>,
     /// Per node: records compared through this LSN (this incarnation).
     compared_through: Vec<u64>,
+    /// Per term: when (simulated ns, at the end of a step) a record of
+    /// that term was first seen committed.
+    first_commit_ns: BTreeMap<u64, u64>,
 }
 
 fn op_hash(op: &Op) -> u64 {
@@ -582,6 +595,7 @@ impl Checker {
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
             compared_through: vec![0; nodes],
+            first_commit_ns: BTreeMap::new(),
         }
     }
 
@@ -591,7 +605,7 @@ impl Checker {
 
     /// Checks every live node's positions; `deep` also compares committed
     /// records across nodes.
-    fn check(&mut self, slots: &[Slot], deep: bool) -> Result<(), String> {
+    fn check(&mut self, slots: &[Slot], deep: bool, now_ns: u64) -> Result<(), String> {
         for (i, slot) in slots.iter().enumerate() {
             let id = i as u64 + 1;
             let Some(node) = &slot.node else { continue };
@@ -631,6 +645,9 @@ impl Checker {
             }
             self.last_commit[i] = commit;
             self.last_durable[i] = durable;
+            if let Some(term) = engine.term_at(commit).filter(|_| commit > 0) {
+                self.first_commit_ns.entry(term).or_insert(now_ns);
+            }
             self.commit_high = self.commit_high.max(commit);
             let status = node.status();
             self.last_vote[i] = (status.term, status.voted_for);
@@ -673,6 +690,30 @@ impl Checker {
         }
         if deep {
             self.compare_records(slots)?;
+        }
+        Ok(())
+    }
+
+    /// Only the newest leader serves reads: a read called after a record
+    /// of a later term was committed (so a later leader was elected and
+    /// may have committed writes) must not be answered by an older term's
+    /// leader. The lease is what guarantees it; check quorum alone does
+    /// not, when clocks drift.
+    fn check_leader_reads(&self, reads: &[(u64, u64, u64)]) -> Result<(), String> {
+        for &(call, node, term) in reads {
+            if let Some((later, at)) = self
+                .first_commit_ns
+                .range(term + 1..)
+                .map(|(t, at)| (*t, *at))
+                .filter(|(_, at)| *at < call)
+                .min_by_key(|(_, at)| *at)
+            {
+                return Err(format!(
+                    "n{node} answered a read in term {term} called at {:.3} s, but a record of term {later} was committed by {:.3} s: a deposed leader served a read",
+                    call as f64 / 1e9,
+                    at as f64 / 1e9
+                ));
+            }
         }
         Ok(())
     }
@@ -754,8 +795,12 @@ struct Run<'a> {
     /// Nodes whose disk has an armed crash point: they lose power the
     /// moment it is reached.
     trapped: BTreeSet<u64>,
-    /// Each node's clock rate (1.0: true time).
+    /// Leader reads already checked against later terms' commits.
+    reads_checked: usize,
+    /// Each node's own clock rate (1.0: true time).
     clock_rates: Vec<f64>,
+    /// Each node's clock rate now (`f64` bits), read by its `Clock`.
+    rate_handles: Vec<Arc<AtomicU64>>,
     /// When (ms) a leader lost power or leadership changed hands: a write
     /// acknowledged at `local` before then may be lost.
     leader_disruptions: Vec<u64>,
@@ -782,6 +827,7 @@ impl Run<'_> {
         // injects stay as they were before clocks drifted.
         let mut clocks = Rng::new(options.seed ^ 0xC10C_0000_0000_0000);
         let mut clock_rates = Vec::new();
+        let mut rate_handles = Vec::new();
         for id in 1..=options.nodes as u64 {
             let disk = SimStorage::new(SimOptions {
                 seed: rng.next_u64(),
@@ -798,6 +844,7 @@ impl Run<'_> {
             let drift = MAX_CLOCK_DRIFT * 0.8 * (clocks.below(2001) as f64 / 1000.0 - 1.0);
             clock_rates.push(1.0 + drift);
             let rate = Arc::new(AtomicU64::new((1.0 + drift).to_bits()));
+            rate_handles.push(rate.clone());
             sim.host(node_name(id), move || {
                 let disk = disk.clone();
                 let slots = slots.clone();
@@ -850,7 +897,30 @@ impl Run<'_> {
             let seed = rng.next_u64();
             sim.client(
                 format!("c{c}"),
-                workload(c, seed, options.nodes, options.chaos, history.clone()),
+                workload(
+                    c,
+                    seed,
+                    options.nodes,
+                    options.chaos,
+                    history.clone(),
+                    false,
+                ),
+            );
+        }
+        // Their own random stream: the faults a seed injects stay put.
+        let mut readers = Rng::new(options.seed ^ 0x5EAD_0000_0000_0000);
+        for r in 1..=options.readers as u64 {
+            let id = options.clients as u64 + 1 + r;
+            sim.client(
+                format!("r{r}"),
+                workload(
+                    id,
+                    readers.next_u64(),
+                    options.nodes,
+                    options.chaos,
+                    history.clone(),
+                    true,
+                ),
             );
         }
         sim.client(
@@ -874,7 +944,9 @@ impl Run<'_> {
             heals: Vec::new(),
             down: BTreeSet::new(),
             trapped: BTreeSet::new(),
+            reads_checked: 0,
             clock_rates,
+            rate_handles,
             leader_disruptions: Vec::new(),
             faults: 0,
             step: 0,
@@ -948,6 +1020,27 @@ impl Run<'_> {
                 for other in self.other_nodes(leader) {
                     self.sim.partition(node_name(leader), other.clone());
                     self.heal_at(ms, Heal::Repair(node_name(leader), other));
+                }
+                if self.rng.below(2) == 0 {
+                    // The worst drift the lease must tolerate: the deposed
+                    // leader's clock slow, everyone else's fast, so it
+                    // believes in its leadership longest while the others
+                    // elect soonest.
+                    let skew = MAX_CLOCK_DRIFT * 0.9;
+                    self.event(format!(
+                        "clocks skewed: n{leader} at {:.3}x, the others at {:.3}x, for {ms} ms",
+                        1.0 - skew,
+                        1.0 + skew
+                    ));
+                    for (i, handle) in self.rate_handles.iter().enumerate() {
+                        let rate = if i as u64 + 1 == leader {
+                            1.0 - skew
+                        } else {
+                            1.0 + skew
+                        };
+                        handle.store(rate.to_bits(), Ordering::Relaxed);
+                    }
+                    self.heal_at(ms, Heal::ClockRates);
                 }
             }
             32..=41 => {
@@ -1079,6 +1172,11 @@ impl Run<'_> {
                         self.restart(id);
                     }
                 }
+                Heal::ClockRates => {
+                    for (handle, rate) in self.rate_handles.iter().zip(&self.clock_rates) {
+                        handle.store(rate.to_bits(), Ordering::Relaxed);
+                    }
+                }
                 Heal::PowerOff(id, back) => {
                     if !self.down.contains(&id) && !all {
                         self.event(format!("power loss on n{id}, back in {back} ms"));
@@ -1148,9 +1246,21 @@ impl Run<'_> {
         let deep = self.step.is_multiple_of(5);
         let slots = lock(&self.slots);
         let terms_with_leaders = self.checker.leaders.len();
-        let checked = self.checker.check(&slots, deep);
+        let now = self.sim.elapsed().as_nanos() as u64;
+        let checked = self.checker.check(&slots, deep, now);
         drop(slots);
         checked.map_err(|e| (format!("invariant violated: {e}"), true))?;
+        // Reads answered since the last step (a record of a later term
+        // seen committed from now on is later than their call, so each
+        // read needs checking once).
+        let reads = {
+            let h = lock(&self.history);
+            h.leader_reads[self.reads_checked..].to_vec()
+        };
+        self.reads_checked += reads.len();
+        self.checker
+            .check_leader_reads(&reads)
+            .map_err(|e| (format!("invariant violated: {e}"), true))?;
         if self.checker.leaders.len() != terms_with_leaders {
             self.leader_disruptions.push(self.step);
         }

@@ -26,7 +26,21 @@ fn init_logs() {
 fn run_options(options: &RunOptions) -> Report {
     init_logs();
     let started = Instant::now();
-    match run(options) {
+    // A panic inside a node (a failed assertion on an engine invariant)
+    // unwinds out of the simulation: name the seed that caused it.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(options)))
+        .unwrap_or_else(|payload| {
+            let what = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            panic!(
+                "simulation seed {} panicked: {what}\nreplay it: SIM_SEED={} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
+                options.seed, options.seed
+            )
+        });
+    match outcome {
         Ok(report) => {
             eprintln!(
                 "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads, {} unknown, {} faults, applied LSN {}, simulated {:?}",
@@ -65,6 +79,8 @@ const REGRESSION_SEEDS: &[u64] = &[
     1001, // a restarted leader served reads from its persisted commit floor, behind writes it had acknowledged
     1253, // a snapshot send with no deadline hung on a dead connection, and the follower never caught up
     1106, // elections: a node leading a second time shipped records cached in its earlier term
+    1096, // a leader backing up over a follower's conflicting records acted on stale refusals of requests already in flight, undoing the back-up forever
+    1112, // a deposed leader acknowledged a write whose LSN a new leader had filled with another record, once that LSN committed
     1050, // after a snapshot install cut its log back, a follower's stale "durable" position let it take a commit LSN beyond its durable log
 ];
 
