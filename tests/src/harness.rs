@@ -547,6 +547,10 @@ enum Heal {
     PowerOff(u64, u64),
     /// Every node's clock back to its own rate.
     ClockRates,
+    /// Arm a crash point: the disk stops this many operations after its
+    /// next snapshot rename (`None`: at the first directory sync after
+    /// it), and the power goes at once.
+    Trap(u64, Option<u64>),
 }
 
 /// The invariants of simulation.md, checked after every step.
@@ -1105,16 +1109,13 @@ impl Run<'_> {
                 let ms = 2000 + self.rng.below(2000);
                 self.event(format!("cut off follower n{id} for {ms} ms"));
                 if self.rng.below(2) == 0 {
-                    // It will likely catch up by a snapshot install: crash
-                    // in the middle of it.
-                    // Up to 8: an install removes the old log segment by
-                    // segment, and the crash must fall among them.
-                    let ops = self.rng.below(8);
-                    self.event(format!(
-                        "n{id}'s disk will stop {ops} operations after its next snapshot rename"
-                    ));
-                    self.disks[id as usize - 1].stop_after_rename("snap-", ops);
-                    self.trapped.insert(id);
+                    // Back, it will likely catch up by a snapshot install:
+                    // crash in the middle of it, 0-7 operations after the
+                    // snapshot's rename, or at the first directory sync
+                    // after it (the install then has removed old log
+                    // segments the sync would have made durable).
+                    let ops = self.rng.below(16);
+                    self.heal_at(ms, Heal::Trap(id, (ops < 8).then_some(ops)));
                 }
                 for other in self.other_nodes(id) {
                     self.sim.partition(node_name(id), other.clone());
@@ -1170,6 +1171,43 @@ impl Run<'_> {
                     if self.down.contains(&id) {
                         self.event(format!("n{id} powers back on"));
                         self.restart(id);
+                    }
+                }
+                Heal::Trap(id, ops) => {
+                    if !all && !self.down.contains(&id) {
+                        // As an operator's SNAP twice would, the leader
+                        // drops its log up to now: the follower coming
+                        // back needs its snapshot.
+                        let leader = self
+                            .leader()
+                            .filter(|l| *l != id)
+                            .and_then(|l| lock(&self.slots)[l as usize - 1].node.clone());
+                        if let Some(leader) = leader {
+                            let engine = leader.engine();
+                            let taken = engine.snapshot().and_then(|_| engine.snapshot());
+                            self.event(format!(
+                                "the leader n{} snapshots twice: {}",
+                                leader.status().node_id,
+                                match taken {
+                                    Ok(info) => format!("at LSN {}", info.lsn),
+                                    Err(e) => e.to_string(),
+                                }
+                            ));
+                        }
+                        let disk = &self.disks[id as usize - 1];
+                        match ops {
+                            Some(ops) => disk.stop_after_rename("snap-", ops),
+                            None => disk.stop_at_dir_sync_after_rename("snap-"),
+                        }
+                        self.event(match ops {
+                            Some(ops) => format!(
+                                "n{id}'s disk will stop {ops} operations after its next snapshot rename"
+                            ),
+                            None => format!(
+                                "n{id}'s disk will stop at the first directory sync after its next snapshot rename"
+                            ),
+                        });
+                        self.trapped.insert(id);
                     }
                 }
                 Heal::ClockRates => {

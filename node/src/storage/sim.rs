@@ -80,8 +80,11 @@ struct State {
     ops: u64,
     fail_after_ops: Option<u64>,
     /// Armed crash point: once a rename to a name with this prefix
-    /// succeeds, the disk stops after that many more operations.
-    stop_after_rename: Option<(String, u64)>,
+    /// succeeds, the disk stops after that many more operations (`None`:
+    /// at the next directory sync, before it takes effect).
+    stop_after_rename: Option<(String, Option<u64>)>,
+    /// The disk stops at the next directory sync (armed by the above).
+    stop_at_dir_sync: bool,
     /// An operation failed because the disk had stopped.
     stopped: bool,
     fail_next_sync: bool,
@@ -164,6 +167,7 @@ impl SimStorage {
                 ops: 0,
                 fail_after_ops: None,
                 stop_after_rename: None,
+                stop_at_dir_sync: false,
                 stopped: false,
                 fail_next_sync: false,
                 fail_next_write: false,
@@ -187,6 +191,7 @@ impl SimStorage {
         st.epoch += 1;
         st.fail_after_ops = None;
         st.stop_after_rename = None;
+        st.stop_at_dir_sync = false;
         st.stopped = false;
         st.fail_next_sync = false;
         st.fail_next_write = false;
@@ -246,7 +251,16 @@ impl SimStorage {
     /// a name starting with `prefix` (say, a snapshot put into place), the
     /// disk stops after `n` more operations. See [`SimStorage::stopped`].
     pub fn stop_after_rename(&self, prefix: &str, n: u64) {
-        self.lock().stop_after_rename = Some((prefix.to_owned(), n));
+        self.lock().stop_after_rename = Some((prefix.to_owned(), Some(n)));
+    }
+
+    /// Arms a crash point: after the next rename to a name starting with
+    /// `prefix`, the disk stops at the first directory sync (which fails
+    /// and takes no effect), so whatever the rename and the operations
+    /// after it changed in directories is still unsynced when the power
+    /// goes. See [`SimStorage::stopped`].
+    pub fn stop_at_dir_sync_after_rename(&self, prefix: &str) {
+        self.lock().stop_after_rename = Some((prefix.to_owned(), None));
     }
 
     /// True once an operation failed because the disk had stopped (a
@@ -260,6 +274,7 @@ impl SimStorage {
         let mut st = self.lock();
         st.fail_after_ops = None;
         st.stop_after_rename = None;
+        st.stop_at_dir_sync = false;
         st.stopped = false;
         st.fail_next_sync = false;
         st.fail_next_write = false;
@@ -515,7 +530,10 @@ impl Storage for SimStorage {
             .is_some_and(|(prefix, _)| to_name.starts_with(prefix.as_str()))
             && let Some((_, n)) = st.stop_after_rename.take()
         {
-            st.fail_after_ops = Some(st.ops + n);
+            match n {
+                Some(n) => st.fail_after_ops = Some(st.ops + n),
+                None => st.stop_at_dir_sync = true,
+            }
         }
         st.dir_mut(&to_dir)?.live.insert(to_name, id);
         Ok(())
@@ -534,6 +552,9 @@ impl Storage for SimStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        if std::mem::take(&mut st.stop_at_dir_sync) {
+            st.fail_after_ops = Some(st.ops);
+        }
         st.tick()?;
         let d = st.dir_mut(dir)?;
         d.durable = d.live.clone();
