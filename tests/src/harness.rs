@@ -1106,17 +1106,22 @@ impl Run<'_> {
                 // A follower: the one after the leader, then some more.
                 let leader = self.leader().unwrap_or(1);
                 let id = (leader + self.rng.below(n - 1)) % n + 1;
-                let ms = 2000 + self.rng.below(2000);
-                self.event(format!("cut off follower n{id} for {ms} ms"));
+                let mut ms = 2000 + self.rng.below(2000);
                 if self.rng.below(2) == 0 {
                     // Back, it will likely catch up by a snapshot install:
                     // crash in the middle of it, 0-7 operations after the
                     // snapshot's rename, or at the first directory sync
                     // after it (the install then has removed old log
-                    // segments the sync would have made durable).
+                    // segments the sync would have made durable). It comes
+                    // back early enough for the install to happen in the
+                    // chaos phase (the leader's snapshots make it needed
+                    // however short the cut-off).
                     let ops = self.rng.below(16);
+                    let chaos_ms = self.options.chaos.as_millis() as u64;
+                    ms = ms.min(chaos_ms.saturating_sub(self.step + 500)).max(300);
                     self.heal_at(ms, Heal::Trap(id, (ops < 8).then_some(ops)));
                 }
+                self.event(format!("cut off follower n{id} for {ms} ms"));
                 for other in self.other_nodes(id) {
                     self.sim.partition(node_name(id), other.clone());
                     self.heal_at(ms, Heal::Repair(node_name(id), other));
