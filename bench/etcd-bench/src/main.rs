@@ -37,6 +37,11 @@ use clap::Parser;
 use etcd_client::{Client, ConnectOptions};
 use serde::Serialize;
 
+/// The same allocator as the `kv` binary (which is also kv's load
+/// generator), so neither side's client pays more for malloc than the other.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Client tasks sharing one connection (HTTP/2 streams multiplex); the same
 /// number `kv bench cluster` uses.
 const CLIENTS_PER_CONNECTION: usize = 32;
