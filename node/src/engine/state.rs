@@ -7,6 +7,7 @@
 //! do not promise. This module does no I/O and knows nothing of the WAL.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use super::record::Op;
 
@@ -115,11 +116,15 @@ impl MapState {
         match op {
             Op::Put { key, value } => {
                 self.digest.add(entry_hash(&key, &value));
-                if let Some(old) = self.map.get_mut(&key) {
-                    self.digest.remove(entry_hash(&key, old));
-                    *old = value;
-                } else {
-                    self.map.insert(key, value);
+                // One descent of the tree, whether the key is new or not.
+                match self.map.entry(key) {
+                    Entry::Occupied(mut e) => {
+                        self.digest.remove(entry_hash(e.key(), e.get()));
+                        *e.get_mut() = value;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(value);
+                    }
                 }
             }
             Op::Delete { key } => {
