@@ -6,9 +6,15 @@
 //!
 //! Async code never blocks on the engine: a writer appends with
 //! `Engine::submit`/`append_records` (a few microseconds under a lock),
-//! kicks the flusher, and awaits the durable LSN on a `watch`. Every round
+//! kicks the flusher, and awaits its LSN on an [`LsnNotifier`]. Every round
 //! makes everything appended before it durable with one `fdatasync`, so
 //! concurrent writers share syncs without one blocked thread each.
+//!
+//! The flusher thread never wakes writers itself: a wake-up from another
+//! thread costs the runtime an `eventfd` write each, and a round can cover
+//! hundreds of writers. It publishes the durable LSN on the `watch` (one
+//! cross-thread wake-up per round), and a relay task on the node's runtime
+//! advances the writers' notifier from there.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
@@ -41,8 +47,9 @@ enum Kick {
 
 impl Flusher {
     /// Starts the flusher for `engine`, publishing the durable LSN on
-    /// `durable_tx` (for replicators) and to its writers. With
-    /// [`Offload::Inline`] it must be called inside a tokio runtime.
+    /// `durable_tx` (for replicators) and to its writers. It must be called
+    /// inside the tokio runtime its writers run on (it spawns the task
+    /// flusher, or the relay of the thread flusher, there).
     ///
     /// `sync_latency` (task flusher only; zero in `kv serve`) is simulated
     /// time let pass between writing a round and syncing it, as a real
@@ -60,9 +67,10 @@ impl Flusher {
         let kick = match offload {
             Offload::Threads => {
                 let (kick, kicked) = sync_channel(1);
+                tokio::spawn(publish_to.follow(durable_tx.subscribe()));
                 std::thread::Builder::new()
                     .name("kv-flusher".into())
-                    .spawn(move || run(&engine, &kicked, &durable_tx, &publish_to))?;
+                    .spawn(move || run(&engine, &kicked, &durable_tx))?;
                 Kick::Thread(kick)
             }
             Offload::Inline => {
@@ -114,12 +122,20 @@ impl Flusher {
 }
 
 /// Runs rounds until nothing is left to write or sync, publishing after
-/// each. False if the engine failed (poisoned): the flusher then stops, and
-/// waiters time out with "outcome unknown", the truth after a failed fsync.
-fn flush_all(engine: &Engine, durable_tx: &watch::Sender<u64>, writers: &LsnNotifier) -> bool {
+/// each (to `writers` too if given: the task flusher runs on the writers'
+/// runtime and wakes them directly). False if the engine failed
+/// (poisoned): the flusher then stops, and waiters time out with "outcome
+/// unknown", the truth after a failed fsync.
+fn flush_all(
+    engine: &Engine,
+    durable_tx: &watch::Sender<u64>,
+    writers: Option<&LsnNotifier>,
+) -> bool {
     let publish_all = || {
         let durable = engine.durable_lsn();
-        writers.advance(durable);
+        if let Some(writers) = writers {
+            writers.advance(durable);
+        }
         durable_tx.send_if_modified(|d| publish(d, durable));
     };
     loop {
@@ -164,25 +180,21 @@ async fn run_task(
                 }
             }
         }
-        if !flush_all(&engine, &durable_tx, &writers) {
+        if !flush_all(&engine, &durable_tx, Some(&writers)) {
             return;
         }
         engine.maybe_snapshot();
     }
 }
 
-fn run(
-    engine: &Arc<Engine>,
-    kicked: &Receiver<()>,
-    durable_tx: &watch::Sender<u64>,
-    writers: &LsnNotifier,
-) {
+/// The thread flusher ([`Offload::Threads`]).
+fn run(engine: &Arc<Engine>, kicked: &Receiver<()>, durable_tx: &watch::Sender<u64>) {
     loop {
         match kicked.recv_timeout(IDLE_CHECK) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        if !flush_all(engine, durable_tx, writers) {
+        if !flush_all(engine, durable_tx, None) {
             return;
         }
         if engine.snapshot_due() {

@@ -203,8 +203,8 @@ impl Node {
 
     /// A node over an opened engine (in replicated mode): loads its term
     /// (persisting the first one on a new node) and starts its flusher.
-    /// `env` says how it dials peers and where blocking work runs; with
-    /// [`env::Offload::Inline`] this must be called inside a tokio runtime.
+    /// `env` says how it dials peers and where blocking work runs. It must
+    /// be called inside the tokio runtime the node will serve on.
     pub fn with_env(
         config: NodeConfig,
         engine: Arc<Engine>,
@@ -409,18 +409,20 @@ impl Node {
         // and commit, which must not acknowledge this write.
         let written_term = self.engine.term_at(lsn);
         self.remember(lsn, self.term(), op);
-        let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let unknown = |why: &str| {
             Status::unavailable(format!(
                 "outcome unknown: the write at LSN {lsn} {why} within {} ms; it may still commit",
                 self.config.write_timeout_ms
             ))
         };
-        if tokio::time::timeout(timeout, self.flusher.durable(lsn))
-            .await
-            .is_err()
-        {
-            return Err(unknown("was not made durable here"));
+        // One deadline (one timer) for both waits below.
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        tokio::select! {
+            biased;
+            () = self.flusher.durable(lsn) => {}
+            () = &mut deadline => return Err(unknown("was not made durable here")),
         }
         // Our own durability counts towards the majority: run the commit
         // rule once per durable LSN (the first writer to see it does).
@@ -432,13 +434,13 @@ impl Node {
             self.advance_commit().map_err(engine_status)?;
         }
 
-        let mut commit_rx = self.commit_tx.subscribe();
         let wait = async {
             if level == AckLevel::Quorum {
                 // The common case: one targeted wake-up.
                 self.commit_waiters.wait_for(lsn).await;
                 return true;
             }
+            let mut commit_rx = self.commit_tx.subscribe();
             loop {
                 let commit = *commit_rx.borrow_and_update();
                 if level.satisfied(lsn, self.engine.durable_lsn(), commit, &self.durable_lsns()) {
@@ -452,15 +454,20 @@ impl Node {
                 }
             }
         };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(true) => match (written_term, self.engine.term_at(lsn)) {
-                (Some(ours), Some(now)) if ours == now => Ok(lsn),
-                (Some(_), Some(other)) => Err(Status::aborted(format!(
-                    "the write at LSN {lsn} did not take effect: a new leader's record (term {other}) replaced it"
-                ))),
-                _ => Err(unknown("could no longer be told from its log")),
-            },
-            _ => Err(unknown(&format!("was not acknowledged at level {level:?}"))),
+        let acknowledged = tokio::select! {
+            biased;
+            reached = wait => reached,
+            () = &mut deadline => false,
+        };
+        if !acknowledged {
+            return Err(unknown(&format!("was not acknowledged at level {level:?}")));
+        }
+        match (written_term, self.engine.term_at(lsn)) {
+            (Some(ours), Some(now)) if ours == now => Ok(lsn),
+            (Some(_), Some(other)) => Err(Status::aborted(format!(
+                "the write at LSN {lsn} did not take effect: a new leader's record (term {other}) replaced it"
+            ))),
+            _ => Err(unknown("could no longer be told from its log")),
         }
     }
 

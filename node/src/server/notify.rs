@@ -6,9 +6,9 @@
 //! it needs, and an advance wakes only the waiters it covers.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// A monotonic LSN position with per-LSN waiters.
 #[derive(Debug, Default)]
@@ -63,6 +63,21 @@ impl LsnNotifier {
     pub fn lower_to(&self, to: u64) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.current = inner.current.min(to);
+    }
+
+    /// Follows a position published on a `watch` (from another thread, or
+    /// a task on another runtime): advances to each value it sees, so the
+    /// waiters are woken from the runtime this runs on, one cross-thread
+    /// wake-up per change instead of one per waiter. Ends when the `watch`'s
+    /// last sender is gone.
+    pub async fn follow(self: Arc<Self>, mut position: watch::Receiver<u64>) {
+        loop {
+            let lsn = *position.borrow_and_update();
+            self.advance(lsn);
+            if position.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Resolves once the position reaches `lsn`.
