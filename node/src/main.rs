@@ -96,6 +96,15 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Hand leadership over to node ID (planned maintenance): the leader
+    /// stops taking requests, waits until ID's log has caught up, tells it to
+    /// campaign, and steps down. Waits until ID is seen leading.
+    TransferLeader {
+        /// The member to lead next.
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -345,6 +354,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Cmd::TransferLeader { id, target } => runtime()?.block_on(async {
+            let endpoints = target.endpoints()?;
+            let timeout = Duration::from_millis(target.timeout_ms);
+            let reply = target.client()?.transfer_leader(id).await?;
+            // The old leader has stepped down and `id` is campaigning: wait
+            // until some node reports it leading a later term.
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let leading = client::status_all(&endpoints, timeout)
+                    .await
+                    .into_iter()
+                    .filter_map(|(_, r)| r.ok())
+                    .find(|s| s.role == "leader" && s.term > reply.term);
+                match leading {
+                    Some(s) if s.node_id == id => {
+                        println!("OK node {id} leads term {}", s.term);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(s) => {
+                        println!(
+                            "node {} leads term {} (node {id} campaigned but lost)",
+                            s.node_id, s.term
+                        );
+                        return Ok(ExitCode::from(2));
+                    }
+                    None if tokio::time::Instant::now() >= deadline => {
+                        println!(
+                            "node {id} was told to campaign, but no leader of a term after {} \
+                             was seen within {} ms",
+                            reply.term, target.timeout_ms
+                        );
+                        return Ok(ExitCode::from(2));
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }),
         Cmd::Status { target } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
             let replies =

@@ -779,6 +779,75 @@ fn killing_the_elected_leader_repeatedly_fails_over_and_loses_no_quorum_write() 
     assert_every_node_has(&cluster, &acked);
 }
 
+/// `kv transfer-leader` moves leadership to the named follower while
+/// writers keep writing (their requests are redirected, none is lost), and
+/// then back; the old leader follows the new one. A fixed-leader cluster
+/// refuses a transfer.
+#[test]
+fn transfer_leader_hands_over_under_load_and_loses_no_quorum_write() {
+    let cluster = Cluster::start_elected("election_timeout_ms = 300\n");
+    let first = cluster.wait_leader();
+    let load = Load::start(&cluster, 4);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let old = cluster.wait_leader();
+        let target = old % 3 + 1;
+        let before = load.acked();
+        let started = Instant::now();
+        let out = cluster.kv(
+            &["transfer-leader", &target.to_string()],
+            &cluster.all_endpoints(),
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: transfer to node {target}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.starts_with(&format!("OK node {target} leads term")),
+            "{said}"
+        );
+        assert_eq!(cluster.wait_leader(), target, "round {round}");
+        let old_status = cluster.status_of(old).unwrap();
+        assert_eq!(old_status.role, "follower", "round {round}: {old_status:?}");
+        cluster.wait_until(
+            Duration::from_secs(20),
+            &format!("round {round}: writes go on after the transfer to node {target}"),
+            |_| load.acked() > before + 10,
+        );
+        eprintln!(
+            "round {round}: node {old} -> node {target} in {:?}",
+            started.elapsed()
+        );
+    }
+    assert_ne!(first, 0);
+    let acked = load.stop();
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+
+    // Bad targets are refused, and change nothing.
+    let leader = cluster.wait_leader();
+    let out = cluster.kv(&["transfer-leader", "9"], &cluster.all_endpoints());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a member"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.wait_leader(), leader);
+
+    let fixed = Cluster::start();
+    let out = fixed.kv(&["transfer-leader", "2"], &fixed.all_endpoints());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("elections are off"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every acknowledged write is on every node, with its value (stale reads,
 /// so each node answers for itself).
 fn assert_every_node_has(cluster: &Cluster, acked: &[(String, String)]) {

@@ -200,6 +200,16 @@ impl Client {
         .await
     }
 
+    /// `TransferLeader`, sent to the leader (redirects followed). Returns
+    /// once the target campaigns and the old leader has stepped down.
+    pub async fn transfer_leader(&self, target: u64) -> Result<pb::TransferLeaderReply, CallError> {
+        self.call(false, |mut c| async move {
+            c.transfer_leader(pb::TransferLeaderRequest { target })
+                .await
+        })
+        .await
+    }
+
     /// `Get`, with redirects followed.
     pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
         self.call(true, |mut c| {

@@ -23,6 +23,14 @@
 //!   [`super::env::MAX_CLOCK_DRIFT`].
 //! - A leader that has heard from no majority for an election timeout steps
 //!   down (check quorum), so a partitioned minority stops acknowledging.
+//! - Leadership transfer (`kv transfer-leader`, Raft's section 3.10): the
+//!   leader stops taking writes and serving reads, waits until the target's
+//!   log matches its own, sends it `TimeoutNow` and steps down. The target
+//!   campaigns at once, and its vote requests say so (`transfer`), so
+//!   voters need not wait out the election timeout since they last heard
+//!   the leader. That breaks the promise the lease rests on, which is why
+//!   the leader gives up its lease before it sends `TimeoutNow`. Votes stay
+//!   one per term, durable, and for logs at least as up to date.
 //!
 //! With a fixed leader (`leader = N` in the configuration) none of this
 //! runs: the configured node leads in term 1 until a higher term deposes it.
@@ -38,6 +46,8 @@ use pb::replication_client::ReplicationClient;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::Status;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::env::MAX_CLOCK_DRIFT;
 use super::term::TermState;
@@ -132,6 +142,15 @@ impl ElectionState {
     }
 }
 
+/// Clears a leadership transfer mark when the transfer ends, however.
+struct ClearOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
 impl Node {
     fn election_timeout(&self) -> Duration {
         Duration::from_millis(self.config.election_timeout_ms)
@@ -189,7 +208,7 @@ impl Node {
                     // Reset first, so a slow campaign is not started twice;
                     // a campaign that fails leaves the next one to the timer.
                     lock(&self.election).reset_timer(self.election_timeout(), self.env.clock.now());
-                    tokio::spawn(self.clone().campaign());
+                    tokio::spawn(self.clone().campaign(false));
                 }
                 _ => {}
             }
@@ -241,8 +260,9 @@ impl Node {
     }
 
     /// Becomes a candidate in the next term and asks every member for its
-    /// vote; leads if a majority grants it.
-    async fn campaign(self: Arc<Self>) {
+    /// vote; leads if a majority grants it. `transfer`: the leader handed
+    /// over to this node (`TimeoutNow`).
+    async fn campaign(self: Arc<Self>, transfer: bool) {
         let me = self.config.node_id;
         let term = {
             let _one = self.term_lock.lock().await;
@@ -264,12 +284,17 @@ impl Node {
             e.voted_for = Some(me);
             term
         };
-        tracing::info!(term, "election timeout: campaigning");
+        if transfer {
+            tracing::info!(term, "the leader handed over: campaigning");
+        } else {
+            tracing::info!(term, "election timeout: campaigning");
+        }
         let last_lsn = self.engine.last_lsn();
         let request = pb::VoteRequest {
             from: Some(self.sender()),
             last_lsn,
             last_term: self.engine.term_at(last_lsn).unwrap_or(0),
+            transfer,
         };
         let mut votes = 1;
         if votes >= self.majority() {
@@ -368,6 +393,169 @@ impl Node {
         }
     }
 
+    /// Refuses a write or a read while this leader hands leadership over:
+    /// "not leader", naming the target, so clients go there and retry.
+    pub(super) fn refuse_while_transferring(&self) -> Result<(), Status> {
+        let target = self.transferring_to.load(Ordering::Acquire);
+        if target == 0 {
+            return Ok(());
+        }
+        let addr = self
+            .config
+            .addr_of(target)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut status = Status::failed_precondition(format!(
+            "not leader: handing leadership over to node {target} at {addr}; retry"
+        ));
+        if let Ok(v) = addr.parse() {
+            status.metadata_mut().insert(super::LEADER_METADATA, v);
+        }
+        Err(status)
+    }
+
+    /// Leader: hands leadership over to `target` (see the module docs).
+    /// Returns the term this node led once the target has started its
+    /// campaign and this node has stepped down. On failure (the target does
+    /// not catch up within the write timeout, cannot be reached, or
+    /// refuses) this node keeps leading.
+    pub(super) async fn transfer_leadership(&self, target: u64) -> Result<u64, Status> {
+        if !self.config.elections() {
+            return Err(Status::failed_precondition(
+                "elections are off (a fixed leader is configured): leadership cannot move",
+            ));
+        }
+        if !self.leads() {
+            return Err(self.not_leader());
+        }
+        let term = self.term();
+        if target == self.config.node_id {
+            return Ok(term);
+        }
+        let Some(addr) = self.config.addr_of(target) else {
+            return Err(Status::invalid_argument(format!(
+                "node {target} is not a member of this cluster"
+            )));
+        };
+        if let Err(other) =
+            self.transferring_to
+                .compare_exchange(0, target, Ordering::AcqRel, Ordering::Acquire)
+        {
+            return Err(Status::aborted(format!(
+                "a transfer to node {other} is already under way"
+            )));
+        }
+        // From here on no write is appended and no read served here; the
+        // mark is cleared however this ends (the caller may also give up).
+        let _clear = ClearOnDrop(&self.transferring_to);
+        tracing::info!(term, target, "handing leadership over");
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let poll = Duration::from_millis((self.config.heartbeat_ms / 4).clamp(1, 5));
+        loop {
+            if !self.leads_in(term) {
+                return Err(Status::aborted(format!(
+                    "this node stopped leading term {term} during the transfer"
+                )));
+            }
+            let last = self.engine.last_lsn();
+            let matched = self.progress_of(target).map_or(0, |p| p.match_lsn);
+            if matched >= last {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "node {target} did not catch up within {} ms (it holds LSN {matched} of {last}); \
+                     this node still leads",
+                    self.config.write_timeout_ms
+                )));
+            }
+            tokio::time::sleep(poll).await;
+        }
+        let reply = self.send_timeout_now(addr, term).await.map_err(|e| {
+            Status::unavailable(format!(
+                "could not tell node {target} to campaign: {e:#}; this node still leads"
+            ))
+        })?;
+        if !reply.started {
+            return Err(Status::aborted(format!(
+                "node {target} did not campaign: {}; this node still leads",
+                reply.reason
+            )));
+        }
+        let mut e = lock(&self.election);
+        if self.term() == term && e.role == Role::Leader {
+            e.role = Role::Follower;
+            e.leader = None;
+            e.reset_timer(self.election_timeout(), self.env.clock.now());
+        }
+        tracing::info!(term, target, "handed leadership over: stepped down");
+        Ok(term)
+    }
+
+    async fn send_timeout_now(
+        &self,
+        addr: std::net::SocketAddr,
+        term: u64,
+    ) -> anyhow::Result<pb::TimeoutNowReply> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(rpc)
+            .timeout(rpc);
+        let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
+        let request = pb::TimeoutNowRequest {
+            from: Some(self.sender_in(term)),
+        };
+        let reply = tokio::time::timeout(rpc, ReplicationClient::new(channel).timeout_now(request))
+            .await??;
+        Ok(reply.into_inner())
+    }
+
+    /// The `TimeoutNow` handler: campaigns at once if the sender leads our
+    /// term (a leadership transfer).
+    pub(super) async fn handle_timeout_now(
+        self: Arc<Self>,
+        req: pb::TimeoutNowRequest,
+    ) -> Result<pb::TimeoutNowReply, Status> {
+        let from = req
+            .from
+            .ok_or_else(|| Status::invalid_argument("TimeoutNow without a sender"))?;
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        let reply = |term: u64, started: bool, reason: String| pb::TimeoutNowReply {
+            term,
+            started,
+            reason,
+        };
+        if !self.config.elections() {
+            return Ok(reply(self.term(), false, "elections are off".into()));
+        }
+        {
+            let mut e = lock(&self.election);
+            let term = self.term();
+            if from.term != term || e.leader != Some(from.node_id) || e.role != Role::Follower {
+                return Ok(reply(
+                    term,
+                    false,
+                    format!(
+                        "node {} does not lead term {term} here (this node is a {} in term {term})",
+                        from.node_id,
+                        e.role.name()
+                    ),
+                ));
+            }
+            // The timer must not start a second campaign on top of this one.
+            e.reset_timer(self.election_timeout(), self.env.clock.now());
+        }
+        let term = self.term();
+        tokio::spawn(self.campaign(true));
+        Ok(reply(term, true, String::new()))
+    }
+
     /// The vote handler (`RequestVote`).
     pub(super) async fn handle_vote(&self, req: pb::VoteRequest) -> Result<pb::VoteReply, Status> {
         let from = req
@@ -398,11 +586,13 @@ impl Node {
         if from.term < ours {
             return Ok(refuse(ours, "stale term"));
         }
-        {
+        if !req.transfer {
             let e = lock(&self.election);
             if e.role == Role::Leader || self.env.clock.since(e.heard) < self.election_timeout() {
                 // Neither adopt its term nor vote: a leader is (or was just)
-                // active, and its lease relies on this.
+                // active, and its lease relies on this. (A transfer's
+                // candidate was sent by that leader, which gave up its
+                // lease first.)
                 return Ok(refuse(ours, "a leader is active"));
             }
         }
@@ -503,6 +693,7 @@ mod tests {
             }),
             last_lsn: 0,
             last_term: 0,
+            transfer: false,
         }
     }
 
@@ -586,5 +777,80 @@ mod tests {
         longer.last_lsn = 1;
         longer.last_term = 1;
         assert!(node.handle_vote(longer).await.unwrap().granted);
+    }
+
+    /// A candidate the leader handed over to gets a vote although the
+    /// voter heard from a leader just now; any other candidate does not.
+    /// Votes stay one per term.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_transfer_vote_is_not_held_back_by_a_recent_leader() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        // Just started, which counts as having heard a leader just now.
+        let refused = node.handle_vote(ask(2, 5)).await.unwrap();
+        assert!(!refused.granted, "{refused:?}");
+        let mut transfer = ask(2, 5);
+        transfer.transfer = true;
+        assert!(node.handle_vote(transfer).await.unwrap().granted);
+        let mut other = ask(3, 5);
+        other.transfer = true;
+        let again = node.handle_vote(other).await.unwrap();
+        assert!(!again.granted, "voted twice in term 5: {again:?}");
+    }
+
+    /// While it hands leadership over, a leader takes no write and serves
+    /// no read, even with a fresh lease, and names the target to clients.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_leader_handing_over_refuses_reads_and_writes() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        lock(&node.election).role = Role::Leader;
+        lock(&node.followers)
+            .values_mut()
+            .next()
+            .unwrap()
+            .acked_sent = Some(Instant::now());
+        node.confirm_read().await.unwrap();
+        node.transferring_to.store(2, Ordering::Release);
+        let read = node.confirm_read().await.unwrap_err();
+        assert_eq!(read.code(), tonic::Code::FailedPrecondition, "{read:?}");
+        assert_eq!(
+            read.metadata().get(super::super::LEADER_METADATA).unwrap(),
+            "127.0.0.1:1002"
+        );
+        let last = node.engine.last_lsn();
+        let put = Op::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        };
+        let write = node
+            .write(put, kv_cluster::AckLevel::Quorum)
+            .await
+            .unwrap_err();
+        assert_eq!(write.code(), tonic::Code::FailedPrecondition, "{write:?}");
+        assert_eq!(node.engine.last_lsn(), last, "a refused write was appended");
+        node.transferring_to.store(0, Ordering::Release);
+        node.confirm_read().await.unwrap();
+    }
+
+    /// `TimeoutNow` from a node that does not lead our term starts no
+    /// campaign.
+    #[tokio::test(flavor = "current_thread")]
+    async fn timeout_now_from_a_non_leader_starts_no_campaign() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        let term = node.term();
+        let request = pb::TimeoutNowRequest {
+            from: Some(pb::Sender {
+                cluster_id: "c".into(),
+                node_id: 2,
+                term,
+            }),
+        };
+        let reply = node.clone().handle_timeout_now(request).await.unwrap();
+        assert!(!reply.started, "{reply:?}");
+        tokio::task::yield_now().await;
+        assert_eq!(node.term(), term);
+        assert_eq!(node.role(), Role::Follower);
     }
 }

@@ -150,6 +150,9 @@ pub struct Node {
     /// when it started (fixed leader). After a restart or an election the
     /// commit LSN may be behind what was already committed and acknowledged.
     read_barrier: AtomicU64,
+    /// Leader only: the member leadership is being handed to (0: none).
+    /// While set, the leader takes no writes and serves no reads.
+    transferring_to: AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
@@ -270,6 +273,7 @@ impl Node {
             stopping: watch::channel(false).0,
             env,
             read_barrier: AtomicU64::new(last),
+            transferring_to: AtomicU64::new(0),
         }))
     }
 
@@ -401,6 +405,9 @@ impl Node {
             Op::Delete { key } => (key.as_slice(), None),
         };
         self.engine.validate(key, value).map_err(engine_status)?;
+        // No await from here to the append: a transfer that starts later
+        // finds this record in the log it waits for the target to hold.
+        self.refuse_while_transferring()?;
         // Append without blocking; the flusher makes it durable together
         // with every other write appended meanwhile (group commit).
         let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
@@ -496,6 +503,9 @@ impl Node {
             if !self.leads() {
                 return Err(self.not_leader());
             }
+            // A leader handing over gives up its lease first: the
+            // target's voters no longer wait out the election timeout.
+            self.refuse_while_transferring()?;
             if self.lease_valid() {
                 return Ok(());
             }
@@ -1207,6 +1217,14 @@ impl Kv for KvService {
     ) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(self.0.status()))
     }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        let term = self.0.transfer_leadership(req.into_inner().target).await?;
+        Ok(Response::new(pb::TransferLeaderReply { term }))
+    }
 }
 
 /// The replication API (follower side).
@@ -1294,6 +1312,15 @@ impl Replication for ReplicationService {
         req: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteReply>, Status> {
         Ok(Response::new(self.0.handle_vote(req.into_inner()).await?))
+    }
+
+    async fn timeout_now(
+        &self,
+        req: Request<pb::TimeoutNowRequest>,
+    ) -> Result<Response<pb::TimeoutNowReply>, Status> {
+        Ok(Response::new(
+            self.0.clone().handle_timeout_now(req.into_inner()).await?,
+        ))
     }
 }
 
