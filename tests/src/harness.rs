@@ -103,6 +103,9 @@ pub struct Report {
     pub unknown: usize,
     /// Faults injected.
     pub faults: usize,
+    /// Leadership transfers started, and how many of them the old leader
+    /// reported done (the target campaigning, the old leader stepped down).
+    pub transfers: (usize, usize),
     /// Simulated time at the end.
     pub sim_time: Duration,
     /// The last applied LSN (equal on every node).
@@ -809,6 +812,10 @@ struct Run<'a> {
     /// acknowledged at `local` before then may be lost.
     leader_disruptions: Vec<u64>,
     faults: usize,
+    /// Leadership transfers started (each from a client of its own), and
+    /// those reported done.
+    faults_transfers: usize,
+    transfers_done: Arc<AtomicU64>,
     step: u64,
 }
 
@@ -953,6 +960,8 @@ impl Run<'_> {
             rate_handles,
             leader_disruptions: Vec::new(),
             faults: 0,
+            faults_transfers: 0,
+            transfers_done: Arc::default(),
             step: 0,
         }
     }
@@ -1125,6 +1134,26 @@ impl Run<'_> {
                 for other in self.other_nodes(id) {
                     self.sim.partition(node_name(id), other.clone());
                     self.heal_at(ms, Heal::Repair(node_name(id), other));
+                }
+            }
+            86..=89 => {
+                // A planned leadership transfer (`kv transfer-leader`), from
+                // a client of its own, in the middle of everything else.
+                if let Some(leader) = self.leader() {
+                    let target = (leader + self.rng.below(n - 1)) % n + 1;
+                    self.faults_transfers += 1;
+                    let name = format!("transfer{}", self.faults_transfers);
+                    self.event(format!("{name}: hand leadership n{leader} -> n{target}"));
+                    let (nodes, done) = (self.options.nodes, self.transfers_done.clone());
+                    self.sim.client(name, async move {
+                        let client = sim_client_from(nodes, leader as usize - 1);
+                        let outcome = client.transfer_leader(target).await;
+                        tracing::debug!(?outcome, target, "leadership transfer");
+                        if outcome.is_ok() {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    });
                 }
             }
             93..=99 => {
@@ -1418,6 +1447,10 @@ impl Run<'_> {
             reads_ok,
             unknown,
             faults: self.faults,
+            transfers: (
+                self.faults_transfers,
+                self.transfers_done.load(Ordering::Relaxed) as usize,
+            ),
             sim_time: Duration::from_millis(self.step),
             applied_lsn,
         })

@@ -43,7 +43,7 @@ fn run_options(options: &RunOptions) -> Report {
     match outcome {
         Ok(report) => {
             eprintln!(
-                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads, {} unknown, {} faults, applied LSN {}, simulated {:?}",
+                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads, {} unknown, {} faults ({} of {} leadership transfers done), applied LSN {}, simulated {:?}",
                 options.seed,
                 started.elapsed().as_secs_f64(),
                 options.nodes,
@@ -52,6 +52,8 @@ fn run_options(options: &RunOptions) -> Report {
                 report.reads_ok,
                 report.unknown,
                 report.faults,
+                report.transfers.1,
+                report.transfers.0,
                 report.applied_lsn,
                 report.sim_time
             );
