@@ -400,18 +400,9 @@ impl Node {
         if target == 0 {
             return Ok(());
         }
-        let addr = self
-            .config
-            .addr_of(target)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let mut status = Status::failed_precondition(format!(
-            "not leader: handing leadership over to node {target} at {addr}; retry"
-        ));
-        if let Ok(v) = addr.parse() {
-            status.metadata_mut().insert(super::LEADER_METADATA, v);
-        }
-        Err(status)
+        Err(self.redirect(target, |addr| {
+            format!("not leader: handing leadership over to node {target} at {addr}; retry")
+        }))
     }
 
     /// Leader: hands leadership over to `target` (see the module docs).
@@ -517,15 +508,7 @@ impl Node {
         self: Arc<Self>,
         req: pb::TimeoutNowRequest,
     ) -> Result<pb::TimeoutNowReply, Status> {
-        let from = req
-            .from
-            .ok_or_else(|| Status::invalid_argument("TimeoutNow without a sender"))?;
-        if from.cluster_id != self.config.cluster_id {
-            return Err(Status::permission_denied(format!(
-                "cluster id {:?} is not ours ({:?})",
-                from.cluster_id, self.config.cluster_id
-            )));
-        }
+        let from = self.check_peer(req.from, "TimeoutNow")?;
         let reply = |term: u64, started: bool, reason: String| pb::TimeoutNowReply {
             term,
             started,
@@ -558,21 +541,8 @@ impl Node {
 
     /// The vote handler (`RequestVote`).
     pub(super) async fn handle_vote(&self, req: pb::VoteRequest) -> Result<pb::VoteReply, Status> {
-        let from = req
-            .from
-            .ok_or_else(|| Status::invalid_argument("vote request without a sender"))?;
-        if from.cluster_id != self.config.cluster_id {
-            return Err(Status::permission_denied(format!(
-                "cluster id {:?} is not ours ({:?})",
-                from.cluster_id, self.config.cluster_id
-            )));
-        }
+        let from = self.check_peer(req.from, "vote request")?;
         let candidate = from.node_id;
-        if candidate == self.config.node_id || self.config.addr_of(candidate).is_none() {
-            return Err(Status::permission_denied(format!(
-                "node {candidate} is not another member of this cluster"
-            )));
-        }
         let _one = self.term_lock.lock().await;
         let ours = self.term();
         let refuse = |term: u64, reason: &str| pb::VoteReply {

@@ -326,25 +326,50 @@ impl Node {
     fn not_leader(&self) -> Status {
         let leader = lock(&self.election).leader;
         match leader.filter(|l| *l != self.config.node_id) {
-            Some(leader) => {
-                let addr = self
-                    .config
-                    .addr_of(leader)
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                let mut status = Status::failed_precondition(format!(
-                    "not leader; the leader is node {leader} at {addr}"
-                ));
-                if let Ok(v) = addr.parse() {
-                    status.metadata_mut().insert(LEADER_METADATA, v);
-                }
-                status
-            }
+            Some(leader) => self.redirect(leader, |addr| {
+                format!("not leader; the leader is node {leader} at {addr}")
+            }),
             None => Status::failed_precondition(format!(
                 "not leader, and no leader is known in term {} (an election may be under way); retry",
                 self.term()
             )),
         }
+    }
+
+    /// A "not leader" refusal (FAILED_PRECONDITION, which clients retry
+    /// elsewhere) pointing clients at node `to`: `message` gets its address,
+    /// and the address goes in the redirect metadata.
+    fn redirect(&self, to: u64, message: impl FnOnce(&str) -> String) -> Status {
+        let addr = self
+            .config
+            .addr_of(to)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut status = Status::failed_precondition(message(&addr));
+        if let Ok(v) = addr.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        status
+    }
+
+    /// Checks the sender of a request between nodes: present, of our
+    /// cluster, and another member.
+    fn check_peer(&self, from: Option<pb::Sender>, what: &str) -> Result<pb::Sender, Status> {
+        let from =
+            from.ok_or_else(|| Status::invalid_argument(format!("{what} without a sender")))?;
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        if from.node_id == self.config.node_id || self.config.addr_of(from.node_id).is_none() {
+            return Err(Status::permission_denied(format!(
+                "node {} is not another member of this cluster",
+                from.node_id
+            )));
+        }
+        Ok(from)
     }
 
     fn ack_level(&self, requested: i32) -> Result<AckLevel, Status> {
