@@ -829,22 +829,19 @@ fn transfer_leader_hands_over_under_load_and_loses_no_quorum_write() {
 
     // Bad targets are refused, and change nothing.
     let leader = cluster.wait_leader();
-    let out = cluster.kv(&["transfer-leader", "9"], &cluster.all_endpoints());
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a member"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let refused = |out: Output, why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && stderr.contains(why), "{stderr}");
+    };
+    refused(
+        cluster.kv(&["transfer-leader", "9"], &cluster.all_endpoints()),
+        "not a member",
     );
     assert_eq!(cluster.wait_leader(), leader);
-
     let fixed = Cluster::start();
-    let out = fixed.kv(&["transfer-leader", "2"], &fixed.all_endpoints());
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("elections are off"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    refused(
+        fixed.kv(&["transfer-leader", "2"], &fixed.all_endpoints()),
+        "elections are off",
     );
 }
 

@@ -328,19 +328,28 @@ impl Node {
         }
     }
 
+    /// A replication client to the member at `addr`, for one short call
+    /// (every call on it has the RPC timeout as its deadline).
+    async fn peer(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<ReplicationClient<tonic::transport::Channel>> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(rpc)
+            .timeout(rpc);
+        let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
+        Ok(ReplicationClient::new(channel))
+    }
+
     async fn ask_for_vote(
         &self,
         addr: std::net::SocketAddr,
         request: pb::VoteRequest,
     ) -> anyhow::Result<pb::VoteReply> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(rpc)
-            .timeout(rpc);
-        let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
-        let reply =
-            tokio::time::timeout(rpc, ReplicationClient::new(channel).request_vote(request))
-                .await??;
+        let mut peer = self.peer(addr).await?;
+        let reply = tokio::time::timeout(rpc, peer.request_vote(request)).await??;
         Ok(reply.into_inner())
     }
 
@@ -490,15 +499,11 @@ impl Node {
         term: u64,
     ) -> anyhow::Result<pb::TimeoutNowReply> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(rpc)
-            .timeout(rpc);
-        let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
+        let mut peer = self.peer(addr).await?;
         let request = pb::TimeoutNowRequest {
             from: Some(self.sender_in(term)),
         };
-        let reply = tokio::time::timeout(rpc, ReplicationClient::new(channel).timeout_now(request))
-            .await??;
+        let reply = tokio::time::timeout(rpc, peer.timeout_now(request)).await??;
         Ok(reply.into_inner())
     }
 
@@ -654,6 +659,16 @@ mod tests {
         Node::with_env(config, Arc::new(engine), env).unwrap()
     }
 
+    /// One follower (with the node itself, a majority of 3) acknowledged a
+    /// request sent just now: a fresh lease.
+    fn acknowledged_now(node: &Node) {
+        lock(&node.followers)
+            .values_mut()
+            .next()
+            .unwrap()
+            .acked_sent = Some(Instant::now());
+    }
+
     fn ask(candidate: u64, term: u64) -> pb::VoteRequest {
         pb::VoteRequest {
             from: Some(pb::Sender {
@@ -710,12 +725,7 @@ mod tests {
         lock(&node.election).role = Role::Leader;
         let refused = node.confirm_read().await;
         assert!(refused.is_err(), "served a read with no lease");
-        // One follower (with itself, a majority of 3) acknowledged just now.
-        lock(&node.followers)
-            .values_mut()
-            .next()
-            .unwrap()
-            .acked_sent = Some(Instant::now());
+        acknowledged_now(&node);
         node.confirm_read().await.unwrap();
         // The lease runs out within the election timeout.
         tokio::time::sleep(Duration::from_millis(70)).await;
@@ -775,11 +785,7 @@ mod tests {
         let disk = SimStorage::new(SimOptions::default());
         let node = start(&disk);
         lock(&node.election).role = Role::Leader;
-        lock(&node.followers)
-            .values_mut()
-            .next()
-            .unwrap()
-            .acked_sent = Some(Instant::now());
+        acknowledged_now(&node);
         node.confirm_read().await.unwrap();
         node.transferring_to.store(2, Ordering::Release);
         let read = node.confirm_read().await.unwrap_err();
