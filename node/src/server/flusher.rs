@@ -12,9 +12,9 @@
 //!
 //! The flusher thread never wakes writers itself: a wake-up from another
 //! thread costs the runtime an `eventfd` write each, and a round can cover
-//! hundreds of writers. It publishes the durable LSN on the `watch` (one
-//! cross-thread wake-up per round), and a relay task on the node's runtime
-//! advances the writers' notifier from there.
+//! hundreds of writers. It sends the durable LSN to a relay task on the
+//! node's runtime (one cross-thread wake-up per round), which advances the
+//! writers' notifier from there.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
@@ -67,10 +67,11 @@ impl Flusher {
         let kick = match offload {
             Offload::Threads => {
                 let (kick, kicked) = sync_channel(1);
-                tokio::spawn(publish_to.follow(durable_tx.subscribe()));
+                let (relay_tx, relay_rx) = watch::channel(engine.durable_lsn());
+                tokio::spawn(publish_to.follow(relay_rx));
                 std::thread::Builder::new()
                     .name("kv-flusher".into())
-                    .spawn(move || run(&engine, &kicked, &durable_tx))?;
+                    .spawn(move || run(&engine, &kicked, &durable_tx, &relay_tx))?;
                 Kick::Thread(kick)
             }
             Offload::Inline => {
@@ -121,20 +122,30 @@ impl Flusher {
     }
 }
 
+/// How a flusher tells its writers the durable LSN.
+#[derive(Clone, Copy)]
+enum Writers<'a> {
+    /// It advances their notifier itself (the task flusher, which runs on
+    /// their runtime).
+    Direct(&'a LsnNotifier),
+    /// It sends the LSN to the relay task on their runtime, after every
+    /// round, changed or not: a writer that lowered the notifier (the log
+    /// was cut back under it) kicks a round and must see the notifier
+    /// advanced again, even to a value sent before.
+    Relay(&'a watch::Sender<u64>),
+}
+
 /// Runs rounds until nothing is left to write or sync, publishing after
-/// each (to `writers` too if given: the task flusher runs on the writers'
-/// runtime and wakes them directly). False if the engine failed
-/// (poisoned): the flusher then stops, and waiters time out with "outcome
-/// unknown", the truth after a failed fsync.
-fn flush_all(
-    engine: &Engine,
-    durable_tx: &watch::Sender<u64>,
-    writers: Option<&LsnNotifier>,
-) -> bool {
+/// each. False if the engine failed (poisoned): the flusher then stops, and
+/// waiters time out with "outcome unknown", the truth after a failed fsync.
+fn flush_all(engine: &Engine, durable_tx: &watch::Sender<u64>, writers: Writers<'_>) -> bool {
     let publish_all = || {
         let durable = engine.durable_lsn();
-        if let Some(writers) = writers {
-            writers.advance(durable);
+        match writers {
+            Writers::Direct(notifier) => notifier.advance(durable),
+            Writers::Relay(relay) => {
+                relay.send_replace(durable);
+            }
         }
         durable_tx.send_if_modified(|d| publish(d, durable));
     };
@@ -180,7 +191,7 @@ async fn run_task(
                 }
             }
         }
-        if !flush_all(&engine, &durable_tx, Some(&writers)) {
+        if !flush_all(&engine, &durable_tx, Writers::Direct(&writers)) {
             return;
         }
         engine.maybe_snapshot();
@@ -188,13 +199,18 @@ async fn run_task(
 }
 
 /// The thread flusher ([`Offload::Threads`]).
-fn run(engine: &Arc<Engine>, kicked: &Receiver<()>, durable_tx: &watch::Sender<u64>) {
+fn run(
+    engine: &Arc<Engine>,
+    kicked: &Receiver<()>,
+    durable_tx: &watch::Sender<u64>,
+    relay: &watch::Sender<u64>,
+) {
     loop {
         match kicked.recv_timeout(IDLE_CHECK) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        if !flush_all(engine, durable_tx, None) {
+        if !flush_all(engine, durable_tx, Writers::Relay(relay)) {
             return;
         }
         if engine.snapshot_due() {
@@ -244,6 +260,18 @@ mod tests {
     /// beyond its durable log after a snapshot install this way).
     #[tokio::test(flavor = "current_thread")]
     async fn a_log_cut_back_makes_the_published_durable_position_wait_again() {
+        cut_back_then_wait(Offload::Inline).await;
+    }
+
+    /// The same with the thread flusher and its relay (as in `kv serve`):
+    /// the relay must advance the lowered notifier again, even to an LSN it
+    /// had sent before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_thread_flusher_wakes_a_writer_again_after_a_log_cut_back() {
+        cut_back_then_wait(Offload::Threads).await;
+    }
+
+    async fn cut_back_then_wait(offload: Offload) {
         let mut config = EngineConfig::new("/kv");
         config.replicated = true;
         let engine = Arc::new(
@@ -253,17 +281,20 @@ mod tests {
         let flusher = Flusher::start(
             engine.clone(),
             durable_tx,
-            Offload::Inline,
+            offload,
             Duration::from_millis(5),
         )
         .unwrap();
+        let wait = |lsn| tokio::time::timeout(Duration::from_secs(10), flusher.durable(lsn));
         engine.append_records(records(1..=10)).unwrap();
-        flusher.durable(10).await;
+        wait(10).await.expect("LSN 10 never reported durable");
         assert_eq!(engine.durable_lsn(), 10);
         engine.truncate_after(4).unwrap();
         engine.append_records(records(5..=8)).unwrap();
         assert_eq!(engine.durable_lsn(), 4);
-        flusher.durable(8).await;
+        wait(8)
+            .await
+            .expect("LSN 8, appended again after the cut-back, never reported durable");
         assert!(
             engine.durable_lsn() >= 8,
             "LSN 8 reported durable while the engine has {}",
