@@ -814,7 +814,7 @@ struct Run<'a> {
     faults: usize,
     /// Leadership transfers started (each from a client of its own), and
     /// those reported done.
-    faults_transfers: usize,
+    transfers_started: usize,
     transfers_done: Arc<AtomicU64>,
     step: u64,
 }
@@ -960,7 +960,7 @@ impl Run<'_> {
             rate_handles,
             leader_disruptions: Vec::new(),
             faults: 0,
-            faults_transfers: 0,
+            transfers_started: 0,
             transfers_done: Arc::default(),
             step: 0,
         }
@@ -1141,8 +1141,8 @@ impl Run<'_> {
                 // a client of its own, in the middle of everything else.
                 if let Some(leader) = self.leader() {
                     let target = (leader + self.rng.below(n - 1)) % n + 1;
-                    self.faults_transfers += 1;
-                    let name = format!("transfer{}", self.faults_transfers);
+                    self.transfers_started += 1;
+                    let name = format!("transfer{}", self.transfers_started);
                     self.event(format!("{name}: hand leadership n{leader} -> n{target}"));
                     let (nodes, done) = (self.options.nodes, self.transfers_done.clone());
                     self.sim.client(name, async move {
@@ -1448,7 +1448,7 @@ impl Run<'_> {
             unknown,
             faults: self.faults,
             transfers: (
-                self.faults_transfers,
+                self.transfers_started,
                 self.transfers_done.load(Ordering::Relaxed) as usize,
             ),
             sim_time: Duration::from_millis(self.step),
