@@ -241,6 +241,11 @@ enum BenchCmd {
         key_size: usize,
         #[arg(long, default_value_t = 100)]
         value_size: usize,
+        /// How the clients' writes travel: `batch` multiplexes the clients
+        /// sharing a connection over one `Kv.Batch` stream (kv's client for
+        /// many callers); `unary` makes one `Kv.Put` call per write.
+        #[arg(long, value_enum, default_value_t = client::BenchApi::Batch)]
+        api: client::BenchApi,
         #[command(flatten)]
         target: Target,
         /// One JSON object per line instead of a table.
@@ -668,6 +673,7 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             ops,
             key_size,
             value_size,
+            api,
             target,
             json,
         } => runtime()?.block_on(async {
@@ -685,6 +691,7 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     ops,
                     key_size,
                     value_size,
+                    api,
                     Duration::from_millis(target.timeout_ms),
                 )
                 .await?;

@@ -916,6 +916,76 @@ impl Load {
         }
     }
 
+    /// `callers` concurrent writers sharing one `Kv.Batch` stream, opened
+    /// to each node in turn until one leads, and reopened whenever it breaks
+    /// or its node stops leading.
+    fn start_batch(cluster: &Cluster, callers: usize) -> Load {
+        let acked = std::sync::Arc::<std::sync::Mutex<Vec<(String, String)>>>::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addrs, shared, stopping) = (cluster.addrs.clone(), acked.clone(), stop.clone());
+        let writer = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut round = 0;
+                while !stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    round += 1;
+                    let addr = addrs[round % addrs.len()];
+                    let opened = async {
+                        let channel =
+                            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                                .ok()?
+                                .connect_timeout(Duration::from_millis(500))
+                                .connect()
+                                .await
+                                .ok()?;
+                        kv_node::server::batch::BatchClient::open(channel)
+                            .await
+                            .ok()
+                    };
+                    let Some(stream) = opened.await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let tasks: Vec<_> = (0..callers)
+                        .map(|c| {
+                            let (stream, acked, stop) =
+                                (stream.clone(), shared.clone(), stopping.clone());
+                            tokio::spawn(async move {
+                                let mut i = 0;
+                                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                                    let key = format!("b{c}-{round}-{i}");
+                                    let value = format!("v{i}");
+                                    i += 1;
+                                    match stream.put(put_req(&key, &value)).await {
+                                        Ok(_) => acked.lock().unwrap().push((key, value)),
+                                        // Broken, or not the leader: next node.
+                                        Err(e)
+                                            if e.message().contains("batch stream")
+                                                || e.code() == tonic::Code::FailedPrecondition =>
+                                        {
+                                            return;
+                                        }
+                                        // Outcome unknown (e.g. no majority yet): go on.
+                                        Err(_) => {
+                                            tokio::time::sleep(Duration::from_millis(20)).await
+                                        }
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+            });
+        });
+        Load {
+            acked,
+            stop,
+            writers: vec![writer],
+        }
+    }
+
     fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }
@@ -928,4 +998,190 @@ impl Load {
         }
         self.acked.lock().unwrap().clone()
     }
+}
+
+/// A current-thread runtime for a test's own gRPC calls.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn batch_client(addr: SocketAddr) -> kv_node::server::batch::BatchClient {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    kv_node::server::batch::BatchClient::open(channel)
+        .await
+        .unwrap()
+}
+
+fn put_req(key: &str, value: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ack: pb::AckLevel::Quorum as i32,
+    }
+}
+
+#[test]
+fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
+    let cluster = Cluster::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let stream = batch_client(cluster.addrs[0]).await;
+        // Many concurrent callers on one stream, each with its own outcome.
+        let mut callers = Vec::new();
+        for c in 0..16 {
+            let stream = stream.clone();
+            callers.push(tokio::spawn(async move {
+                let mut lsns = Vec::new();
+                for i in 0..10 {
+                    let reply = stream
+                        .put(put_req(&format!("c{c}-{i}"), &format!("v{c}-{i}")))
+                        .await
+                        .unwrap();
+                    lsns.push(reply.lsn);
+                }
+                lsns
+            }));
+        }
+        let mut lsns = Vec::new();
+        for caller in callers {
+            lsns.extend(caller.await.unwrap());
+        }
+        lsns.sort_unstable();
+        assert_eq!(lsns, (1..=160).collect::<Vec<u64>>(), "one LSN per write");
+
+        // A bad command fails alone, with the unary call's error; the
+        // commands around it and later ones still succeed.
+        let (bad, good) = tokio::join!(
+            stream.put(put_req(&"k".repeat(1025), "v")),
+            stream.put(put_req("after-bad", "ok")),
+        );
+        let bad = bad.unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        assert!(bad.message().contains("key is 1025 bytes"), "{bad:?}");
+        assert_eq!(good.unwrap().lsn, 161, "the bad key took no LSN");
+
+        let del = stream
+            .delete(pb::DeleteRequest {
+                key: b"c0-0".to_vec(),
+                ack: pb::AckLevel::Default as i32,
+            })
+            .await
+            .unwrap();
+        assert_eq!(del.lsn, 162);
+        let get = |key: &str| pb::GetRequest {
+            key: key.into(),
+            consistency: pb::ReadConsistency::Default as i32,
+        };
+        let read = stream.get(get("c3-7")).await.unwrap();
+        assert!(read.found);
+        assert_eq!(read.value, b"v3-7");
+        assert!(!stream.get(get("c0-0")).await.unwrap().found);
+
+        // At a follower, writes fail "not leader", naming the leader.
+        let follower = batch_client(cluster.addrs[1]).await;
+        let refused = follower.put(put_req("x", "y")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        let leader = cluster.addrs[0].to_string();
+        assert_eq!(
+            refused
+                .metadata()
+                .get(kv_node::server::LEADER_METADATA)
+                .unwrap(),
+            leader.as_str()
+        );
+        // ...and a stale read is served there, once the follower applied it.
+        let started = Instant::now();
+        loop {
+            let stale = follower
+                .get(pb::GetRequest {
+                    key: b"after-bad".to_vec(),
+                    consistency: pb::ReadConsistency::Stale as i32,
+                })
+                .await
+                .unwrap();
+            assert_eq!(stale.node_id, 2);
+            if stale.found {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{stale:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // The unary API sees the same state.
+    assert_eq!(cluster.get("c15-9"), "v15-9");
+    assert_eq!(cluster.get("c0-0"), "(nil)");
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 162);
+}
+
+#[test]
+fn garbage_on_the_batch_stream_closes_it_and_writes_nothing() {
+    let cluster = Cluster::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        // A message that does not decode as a BatchRequest: field 1 (the
+        // commands) as a varint, not length-delimited.
+        let garbage = pb::WriteReply { lsn: 7, term: 1 };
+        let codec = tonic_prost::ProstCodec::<pb::WriteReply, pb::BatchReply>::default();
+        let path = http::uri::PathAndQuery::from_static("/kv.v1.Kv/Batch");
+        let mut replies = grpc
+            .streaming(
+                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                path,
+                codec,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        // The node ends the stream without answering anything.
+        let next = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .expect("the node closes the stream");
+        assert!(matches!(next, Ok(None) | Err(_)), "{next:?}");
+    });
+    let s = cluster.status_of(1).unwrap();
+    assert_eq!((s.last_lsn, s.keys), (0, 0), "nothing reached the WAL");
+    cluster.put("after", "garbage").unwrap();
+    cluster.wait_converged();
+}
+
+#[test]
+fn sigkill_of_the_leader_under_batch_load_loses_no_quorum_write() {
+    // Elected, so the killed leader can stay down: what it acknowledged must
+    // already be on the majority that elects the next one.
+    let mut cluster = Cluster::start_elected("election_timeout_ms = 300\n");
+    let old = cluster.wait_leader();
+    let load = Load::start_batch(&cluster, 32);
+    cluster.wait_until(
+        Duration::from_secs(20),
+        "200 writes before the kill",
+        |_| load.acked() >= 200,
+    );
+    cluster.kill(old);
+    let before = load.acked();
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("200 more writes after node {old} was killed"),
+        |_| load.acked() >= before + 200,
+    );
+    let acked = load.stop();
+    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    cluster.start_node(old);
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
 }

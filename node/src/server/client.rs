@@ -15,6 +15,7 @@ use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 
 use super::LEADER_METADATA;
+use super::batch::BatchClient;
 use super::config::NodeConfig;
 use super::env::{Dialer, TcpDialer};
 
@@ -284,9 +285,20 @@ pub async fn status_all(
     out
 }
 
+/// How `kv bench cluster`'s clients send their writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchApi {
+    /// The clients sharing a connection share one `Kv.Batch` stream.
+    Batch,
+    /// One unary `Kv.Put` call per write.
+    Unary,
+}
+
 /// One row of `kv bench cluster`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterBenchRow {
+    pub api: BenchApi,
     pub clients: usize,
     pub ops: u64,
     pub seconds: f64,
@@ -296,15 +308,40 @@ pub struct ClusterBenchRow {
 }
 
 /// The table header of `kv bench cluster`.
-pub const CLUSTER_BENCH_HEADER: &str = "clients        ops   seconds      ops/s   p50_us   p99_us";
+pub const CLUSTER_BENCH_HEADER: &str =
+    "api     clients        ops   seconds      ops/s   p50_us   p99_us";
 
 impl std::fmt::Display for ClusterBenchRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>7} {:>10} {:>9.3} {:>10.0} {:>8} {:>8}",
-            self.clients, self.ops, self.seconds, self.ops_per_sec, self.p50_us, self.p99_us
+            "{:<7} {:>7} {:>10} {:>9.3} {:>10.0} {:>8} {:>8}",
+            match self.api {
+                BenchApi::Batch => "batch",
+                BenchApi::Unary => "unary",
+            },
+            self.clients,
+            self.ops,
+            self.seconds,
+            self.ops_per_sec,
+            self.p50_us,
+            self.p99_us
         )
+    }
+}
+
+/// A benchmark client's way to the leader.
+enum Writer {
+    Unary(KvClient<Channel>),
+    Batch(BatchClient),
+}
+
+impl Writer {
+    async fn put(&mut self, req: pb::PutRequest) -> Result<pb::WriteReply, tonic::Status> {
+        match self {
+            Writer::Unary(client) => client.put(req).await.map(tonic::Response::into_inner),
+            Writer::Batch(stream) => stream.put(req).await,
+        }
     }
 }
 
@@ -313,13 +350,15 @@ const CLIENTS_PER_CONNECTION: usize = 32;
 
 /// `kv bench cluster`: `clients` concurrent clients write `ops` random keys
 /// in all (each waits for its write, at the cluster's default
-/// acknowledgement level, before sending the next) to the leader.
+/// acknowledgement level, before sending the next) to the leader, over one
+/// HTTP/2 connection per [`CLIENTS_PER_CONNECTION`] clients, as `api` says.
 pub async fn bench_cluster(
     endpoints: &[SocketAddr],
     clients: usize,
     ops: u64,
     key_size: usize,
     value_size: usize,
+    api: BenchApi,
     timeout: Duration,
 ) -> anyhow::Result<ClusterBenchRow> {
     let statuses = status_all(endpoints, timeout).await;
@@ -340,11 +379,24 @@ pub async fn bench_cluster(
                 .with_context(|| format!("connect to {leader}"))?,
         );
     }
+    let mut streams = Vec::new();
+    if api == BenchApi::Batch {
+        for channel in &channels {
+            streams.push(BatchClient::open(channel.clone()).await.map_err(|s| {
+                anyhow::anyhow!("open a batch stream to {leader}: {}", s.message())
+            })?);
+        }
+    }
     let per_client = ops / clients as u64;
     let start = std::time::Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let mut client = KvClient::new(channels[c / CLIENTS_PER_CONNECTION].clone());
+        let mut client = match api {
+            BenchApi::Batch => Writer::Batch(streams[c / CLIENTS_PER_CONNECTION].clone()),
+            BenchApi::Unary => {
+                Writer::Unary(KvClient::new(channels[c / CLIENTS_PER_CONNECTION].clone()))
+            }
+        };
         tasks.push(tokio::spawn(async move {
             let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ ((c as u64 + 1) << 32);
             let mut next = move || {
@@ -378,6 +430,7 @@ pub async fn bench_cluster(
     let seconds = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     Ok(ClusterBenchRow {
+        api,
         clients,
         ops: latencies.len() as u64,
         seconds,

@@ -16,6 +16,7 @@
 //! leader's newest snapshot, streamed in chunks, installed durably, and then
 //! the log after it.
 
+pub mod batch;
 pub mod client;
 pub mod config;
 pub mod convert;
@@ -109,6 +110,15 @@ enum PendingAck {
     WhenDurable { batch_last: u64, commit_lsn: u64 },
     /// The stream carried something unacceptable: send the error, close.
     Failed(Status),
+}
+
+/// A write appended at the leader, not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Appended {
+    lsn: u64,
+    /// The record's term as the log held it at append (its identity with
+    /// `lsn`: a new leader may fill the LSN with another record).
+    written_term: Option<u64>,
 }
 
 /// One node of the cluster.
@@ -420,8 +430,66 @@ impl Node {
         }
     }
 
+    /// The operation and acknowledgement level of a Put.
+    fn put_op(&self, req: pb::PutRequest) -> Result<(Op, AckLevel), Status> {
+        let level = self.ack_level(req.ack)?;
+        let op = Op::Put {
+            key: req.key,
+            value: req.value,
+        };
+        Ok((op, level))
+    }
+
+    /// The operation and acknowledgement level of a Delete.
+    fn delete_op(&self, req: pb::DeleteRequest) -> Result<(Op, AckLevel), Status> {
+        let level = self.ack_level(req.ack)?;
+        Ok((Op::Delete { key: req.key }, level))
+    }
+
+    /// The reply to a write acknowledged at LSN `lsn`.
+    fn write_reply(&self, lsn: u64) -> pb::WriteReply {
+        pb::WriteReply {
+            lsn,
+            term: self.term(),
+        }
+    }
+
+    /// A Get: at the leader, the committed state; with STALE, this node's
+    /// applied state.
+    async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, Status> {
+        let stale =
+            pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
+        if !stale && !self.leads() {
+            return Err(self.not_leader());
+        }
+        if !stale {
+            self.confirm_read().await?;
+        }
+        self.engine
+            .validate(&req.key, None)
+            .map_err(engine_status)?;
+        // Applied state is committed state: the engine applies nothing else.
+        let (value, applied_lsn) = self.engine.get_with_lsn(&req.key);
+        Ok(pb::GetReply {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            applied_lsn,
+            node_id: self.config.node_id,
+            term: self.term(),
+        })
+    }
+
     /// Leader: writes `op`, then waits until it is acknowledged at `level`.
     async fn write(&self, op: Op, level: AckLevel) -> Result<u64, Status> {
+        let appended = self.append_write(op)?;
+        self.acknowledged(appended, level).await
+    }
+
+    /// Leader: the part of a write that does not wait: checks `op` and
+    /// appends it (the flusher makes it durable with every other write
+    /// appended meanwhile). Commands of one `Batch` message are appended in
+    /// their order, one after the other.
+    fn append_write(&self, op: Op) -> Result<Appended, Status> {
         if !self.leads() {
             return Err(self.not_leader());
         }
@@ -441,6 +509,13 @@ impl Node {
         // and commit, which must not acknowledge this write.
         let written_term = self.engine.term_at(lsn);
         self.remember(lsn, self.term(), op);
+        Ok(Appended { lsn, written_term })
+    }
+
+    /// Leader: waits until the write appended as `appended` is acknowledged
+    /// at `level`, within `write_timeout_ms`; returns its LSN.
+    async fn acknowledged(&self, appended: Appended, level: AckLevel) -> Result<u64, Status> {
+        let Appended { lsn, written_term } = appended;
         let unknown = |why: &str| {
             Status::unavailable(format!(
                 "outcome unknown: the write at LSN {lsn} {why} within {} ms; it may still commit",
@@ -1180,60 +1255,35 @@ pub struct KvService(pub Arc<Node>);
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        let req = req.into_inner();
-        let level = self.0.ack_level(req.ack)?;
-        let lsn = self
-            .0
-            .write(
-                Op::Put {
-                    key: req.key,
-                    value: req.value,
-                },
-                level,
-            )
-            .await?;
-        Ok(Response::new(pb::WriteReply {
-            lsn,
-            term: self.0.term(),
-        }))
+        let (op, level) = self.0.put_op(req.into_inner())?;
+        Ok(Response::new(
+            self.0.write_reply(self.0.write(op, level).await?),
+        ))
     }
 
     async fn delete(
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
-        let req = req.into_inner();
-        let level = self.0.ack_level(req.ack)?;
-        let lsn = self.0.write(Op::Delete { key: req.key }, level).await?;
-        Ok(Response::new(pb::WriteReply {
-            lsn,
-            term: self.0.term(),
-        }))
+        let (op, level) = self.0.delete_op(req.into_inner())?;
+        Ok(Response::new(
+            self.0.write_reply(self.0.write(op, level).await?),
+        ))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
-        let req = req.into_inner();
-        let stale =
-            pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
-        if !stale && !self.0.leads() {
-            return Err(self.0.not_leader());
-        }
-        if !stale {
-            self.0.confirm_read().await?;
-        }
-        self.0
-            .engine
-            .validate(&req.key, None)
-            .map_err(engine_status)?;
-        // Applied state is committed state: the engine applies nothing else.
-        let (value, applied_lsn) = self.0.engine.get_with_lsn(&req.key);
-        Ok(Response::new(pb::GetReply {
-            found: value.is_some(),
-            value: value.unwrap_or_default(),
-            applied_lsn,
-            node_id: self.0.config.node_id,
-            term: self.0.term(),
-        }))
+        Ok(Response::new(self.0.get(req.into_inner()).await?))
+    }
+
+    type BatchStream = ReceiverStream<Result<pb::BatchReply, Status>>;
+
+    async fn batch(
+        &self,
+        req: Request<Streaming<pb::BatchRequest>>,
+    ) -> Result<Response<Self::BatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(batch::serve(self.0.clone(), req.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn status(
