@@ -15,15 +15,19 @@ Starts, on 127.0.0.1 only and with data under a fresh temporary directory:
     `etcdctl endpoint health`;
   * a 3-node kv cluster (`kv serve`, ports 27001-27003, an elected leader, default
     ack level quorum), waited on with `kv status`.
-Then for each client count C (the order of the two alternates from one
-count, and run, to the next, so both see the same machine state):
+Then for each client count C (the order of the runs rotates from one
+count, and run, to the next, so all see the same machine state):
   kv bench cluster --endpoints 127.0.0.1:27001,... --clients C --ops N
-                   --key-size 16 --value-size 100 --json
+                   --key-size 16 --value-size 100 --api API --json
+                   (once per API in --kv-api: batch, unary)
   etcd-bench       --endpoints 127.0.0.1:23791,... --clients C --ops N
                    --key-size 16 --value-size 100 --json
-Both send every write to their leader, C clients each waiting for its write
+All send every write to their leader, C clients each waiting for its write
 before sending the next, one HTTP/2 connection per 32 clients, the same keys.
-Prints one table (ops/s, p50/p99 latency of both, ratios kv/etcd), writes an
+kv's clients send their writes either as messages of one `Kv.Batch` stream
+per connection (`batch`: kv's client for many callers) or as one unary
+`Kv.Put` call each (`unary`, as etcd's clients do with `Put`).
+Prints one table (ops/s, p50/p99 latency of each, ratios kv/etcd), writes an
 SVG plot of ops/s against clients, and stops every process it started.
 
 etcd-bench (bench/etcd-bench, a standalone Cargo project outside the
@@ -41,6 +45,8 @@ Options:
       --plot FILE      where to write the SVG plot
                        (default: bench-results/cluster-vs-etcd.svg)
       --no-plot        write no plot
+      --kv-api LIST    kv client APIs to run, comma-separated (default
+                       batch,unary)
       --no-kv          run etcd only (e.g. before `kv bench cluster` exists)
   -h, --help           this text
 
@@ -62,6 +68,7 @@ RUNS=1
 PARENT="$ROOT/kv-bench-data"
 PLOT="$ROOT/bench-results/cluster-vs-etcd.svg"
 USE_KV=1
+KV_APIS=batch,unary
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -72,6 +79,7 @@ while [[ $# -gt 0 ]]; do
         -d|--dir) PARENT=$(abspath "${2:?}"); shift 2 ;;
         --plot) PLOT=$(abspath "${2:?}"); shift 2 ;;
         --no-plot) PLOT=""; shift ;;
+        --kv-api) KV_APIS=${2:?}; shift 2 ;;
         --no-kv) USE_KV=0; shift ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
@@ -80,6 +88,10 @@ positive_int_list --clients "$CLIENTS" 1,16,64,256
 positive_int --ops "$OPS"
 positive_int --runs "$RUNS"
 IFS=, read -r -a CLIST <<<"$CLIENTS"
+IFS=, read -r -a KV_API_LIST <<<"$KV_APIS"
+for api in "${KV_API_LIST[@]}"; do
+    [[ $api == batch || $api == unary ]] || { usage >&2; die "--kv-api: '$api' is neither batch nor unary"; }
+done
 
 # Loopback only: every address below is 127.0.0.1.
 HOST=127.0.0.1
@@ -307,12 +319,12 @@ fi
 echo
 
 # --- the runs ----------------------------------------------------------------------------
-bench_run() { # system clients run
+bench_run() { # system (kv-batch, kv-unary or etcd) clients run
     local system=$1 c=$2 run=$3
     local out="$WORK/$system-c$c-r$run.out"
     local cmd
-    if [[ $system == kv ]]; then
-        cmd=("$KV" bench cluster --endpoints "$KV_ENDPOINTS")
+    if [[ $system == kv-* ]]; then
+        cmd=("$KV" bench cluster --endpoints "$KV_ENDPOINTS" --api "${system#kv-}")
     else
         cmd=("$ETCD_BENCH" --endpoints "$ETCD_ENDPOINTS")
     fi
@@ -341,16 +353,17 @@ bench_run() { # system clients run
 }
 
 echo "== runs"
+SYSTEMS=()
+if [[ $USE_KV == 1 ]]; then SYSTEMS+=("${KV_API_LIST[@]/#/kv-}"); fi
+SYSTEMS+=(etcd)
 step=0
 for ((run = 1; run <= RUNS; run++)); do
     for c in "${CLIST[@]}"; do
-        if [[ $USE_KV == 1 && $((step % 2)) == 1 ]]; then
-            bench_run etcd "$c" "$run"
-            bench_run kv "$c" "$run"
-        else
-            if [[ $USE_KV == 1 ]]; then bench_run kv "$c" "$run"; fi
-            bench_run etcd "$c" "$run"
-        fi
+        # Rotate who goes first, so no system always runs on a cooler machine.
+        n=${#SYSTEMS[@]}
+        for ((i = 0; i < n; i++)); do
+            bench_run "${SYSTEMS[(step + i) % n]}" "$c" "$run"
+        done
         step=$((step + 1))
     done
 done
@@ -368,14 +381,14 @@ from svg_plot import line_plot
 
 results, clients, ops, plot = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 clients = [int(c) for c in clients.split(",")]
-rows = {"kv": {}, "etcd": {}}  # system -> clients -> [row per run]
+rows = {}  # system -> clients -> [row per run]
 
 for raw in open(results):
     system, c, run, path = raw.rstrip("\n").split("\t", 3)
     try:
         line = [l for l in open(path).read().splitlines() if l.startswith("{")][-1]
         r = json.loads(line)
-        rows[system].setdefault(int(c), []).append(
+        rows.setdefault(system, {}).setdefault(int(c), []).append(
             dict(ops_s=float(r["ops_per_sec"]), p50=float(r["p50_us"]), p99=float(r["p99_us"])))
     except Exception as e:  # one unreadable run is reported, never fatal
         print(f"cannot parse {path}: {e}", file=sys.stderr)
@@ -390,24 +403,35 @@ def fmt(x, nd=0):
 def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "n/a"
 
+systems = [s for s in ("kv-batch", "kv-unary", "etcd") if s in rows]
+kvs = [s for s in systems if s != "etcd"]
 print(f"== results ({ops} writes of 16 B key + 100 B value per run, to the leader of 3; medians over runs)")
-print(f"{'clients':>7}  {'kv ops/s':>10} {'p50 us':>8} {'p99 us':>8}"
-      f"  {'etcd ops/s':>10} {'p50 us':>8} {'p99 us':>8}  {'ops/s kv/etcd':>13} {'p99 kv/etcd':>11}")
-series = {"kv": [], "etcd": []}
+print(f"{'clients':>7}" + "".join(f"  {s + ' ops/s':>14} {'p50 us':>8} {'p99 us':>8}" for s in systems))
+series = {s: [] for s in systems}
 for c in clients:
-    k, e = rows["kv"].get(c, []), rows["etcd"].get(c, [])
-    ko, eo = med(k, "ops_s"), med(e, "ops_s")
-    k99, e99 = med(k, "p99"), med(e, "p99")
-    series["kv"].append(ko)
-    series["etcd"].append(eo)
-    print(f"{c:>7}  {fmt(ko):>10} {fmt(med(k, 'p50')):>8} {fmt(k99):>8}"
-          f"  {fmt(eo):>10} {fmt(med(e, 'p50')):>8} {fmt(e99):>8}  {ratio(ko, eo):>13} {ratio(k99, e99):>11}")
-print("(ops/s kv/etcd above 1: kv is faster; p99 kv/etcd below 1: kv's tail is shorter)")
+    line = f"{c:>7}"
+    for s in systems:
+        rs = rows[s].get(c, [])
+        series[s].append(med(rs, "ops_s"))
+        line += f"  {fmt(med(rs, 'ops_s')):>14} {fmt(med(rs, 'p50')):>8} {fmt(med(rs, 'p99')):>8}"
+    print(line)
+if "etcd" in rows and kvs:
+    print()
+    print(f"{'clients':>7}" + "".join(f"  {k + '/etcd ops/s':>20} {'p99':>6}" for k in kvs))
+    for c in clients:
+        e = rows["etcd"].get(c, [])
+        line = f"{c:>7}"
+        for k in kvs:
+            rs = rows[k].get(c, [])
+            line += f"  {ratio(med(rs, 'ops_s'), med(e, 'ops_s')):>20} {ratio(med(rs, 'p99'), med(e, 'p99')):>6}"
+        print(line)
+    print("(ops/s ratio above 1: kv is faster; p99 ratio below 1: kv's tail is shorter)")
 
 if plot:
     # ops/s (linear y) against clients (log2 x).
     title = f"replicated writes, 3 nodes on 127.0.0.1: ops/s vs clients ({ops} x 16 B key + 100 B value)"
-    line_plot(plot, title, clients, series, {"kv": "#1f77b4", "etcd": "#d62728"},
+    colours = {"kv-batch": "#1f77b4", "kv-unary": "#2ca02c", "etcd": "#d62728"}
+    line_plot(plot, title, clients, series, {s: colours[s] for s in systems},
               "concurrent clients (log scale)", log_x=True, margin_right=30, title_size=13)
 PY
 
