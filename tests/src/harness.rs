@@ -15,8 +15,12 @@
 //!    time, a final write must succeed, and a final read of every key joins
 //!    the history, which is then checked for linearizability.
 //!
-//! What it does not do: elections (the leader is node 1, named in the
-//! configuration), and disk loss (a node's disk always comes back).
+//! Most clients make unary calls through the CLI's client (redirects
+//! followed); the loops of one more host share a `Kv.Batch` stream
+//! ([`SharedStream`]), so the batch API's histories are checked too. The
+//! members elect their leader, except in every fifth seed (node 1 fixed).
+//!
+//! What it does not do: disk loss (a node's disk always comes back).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -26,8 +30,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use kv_node::engine::{Engine, EngineError, Op};
+use kv_node::server::batch::BatchClient;
 use kv_node::server::client::{CallError, Client};
 use kv_node::server::config::{Ack, Member, NodeConfig};
+use kv_node::server::env::Dialer;
 use kv_node::server::env::{Clock, MAX_CLOCK_DRIFT, NodeEnv, Offload};
 use kv_node::server::{Node, serve_incoming};
 use kv_node::storage::{SimOptions, SimStorage};
@@ -59,6 +65,9 @@ pub struct RunOptions {
     /// Clients that only read (reads keep flowing while writers wait on
     /// a leader that cannot commit).
     pub readers: usize,
+    /// Workload clients on one more host that share one `Kv.Batch` stream
+    /// (the client API for many callers) instead of making unary calls.
+    pub batch_clients: usize,
     /// Length of the chaos phase (simulated).
     pub chaos: Duration,
     /// Inject faults (false: a calm run, for the workload's own checks).
@@ -79,6 +88,7 @@ impl RunOptions {
             nodes: if seed % 4 == 3 { 5 } else { 3 },
             clients: 4,
             readers: 2,
+            batch_clients: 2,
             chaos: Duration::from_secs(6),
             faults: true,
             min_successful_ops: 40,
@@ -101,6 +111,9 @@ pub struct Report {
     pub reads_ok: usize,
     /// Operations whose outcome stayed unknown.
     pub unknown: usize,
+    /// Operations of the batch-stream clients that succeeded (in the
+    /// history like every other).
+    pub batch_ops_ok: usize,
     /// Faults injected.
     pub faults: usize,
     /// Leadership transfers started, and how many of them the old leader
@@ -274,6 +287,194 @@ fn sim_client_from(nodes: usize, first: usize) -> Client {
     Client::with_dialer(list, Duration::from_millis(1500), Arc::new(SimDialer))
 }
 
+/// The client ids of the batch-stream workload loops (after the unary
+/// clients, the cold writer and the readers).
+fn batch_client_ids(options: &RunOptions) -> std::ops::Range<u64> {
+    let first = (options.clients + options.readers) as u64 + 2;
+    first..first + options.batch_clients as u64
+}
+
+/// How long a workload call through a shared batch stream may take before
+/// its outcome counts as unknown (the unary client's timeout).
+const BATCH_CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A `Kv.Batch` stream that several workload loops of one host share. It
+/// does not follow redirects by itself: after any failure but a refused
+/// argument, the next call opens a new stream, to the leader the failure
+/// named, else to the next node.
+#[derive(Clone)]
+struct SharedStream {
+    nodes: usize,
+    /// The node to open the next stream to (an index into `endpoints`),
+    /// and the open stream.
+    state: Arc<Mutex<(usize, Option<BatchClient>)>>,
+}
+
+impl SharedStream {
+    fn new(nodes: usize) -> Self {
+        SharedStream {
+            nodes,
+            state: Arc::new(Mutex::new((0, None))),
+        }
+    }
+
+    async fn open(&self) -> Result<BatchClient, CallError> {
+        let target = {
+            let state = lock(&self.state);
+            if let Some(stream) = &state.1 {
+                return Ok(stream.clone());
+            }
+            state.0
+        };
+        let addr = endpoints(self.nodes)[target];
+        let unreachable =
+            |why: String| CallError::Unreachable(format!("batch stream to {addr}: {why}"));
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let opened = tokio::time::timeout(BATCH_CALL_TIMEOUT, async {
+            let channel = SimDialer
+                .dial(endpoint)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            BatchClient::open(channel)
+                .await
+                .map_err(|s| unreachable(s.message().to_owned()))
+        })
+        .await;
+        match opened {
+            Ok(Ok(stream)) => {
+                lock(&self.state).1 = Some(stream.clone());
+                Ok(stream)
+            }
+            Ok(Err(e)) => {
+                self.move_on(None);
+                Err(e)
+            }
+            Err(_) => {
+                self.move_on(None);
+                Err(unreachable("timed out opening".into()))
+            }
+        }
+    }
+
+    /// Drops the stream; the next one goes to `leader` (an address from a
+    /// "not leader" failure) if it names a member, else to the next node.
+    fn move_on(&self, leader: Option<&str>) {
+        let all = endpoints(self.nodes);
+        let named = leader
+            .and_then(|l| l.parse::<SocketAddr>().ok())
+            .and_then(|l| all.iter().position(|a| *a == l));
+        let mut state = lock(&self.state);
+        state.0 = named.unwrap_or((state.0 + 1) % self.nodes);
+        state.1 = None;
+    }
+
+    /// Runs one call on the stream, bounded by [`BATCH_CALL_TIMEOUT`]. Like
+    /// the unary client, it tries another node (the leader named, else the
+    /// next) while the call provably did not run there: the stream could
+    /// not be opened, or the node refused with "not leader".
+    async fn call<T, Fut>(&self, call: impl Fn(BatchClient) -> Fut) -> Result<T, CallError>
+    where
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        // The unary client's budget: twice its timeout.
+        let give_up = tokio::time::Instant::now() + 2 * BATCH_CALL_TIMEOUT;
+        let mut tries = 0u64;
+        loop {
+            tries += 1;
+            let last = tokio::time::Instant::now() >= give_up;
+            let stream = match self.open().await {
+                Ok(stream) => stream,
+                Err(e) if last => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20 * tries.min(10))).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(BATCH_CALL_TIMEOUT, call(stream)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(status)) => {
+                    if status.code() == tonic::Code::InvalidArgument {
+                        return Err(CallError::Status(status));
+                    }
+                    let leader = status
+                        .metadata()
+                        .get(kv_node::server::LEADER_METADATA)
+                        .and_then(|v| v.to_str().ok());
+                    self.move_on(leader);
+                    if status.code() != tonic::Code::FailedPrecondition || last {
+                        return Err(CallError::Status(status));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20 * tries.min(10))).await;
+                }
+                Err(_) => {
+                    self.move_on(None);
+                    return Err(CallError::Unreachable("a batch call timed out".into()));
+                }
+            }
+        }
+    }
+}
+
+/// A workload client's way to the cluster.
+#[derive(Clone)]
+enum Api {
+    /// The CLI's client: unary calls, redirects followed.
+    Unary,
+    /// A batch stream shared with the other loops of its host.
+    Batch(SharedStream),
+}
+
+/// One call's connection: a unary client or the shared batch stream.
+enum Conn<'a> {
+    Unary(&'a Client),
+    Batch(&'a SharedStream),
+}
+
+impl Conn<'_> {
+    async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
+        match self {
+            Conn::Unary(client) => client.get(req).await,
+            Conn::Batch(shared) => {
+                shared
+                    .call(|s| {
+                        let req = req.clone();
+                        async move { s.get(req).await }
+                    })
+                    .await
+            }
+        }
+    }
+
+    async fn put(&self, req: pb::PutRequest) -> Result<pb::WriteReply, CallError> {
+        match self {
+            Conn::Unary(client) => client.put(req).await,
+            Conn::Batch(shared) => {
+                shared
+                    .call(|s| {
+                        let req = req.clone();
+                        async move { s.put(req).await }
+                    })
+                    .await
+            }
+        }
+    }
+
+    async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::WriteReply, CallError> {
+        match self {
+            Conn::Unary(client) => client.delete(req).await,
+            Conn::Batch(shared) => {
+                shared
+                    .call(|s| {
+                        let req = req.clone();
+                        async move { s.delete(req).await }
+                    })
+                    .await
+            }
+        }
+    }
+}
+
 /// The outcome of one client write.
 fn write_outcome(result: &Result<pb::WriteReply, CallError>) -> Option<Result<u64, ()>> {
     match result {
@@ -293,6 +494,7 @@ async fn workload(
     until: Duration,
     history: History,
     reads_only: bool,
+    api: Api,
 ) -> turmoil::Result {
     let mut rng = Rng::new(seed);
     let sticky = sim_client(nodes);
@@ -303,11 +505,13 @@ async fn workload(
         // clients disagree about who leads (a deposed leader that still
         // believes it leads keeps getting some of them).
         let fresh;
-        let client = if rng.below(4) == 0 {
-            fresh = sim_client_from(nodes, rng.below(nodes as u64) as usize);
-            &fresh
-        } else {
-            &sticky
+        let client = match &api {
+            Api::Batch(shared) => Conn::Batch(shared),
+            Api::Unary if rng.below(4) == 0 => {
+                fresh = sim_client_from(nodes, rng.below(nodes as u64) as usize);
+                Conn::Unary(&fresh)
+            }
+            Api::Unary => Conn::Unary(&sticky),
         };
         let key = format!("k{}", rng.below(KEYS as u64)).into_bytes();
         let roll = rng.below(100);
@@ -915,6 +1119,7 @@ impl Run<'_> {
                     options.chaos,
                     history.clone(),
                     false,
+                    Api::Unary,
                 ),
             );
         }
@@ -931,8 +1136,34 @@ impl Run<'_> {
                     options.chaos,
                     history.clone(),
                     true,
+                    Api::Unary,
                 ),
             );
+        }
+        if options.batch_clients > 0 {
+            // One host whose workload loops share one batch stream, with
+            // their own random streams (the faults a seed injects stay put).
+            let mut batch = Rng::new(options.seed ^ 0xBA7C_0000_0000_0000);
+            let loops: Vec<_> = batch_client_ids(options)
+                .map(|id| (id, batch.next_u64()))
+                .collect();
+            let (nodes, chaos, history) = (options.nodes, options.chaos, history.clone());
+            sim.client("cbatch", async move {
+                let shared = SharedStream::new(nodes);
+                let runs = loops.into_iter().map(|(id, seed)| {
+                    workload(
+                        id,
+                        seed,
+                        nodes,
+                        chaos,
+                        history.clone(),
+                        false,
+                        Api::Batch(shared.clone()),
+                    )
+                });
+                futures_util::future::try_join_all(runs).await?;
+                Ok(())
+            });
         }
         sim.client(
             "ccold",
@@ -1413,6 +1644,11 @@ impl Run<'_> {
         let acked = recorded.acked.clone();
         let (writes_acked, reads_ok, unknown) =
             (recorded.writes_acked, recorded.reads_ok, recorded.unknown);
+        let first_batch_id = batch_client_ids(&self.options).start;
+        let batch_ops_ok = ops
+            .iter()
+            .filter(|op| op.client >= first_batch_id && op.output != Output::Unknown)
+            .count();
         drop(recorded);
         self.check_acked_writes(&acked)?;
         match linearizability::check(&ops, Duration::from_secs(20)) {
@@ -1446,6 +1682,7 @@ impl Run<'_> {
             writes_acked,
             reads_ok,
             unknown,
+            batch_ops_ok,
             faults: self.faults,
             transfers: (
                 self.transfers_started,
@@ -1475,9 +1712,14 @@ impl Run<'_> {
                 if ack.lsn < engine.wal_first_lsn() {
                     continue;
                 }
-                let found = engine
-                    .read_from(ack.lsn, 1)
-                    .map_err(|e| (format!("node {id}: read LSN {}: {e}", ack.lsn), false))?;
+                // Past the log's end, the write is simply not there.
+                let found = if ack.lsn > engine.last_lsn() {
+                    Vec::new()
+                } else {
+                    engine
+                        .read_from(ack.lsn, 1)
+                        .map_err(|e| (format!("node {id}: read LSN {}: {e}", ack.lsn), false))?
+                };
                 let matches = found.first().is_some_and(|r| {
                     r.lsn == ack.lsn
                         && match (&r.op, &ack.value) {
@@ -1489,10 +1731,11 @@ impl Run<'_> {
                 if !matches {
                     return Err((
                         format!(
-                            "a write acknowledged at `{}` (LSN {}, key {}) is not in node {id}'s final log",
+                            "a write acknowledged at `{}` (LSN {}, key {}) is not in node {id}'s final log (which ends at LSN {})",
                             if ack.local { "local" } else { "quorum" },
                             ack.lsn,
-                            String::from_utf8_lossy(&ack.key)
+                            String::from_utf8_lossy(&ack.key),
+                            engine.last_lsn()
                         ),
                         true,
                     ));

@@ -43,13 +43,14 @@ fn run_options(options: &RunOptions) -> Report {
     match outcome {
         Ok(report) => {
             eprintln!(
-                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads, {} unknown, {} faults ({} of {} leadership transfers done), applied LSN {}, simulated {:?}",
+                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads ({} ops by batch streams), {} unknown, {} faults ({} of {} leadership transfers done), applied LSN {}, simulated {:?}",
                 options.seed,
                 started.elapsed().as_secs_f64(),
                 options.nodes,
                 report.trace_hash,
                 report.writes_acked,
                 report.reads_ok,
+                report.batch_ops_ok,
                 report.unknown,
                 report.faults,
                 report.transfers.1,
@@ -165,6 +166,10 @@ fn a_calm_cluster_answers_everything() {
         assert!(
             report.writes_acked > 300 && report.reads_ok > 300,
             "a calm cluster did little: {report:?}"
+        );
+        assert!(
+            report.batch_ops_ok > 100,
+            "the batch-stream clients did little: {report:?}"
         );
     }
 }
