@@ -17,7 +17,7 @@
 //!
 //! Most clients make unary calls through the CLI's client (redirects
 //! followed); the loops of one more host share a `Kv.Batch` stream
-//! ([`SharedStream`]), so the batch API's histories are checked too. The
+//! (`SharedStream`), so the batch API's histories are checked too. The
 //! members elect their leader, except in every fifth seed (node 1 fixed).
 //!
 //! What it does not do: disk loss (a node's disk always comes back).
