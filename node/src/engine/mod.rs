@@ -981,17 +981,18 @@ impl Engine {
 
     fn snapshot_locked(&self) -> Result<SnapshotInfo> {
         lock(&self.state).wal_bytes_since_snapshot = 0;
-        let (bytes, lsn, keys) = {
-            let map = read(&self.map);
-            let bytes = snapshot::encode(
-                map.applied_lsn(),
-                map.applied_term(),
-                map.digest(),
-                map.len(),
-                map.iter(),
-            );
-            (bytes, map.applied_lsn(), map.len())
-        };
+        // The map lock is held only to take the frozen state (O(1)): applies
+        // go on while the entries are encoded.
+        let frozen = write(&self.map).freeze();
+        let (lsn, keys) = (frozen.lsn, frozen.map.len());
+        let bytes = snapshot::encode(
+            frozen.lsn,
+            frozen.term,
+            frozen.digest,
+            keys,
+            frozen.map.iter(),
+        );
+        drop(frozen);
         // Never let a snapshot hold a write the WAL could still lose.
         self.wait_for(lsn, Level::Durable)?;
         let dir = &self.config.data_dir;

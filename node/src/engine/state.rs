@@ -4,10 +4,18 @@
 //! it is kept up to date in O(1) per write and two replicas (or two replays)
 //! can be compared in O(1). The hash is our own, fixed forever: it must give
 //! the same value on every machine and every release, which `std`'s hashers
-//! do not promise. This module does no I/O and knows nothing of the WAL.
+//! do not promise.
+//!
+//! A snapshot takes the state with [`MapState::freeze`] in O(1) and encodes
+//! it while applies go on (into an overlay folded back afterwards), so a
+//! snapshot of a large map never stalls the node's writes. This module does
+//! no I/O and knows nothing of the WAL.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
+use std::collections::btree_map::{self, Entry};
+use std::iter::Peekable;
+use std::sync::Arc;
 
 use super::record::Op;
 
@@ -79,15 +87,45 @@ impl Digest {
     }
 }
 
+/// Changes folded back into the base per apply once a snapshot released
+/// it (so the fold never stalls one apply for long).
+const FOLD_PER_APPLY: usize = 64;
+
 /// The map as of `applied_lsn`.
+///
+/// A snapshot must encode one consistent state, which for a large map takes
+/// a while, and applies must not wait for it (they run on the node's
+/// runtime thread, with the engine's state lock held: waiting would stall
+/// the node, and a leader that stalls for an election timeout steps down).
+/// So the entries live in a shared `base`: [`MapState::freeze`] hands a
+/// snapshot a reference to it in O(1), and while the snapshot holds it,
+/// applies go to `changes`, an overlay that reads consult first. Once the
+/// base is no longer shared, the overlay is folded back into it, a few
+/// entries per apply.
 #[derive(Debug, Default)]
 pub struct MapState {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The entries, where `changes` does not override them.
+    base: Arc<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Applied while `base` was shared, not yet folded in: a key's new
+    /// value, or `None` if it was deleted. Empty in the common case.
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Number of keys (base and changes together).
+    len: usize,
     /// Every record with LSN <= this is applied, none above it.
     applied_lsn: u64,
     /// Term of the record at `applied_lsn`.
     applied_term: u64,
     digest: Digest,
+}
+
+/// A consistent state for a snapshot, taken without copying the entries.
+#[derive(Debug)]
+pub struct Frozen {
+    /// The entries; while this is alive, the live map leaves them alone.
+    pub map: Arc<BTreeMap<Vec<u8>, Vec<u8>>>,
+    pub lsn: u64,
+    pub term: u64,
+    pub digest: u64,
 }
 
 impl MapState {
@@ -99,7 +137,9 @@ impl MapState {
         digest: u64,
     ) -> Self {
         MapState {
-            map,
+            len: map.len(),
+            base: Arc::new(map),
+            changes: BTreeMap::new(),
             applied_lsn: lsn,
             applied_term: term,
             digest: Digest(digest),
@@ -113,43 +153,129 @@ impl MapState {
             self.applied_lsn + 1,
             "records are applied in LSN order without gaps"
         );
-        match op {
-            Op::Put { key, value } => {
-                self.digest.add(entry_hash(&key, &value));
-                // One descent of the tree, whether the key is new or not.
-                match self.map.entry(key) {
-                    Entry::Occupied(mut e) => {
-                        self.digest.remove(entry_hash(e.key(), e.get()));
-                        *e.get_mut() = value;
+        self.fold(FOLD_PER_APPLY);
+        let (key, value) = match op {
+            Op::Put { key, value } => (key, Some(value)),
+            Op::Delete { key } => (key, None),
+        };
+        let put = value.is_some();
+        match Arc::get_mut(&mut self.base).filter(|_| self.changes.is_empty()) {
+            // The common case: nobody shares the base, nothing to fold.
+            Some(base) => {
+                let old = match value {
+                    Some(value) => {
+                        self.digest.add(entry_hash(&key, &value));
+                        // One descent of the tree, whether the key is new or not.
+                        match base.entry(key) {
+                            Entry::Occupied(mut e) => {
+                                let old = std::mem::replace(e.get_mut(), value);
+                                Some(entry_hash(e.key(), &old))
+                            }
+                            Entry::Vacant(e) => {
+                                e.insert(value);
+                                None
+                            }
+                        }
                     }
-                    Entry::Vacant(e) => {
-                        e.insert(value);
-                    }
-                }
+                    None => base.remove_entry(&key).map(|(k, old)| entry_hash(&k, &old)),
+                };
+                self.account(old, put);
             }
-            Op::Delete { key } => {
-                if let Some(old) = self.map.remove(&key) {
-                    self.digest.remove(entry_hash(&key, &old));
+            // A snapshot holds the base (or the overlay is still being
+            // folded back): record the change on top of it.
+            None => {
+                let old = self.get(&key).map(|old| entry_hash(&key, old));
+                if let Some(value) = &value {
+                    self.digest.add(entry_hash(&key, value));
                 }
+                if put || old.is_some() {
+                    self.changes.insert(key, value);
+                }
+                self.account(old, put);
             }
         }
         self.applied_lsn = lsn;
         self.applied_term = term;
     }
 
+    /// Updates the digest and the key count for one applied change: `old`
+    /// is the hash of the entry it replaced or removed, and `put` whether it
+    /// was a put (whose own hash is already added).
+    fn account(&mut self, old: Option<u64>, put: bool) {
+        match old {
+            Some(hash) => {
+                self.digest.remove(hash);
+                if !put {
+                    self.len -= 1;
+                }
+            }
+            None if put => self.len += 1,
+            None => {}
+        }
+    }
+
+    /// Folds up to `max` overlay entries back into the base, if no
+    /// snapshot shares it any more.
+    fn fold(&mut self, max: usize) {
+        if self.changes.is_empty() {
+            return;
+        }
+        let Some(base) = Arc::get_mut(&mut self.base) else {
+            return;
+        };
+        for _ in 0..max {
+            let Some((key, value)) = self.changes.pop_first() else {
+                break;
+            };
+            match value {
+                Some(value) => {
+                    base.insert(key, value);
+                }
+                None => {
+                    base.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// This state, for a snapshot: O(1) unless an overlay from the last
+    /// snapshot is still being folded back (then O(its size)). Applies
+    /// carry on while the returned reference lives.
+    pub fn freeze(&mut self) -> Frozen {
+        self.fold(usize::MAX);
+        if !self.changes.is_empty() {
+            // Another snapshot still holds the base (snapshots run one at
+            // a time, so this should not happen): copy the entries instead.
+            let copy: BTreeMap<Vec<u8>, Vec<u8>> =
+                self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.base = Arc::new(copy);
+            self.changes.clear();
+        }
+        debug_assert_eq!(self.base.len(), self.len, "key count matches the entries");
+        Frozen {
+            map: self.base.clone(),
+            lsn: self.applied_lsn,
+            term: self.applied_term,
+            digest: self.digest.value(),
+        }
+    }
+
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Vec<u8>> {
-        self.map.get(key)
+        match self.changes.get(key) {
+            Some(changed) => changed.as_ref(),
+            None => self.base.get(key),
+        }
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     /// True if there are no keys.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 
     /// LSN of the last applied record.
@@ -170,15 +296,52 @@ impl MapState {
     /// The digest recomputed from every entry (for checks: must equal `digest`).
     pub fn digest_full(&self) -> u64 {
         let mut d = Digest::default();
-        for (k, v) in &self.map {
+        for (k, v) in self.iter() {
             d.add(entry_hash(k, v));
         }
         d.value()
     }
 
-    /// Entries in key order.
+    /// Entries in key order (the overlay merged over the base).
     pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
-        self.map.iter()
+        Merged {
+            base: self.base.iter().peekable(),
+            changes: self.changes.iter().peekable(),
+        }
+    }
+}
+
+/// The base and the overlay, merged in key order; the overlay wins.
+struct Merged<'a> {
+    base: Peekable<btree_map::Iter<'a, Vec<u8>, Vec<u8>>>,
+    changes: Peekable<btree_map::Iter<'a, Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl<'a> Iterator for Merged<'a> {
+    type Item = (&'a Vec<u8>, &'a Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.base.peek(), self.changes.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((b, _)), Some((c, _))) => b.cmp(c),
+            };
+            match order {
+                Ordering::Less => return self.base.next(),
+                Ordering::Equal | Ordering::Greater => {
+                    if order == Ordering::Equal {
+                        self.base.next(); // overridden
+                    }
+                    match self.changes.next() {
+                        Some((k, Some(v))) => return Some((k, v)),
+                        Some((_, None)) => {} // deleted: skip
+                        None => return None,
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -208,6 +371,68 @@ mod tests {
         assert_ne!(a.digest(), b.digest());
         assert_eq!(b.digest(), b.digest_full());
         assert_ne!(entry_hash(b"ab", b"c"), entry_hash(b"a", b"bc"));
+    }
+
+    /// Random puts and deletes with snapshots frozen and released at random
+    /// points, against a plain map: reads, the key count, the digest and the
+    /// iteration order always match it, and a frozen state stays exactly the
+    /// state it was taken at while applies go on.
+    #[test]
+    fn applies_while_frozen_match_a_plain_map() {
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+        let mut state = MapState::default();
+        let mut model = Map::new();
+        let mut frozen: Option<(Frozen, Map)> = None;
+        let mut frozen_count = 0;
+        for lsn in 1..=20_000u64 {
+            let key = format!("k{:02}", next(40)).into_bytes();
+            if next(4) == 0 {
+                model.remove(&key);
+                state.apply(lsn, 1, Op::Delete { key });
+            } else {
+                let value = format!("v{lsn}").into_bytes();
+                model.insert(key.clone(), value.clone());
+                state.apply(lsn, 1, Op::Put { key, value });
+            }
+            match next(100) {
+                0..=1 if frozen.is_none() => {
+                    frozen = Some((state.freeze(), model.clone()));
+                    frozen_count += 1;
+                }
+                2..=4 => frozen = None,
+                _ => {}
+            }
+            if let Some((f, at)) = &frozen {
+                assert_eq!(*f.map, *at, "a frozen state does not change");
+                let mut d = Digest::default();
+                for (k, v) in at {
+                    d.add(entry_hash(k, v));
+                }
+                assert_eq!(f.digest, d.value());
+            }
+            assert_eq!(state.len(), model.len(), "LSN {lsn}");
+            for k in 0..40 {
+                let key = format!("k{k:02}").into_bytes();
+                assert_eq!(state.get(&key), model.get(&key), "LSN {lsn}");
+            }
+            let merged: Vec<_> = state.iter().collect();
+            assert_eq!(merged, model.iter().collect::<Vec<_>>(), "LSN {lsn}");
+            assert_eq!(state.digest(), state.digest_full(), "LSN {lsn}");
+        }
+        assert!(frozen_count > 50, "the test froze often: {frozen_count}");
+        // Released for good: the overlay is folded back, a few per apply.
+        drop(frozen);
+        for lsn in 20_001..=21_000u64 {
+            state.apply(lsn, 1, put("k00", "last"));
+        }
+        assert!(state.changes.is_empty(), "the overlay was folded back");
     }
 
     #[test]
