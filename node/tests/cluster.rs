@@ -1056,6 +1056,18 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
         lsns.sort_unstable();
         assert_eq!(lsns, (1..=160).collect::<Vec<u64>>(), "one LSN per write");
 
+        // More callers at once than a node takes in flight per stream
+        // (4,096): it stops reading, answers, reads on; all are answered.
+        let many: Vec<_> = (0..10_000)
+            .map(|i| {
+                let stream = stream.clone();
+                tokio::spawn(async move { stream.put(put_req(&format!("m{i}"), "x")).await })
+            })
+            .collect();
+        for call in many {
+            call.await.unwrap().unwrap();
+        }
+
         // A bad command fails alone, with the unary call's error; the
         // commands around it and later ones still succeed.
         let (bad, good) = tokio::join!(
@@ -1065,7 +1077,7 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
         let bad = bad.unwrap_err();
         assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
         assert!(bad.message().contains("key is 1025 bytes"), "{bad:?}");
-        assert_eq!(good.unwrap().lsn, 161, "the bad key took no LSN");
+        assert_eq!(good.unwrap().lsn, 10_161, "the bad key took no LSN");
 
         let del = stream
             .delete(pb::DeleteRequest {
@@ -1074,7 +1086,7 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
             })
             .await
             .unwrap();
-        assert_eq!(del.lsn, 162);
+        assert_eq!(del.lsn, 10_162);
         let get = |key: &str| pb::GetRequest {
             key: key.into(),
             consistency: pb::ReadConsistency::Default as i32,
@@ -1118,7 +1130,7 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
     assert_eq!(cluster.get("c15-9"), "v15-9");
     assert_eq!(cluster.get("c0-0"), "(nil)");
     let (applied, _) = cluster.wait_converged();
-    assert_eq!(applied, 162);
+    assert_eq!(applied, 10_162);
 }
 
 #[test]

@@ -34,7 +34,7 @@ use kv_proto::v1 as pb;
 use pb::command::Op as CommandOp;
 use pb::outcome::Result as OutcomeResult;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -193,9 +193,13 @@ pub struct BatchClient {
 impl BatchClient {
     /// Opens a `Batch` stream on `channel` (connected to one node).
     pub async fn open(channel: Channel) -> Result<Self, Status> {
-        let (requests, outbound) = mpsc::channel(8);
+        // Unbounded, so that the driver never blocks on a send and always
+        // reads outcomes (a node that stops reading at its in-flight limit
+        // must get its answers out). What it holds is bounded anyway: each
+        // caller has one call in flight.
+        let (requests, outbound) = mpsc::unbounded_channel();
         let replies = pb::kv_client::KvClient::new(channel)
-            .batch(ReceiverStream::new(outbound))
+            .batch(UnboundedReceiverStream::new(outbound))
             .await?
             .into_inner();
         let (calls, incoming) = mpsc::unbounded_channel();
@@ -247,7 +251,7 @@ fn mismatch(call: &str, got: &OutcomeResult) -> Status {
 /// that its outcome is unknown.
 async fn drive(
     mut calls: mpsc::UnboundedReceiver<(CommandOp, oneshot::Sender<Reply>)>,
-    requests: mpsc::Sender<pb::BatchRequest>,
+    requests: mpsc::UnboundedSender<pb::BatchRequest>,
     mut replies: Streaming<pb::BatchReply>,
 ) {
     let mut waiting: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
@@ -273,7 +277,7 @@ async fn drive(
                         Err(_) => break,
                     }
                 }
-                if requests.send(pb::BatchRequest { commands }).await.is_err() {
+                if requests.send(pb::BatchRequest { commands }).is_err() {
                     break Status::unavailable("the batch stream was closed");
                 }
             }
