@@ -591,7 +591,8 @@ impl Engine {
         full
     }
 
-    /// Calls `f` with every entry in key order (under the read lock).
+    /// Calls `f` with every entry, in no particular order (under the read
+    /// lock).
     pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
         for (k, v) in read(&self.map).iter() {
             f(k, v);
@@ -990,7 +991,7 @@ impl Engine {
             frozen.term,
             frozen.digest,
             keys,
-            frozen.map.iter(),
+            state::sorted(&frozen.map).into_iter(),
         );
         drop(frozen);
         // Never let a snapshot hold a write the WAL could still lose.

@@ -11,11 +11,10 @@
 //! each entry `key_len u32 | value_len u32 | key | value`, entries in key
 //! order, the CRC over every byte before it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::error::{EngineError, Result};
-use super::state::{Digest, entry_hash};
+use super::state::{Digest, Entries, entry_hash};
 use crate::storage::Storage;
 
 /// Magic at the start of a snapshot file.
@@ -52,12 +51,13 @@ pub struct Snapshot {
     /// Term of the record at `lsn`.
     pub term: u64,
     /// The map at `lsn`.
-    pub map: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub map: Entries,
     /// The state digest at `lsn` (verified against the entries).
     pub digest: u64,
 }
 
-/// Encodes the map as a snapshot file's bytes.
+/// Encodes the map as a snapshot file's bytes; `entries` must come in key
+/// order (decoding refuses anything else).
 pub fn encode<'a>(
     lsn: u64,
     term: u64,
@@ -207,8 +207,7 @@ pub fn decode_with(
     if digest.value() != digest_stored {
         return Err("state digest does not match the entries".into());
     }
-    // Entries are sorted and unique, so this is a linear bulk build.
-    let map: BTreeMap<Vec<u8>, Vec<u8>> = entries.into_iter().collect();
+    let map: Entries = entries.into_iter().collect();
     Ok(Snapshot {
         lsn,
         term,
@@ -319,6 +318,8 @@ pub fn load_newest(storage: &dyn Storage, dir: &Path) -> Result<Loaded> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn sample() -> (BTreeMap<Vec<u8>, Vec<u8>>, Vec<u8>) {
@@ -338,7 +339,7 @@ mod tests {
         let (map, bytes) = sample();
         let snap = decode(&bytes).unwrap();
         assert_eq!((snap.lsn, snap.term), (77, 2));
-        assert_eq!(snap.map, map);
+        assert_eq!(snap.map, map.into_iter().collect::<Entries>());
     }
 
     #[test]

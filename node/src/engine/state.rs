@@ -1,4 +1,4 @@
-//! The applied state: the ordered map, the LSN it reflects, and its digest.
+//! The applied state: the map, the LSN it reflects, and its digest.
 //!
 //! The digest is order-independent (a wrapping sum of per-entry hashes), so
 //! it is kept up to date in O(1) per write and two replicas (or two replays)
@@ -11,10 +11,8 @@
 //! snapshot of a large map never stalls the node's writes. This module does
 //! no I/O and knows nothing of the WAL.
 
-use std::cmp::Ordering;
-use std::collections::BTreeMap;
-use std::collections::btree_map::{self, Entry};
-use std::iter::Peekable;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use super::record::Op;
@@ -87,9 +85,10 @@ impl Digest {
     }
 }
 
-/// Changes folded back into the base per apply once a snapshot released
-/// it (so the fold never stalls one apply for long).
-const FOLD_PER_APPLY: usize = 64;
+/// The entries of a state: a hash map (an apply costs one hash and about
+/// one cache miss, where an ordered map compares keys all the way down).
+/// Snapshots sort them.
+pub type Entries = HashMap<Vec<u8>, Vec<u8>>;
 
 /// The map as of `applied_lsn`.
 ///
@@ -99,16 +98,15 @@ const FOLD_PER_APPLY: usize = 64;
 /// the node, and a leader that stalls for an election timeout steps down).
 /// So the entries live in a shared `base`: [`MapState::freeze`] hands a
 /// snapshot a reference to it in O(1), and while the snapshot holds it,
-/// applies go to `changes`, an overlay that reads consult first. Once the
-/// base is no longer shared, the overlay is folded back into it, a few
-/// entries per apply.
+/// applies go to `changes`, an overlay that reads consult first. The first
+/// apply after the snapshot released the base folds the overlay back in.
 #[derive(Debug, Default)]
 pub struct MapState {
     /// The entries, where `changes` does not override them.
-    base: Arc<BTreeMap<Vec<u8>, Vec<u8>>>,
+    base: Arc<Entries>,
     /// Applied while `base` was shared, not yet folded in: a key's new
     /// value, or `None` if it was deleted. Empty in the common case.
-    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    changes: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Number of keys (base and changes together).
     len: usize,
     /// Every record with LSN <= this is applied, none above it.
@@ -122,7 +120,7 @@ pub struct MapState {
 #[derive(Debug)]
 pub struct Frozen {
     /// The entries; while this is alive, the live map leaves them alone.
-    pub map: Arc<BTreeMap<Vec<u8>, Vec<u8>>>,
+    pub map: Arc<Entries>,
     pub lsn: u64,
     pub term: u64,
     pub digest: u64,
@@ -130,16 +128,11 @@ pub struct Frozen {
 
 impl MapState {
     /// A state loaded from a snapshot (`digest` already verified).
-    pub fn from_snapshot(
-        map: BTreeMap<Vec<u8>, Vec<u8>>,
-        lsn: u64,
-        term: u64,
-        digest: u64,
-    ) -> Self {
+    pub fn from_snapshot(map: Entries, lsn: u64, term: u64, digest: u64) -> Self {
         MapState {
             len: map.len(),
             base: Arc::new(map),
-            changes: BTreeMap::new(),
+            changes: HashMap::new(),
             applied_lsn: lsn,
             applied_term: term,
             digest: Digest(digest),
@@ -153,7 +146,7 @@ impl MapState {
             self.applied_lsn + 1,
             "records are applied in LSN order without gaps"
         );
-        self.fold(FOLD_PER_APPLY);
+        self.fold();
         let (key, value) = match op {
             Op::Put { key, value } => (key, Some(value)),
             Op::Delete { key } => (key, None),
@@ -214,19 +207,16 @@ impl MapState {
         }
     }
 
-    /// Folds up to `max` overlay entries back into the base, if no
-    /// snapshot shares it any more.
-    fn fold(&mut self, max: usize) {
+    /// Folds the overlay back into the base, if no snapshot shares it any
+    /// more (O(overlay): the writes applied while one snapshot encoded).
+    fn fold(&mut self) {
         if self.changes.is_empty() {
             return;
         }
         let Some(base) = Arc::get_mut(&mut self.base) else {
             return;
         };
-        for _ in 0..max {
-            let Some((key, value)) = self.changes.pop_first() else {
-                break;
-            };
+        for (key, value) in self.changes.drain() {
             match value {
                 Some(value) => {
                     base.insert(key, value);
@@ -242,12 +232,11 @@ impl MapState {
     /// snapshot is still being folded back (then O(its size)). Applies
     /// carry on while the returned reference lives.
     pub fn freeze(&mut self) -> Frozen {
-        self.fold(usize::MAX);
+        self.fold();
         if !self.changes.is_empty() {
             // Another snapshot still holds the base (snapshots run one at
             // a time, so this should not happen): copy the entries instead.
-            let copy: BTreeMap<Vec<u8>, Vec<u8>> =
-                self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let copy: Entries = self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.base = Arc::new(copy);
             self.changes.clear();
         }
@@ -302,47 +291,25 @@ impl MapState {
         d.value()
     }
 
-    /// Entries in key order (the overlay merged over the base).
+    /// Every entry (the overlay over the base), in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
-        Merged {
-            base: self.base.iter().peekable(),
-            changes: self.changes.iter().peekable(),
-        }
+        let changes = &self.changes;
+        let unchanged = self
+            .base
+            .iter()
+            .filter(move |(k, _)| !changes.contains_key(*k));
+        let changed = changes
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)));
+        unchanged.chain(changed)
     }
 }
 
-/// The base and the overlay, merged in key order; the overlay wins.
-struct Merged<'a> {
-    base: Peekable<btree_map::Iter<'a, Vec<u8>, Vec<u8>>>,
-    changes: Peekable<btree_map::Iter<'a, Vec<u8>, Option<Vec<u8>>>>,
-}
-
-impl<'a> Iterator for Merged<'a> {
-    type Item = (&'a Vec<u8>, &'a Vec<u8>);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let order = match (self.base.peek(), self.changes.peek()) {
-                (None, None) => return None,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((b, _)), Some((c, _))) => b.cmp(c),
-            };
-            match order {
-                Ordering::Less => return self.base.next(),
-                Ordering::Equal | Ordering::Greater => {
-                    if order == Ordering::Equal {
-                        self.base.next(); // overridden
-                    }
-                    match self.changes.next() {
-                        Some((k, Some(v))) => return Some((k, v)),
-                        Some((_, None)) => {} // deleted: skip
-                        None => return None,
-                    }
-                }
-            }
-        }
-    }
+/// `entries` sorted by key, as a snapshot stores them.
+pub fn sorted(entries: &Entries) -> Vec<(&Vec<u8>, &Vec<u8>)> {
+    let mut sorted: Vec<_> = entries.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    sorted
 }
 
 #[cfg(test)]
@@ -386,7 +353,7 @@ mod tests {
             rng ^= rng << 17;
             rng % n
         };
-        type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+        type Map = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
         let mut state = MapState::default();
         let mut model = Map::new();
         let mut frozen: Option<(Frozen, Map)> = None;
@@ -410,7 +377,9 @@ mod tests {
                 _ => {}
             }
             if let Some((f, at)) = &frozen {
-                assert_eq!(*f.map, *at, "a frozen state does not change");
+                let frozen_entries: Map =
+                    f.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                assert_eq!(frozen_entries, *at, "a frozen state does not change");
                 let mut d = Digest::default();
                 for (k, v) in at {
                     d.add(entry_hash(k, v));
@@ -422,17 +391,17 @@ mod tests {
                 let key = format!("k{k:02}").into_bytes();
                 assert_eq!(state.get(&key), model.get(&key), "LSN {lsn}");
             }
-            let merged: Vec<_> = state.iter().collect();
+            let mut merged: Vec<_> = state.iter().collect();
+            merged.sort_unstable();
             assert_eq!(merged, model.iter().collect::<Vec<_>>(), "LSN {lsn}");
             assert_eq!(state.digest(), state.digest_full(), "LSN {lsn}");
         }
         assert!(frozen_count > 50, "the test froze often: {frozen_count}");
-        // Released for good: the overlay is folded back, a few per apply.
+        // Released for good: the next apply folds the overlay back.
         drop(frozen);
-        for lsn in 20_001..=21_000u64 {
-            state.apply(lsn, 1, put("k00", "last"));
-        }
+        state.apply(20_001, 1, put("k00", "last"));
         assert!(state.changes.is_empty(), "the overlay was folded back");
+        assert_eq!(state.len(), state.base.len());
     }
 
     #[test]
