@@ -431,47 +431,36 @@ enum Conn<'a> {
     Batch(&'a SharedStream),
 }
 
-impl Conn<'_> {
-    async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
-        match self {
-            Conn::Unary(client) => client.get(req).await,
+/// One call through a [`Conn`]: the same method of the unary client or of
+/// the shared stream (retried there like the unary client's redirects).
+macro_rules! via {
+    ($conn:expr, $method:ident, $req:expr) => {
+        match $conn {
+            Conn::Unary(client) => client.$method($req).await,
             Conn::Batch(shared) => {
+                let req = $req;
                 shared
                     .call(|s| {
                         let req = req.clone();
-                        async move { s.get(req).await }
+                        async move { s.$method(req).await }
                     })
                     .await
             }
         }
+    };
+}
+
+impl Conn<'_> {
+    async fn get(&self, req: pb::GetRequest) -> Result<pb::GetReply, CallError> {
+        via!(self, get, req)
     }
 
     async fn put(&self, req: pb::PutRequest) -> Result<pb::WriteReply, CallError> {
-        match self {
-            Conn::Unary(client) => client.put(req).await,
-            Conn::Batch(shared) => {
-                shared
-                    .call(|s| {
-                        let req = req.clone();
-                        async move { s.put(req).await }
-                    })
-                    .await
-            }
-        }
+        via!(self, put, req)
     }
 
     async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::WriteReply, CallError> {
-        match self {
-            Conn::Unary(client) => client.delete(req).await,
-            Conn::Batch(shared) => {
-                shared
-                    .call(|s| {
-                        let req = req.clone();
-                        async move { s.delete(req).await }
-                    })
-                    .await
-            }
-        }
+        via!(self, delete, req)
     }
 }
 
