@@ -421,6 +421,25 @@ fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("outcome unknown"), "{err}");
+    // On a batch stream, the client's own deadline ends the wait first.
+    runtime().block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let stream = kv_node::server::batch::BatchClient::open(channel, Duration::from_millis(300))
+            .await
+            .unwrap();
+        let err = stream.put(put_req("batched", "1")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .contains("outcome unknown: no answer on the batch stream within 300 ms"),
+            "{err:?}"
+        );
+    });
     // `local` needs only the leader's own fsync.
     let out = cluster.kv(
         &["put", "local", "1", "--ack", "local"],
@@ -436,10 +455,11 @@ fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
     // ...until a majority is back: then both writes commit.
     cluster.start_node(2);
     cluster.wait_until(Duration::from_secs(20), "the writes commit", |c| {
-        c.status_of(1).is_some_and(|s| s.commit_lsn == 2)
+        c.status_of(1).is_some_and(|s| s.commit_lsn == 3)
     });
     assert_eq!(cluster.get("lonely"), "1");
     assert_eq!(cluster.get("local"), "1");
+    assert_eq!(cluster.get("batched"), "1", "an unknown outcome may commit");
 }
 
 #[test]
@@ -937,7 +957,7 @@ impl Load {
                                 .connect()
                                 .await
                                 .ok()?;
-                        kv_node::server::batch::BatchClient::open(channel)
+                        kv_node::server::batch::BatchClient::open(channel, Duration::from_secs(5))
                             .await
                             .ok()
                     };
@@ -1014,7 +1034,7 @@ async fn batch_client(addr: SocketAddr) -> kv_node::server::batch::BatchClient {
         .connect()
         .await
         .unwrap();
-    kv_node::server::batch::BatchClient::open(channel)
+    kv_node::server::batch::BatchClient::open(channel, Duration::from_secs(10))
         .await
         .unwrap()
 }

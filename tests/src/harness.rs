@@ -336,7 +336,7 @@ impl SharedStream {
                 .dial(endpoint)
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
-            BatchClient::open(channel)
+            BatchClient::open(channel, BATCH_CALL_TIMEOUT)
                 .await
                 .map_err(|s| unreachable(s.message().to_owned()))
         })
@@ -369,7 +369,8 @@ impl SharedStream {
         state.1 = None;
     }
 
-    /// Runs one call on the stream, bounded by [`BATCH_CALL_TIMEOUT`]. Like
+    /// Runs one call on the stream (which bounds it by
+    /// [`BATCH_CALL_TIMEOUT`]). Like
     /// the unary client, it tries another node (the leader named, else the
     /// next) while the call provably did not run there: the stream could
     /// not be opened, or the node refused with "not leader".
@@ -391,9 +392,10 @@ impl SharedStream {
                     continue;
                 }
             };
-            match tokio::time::timeout(BATCH_CALL_TIMEOUT, call(stream)).await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(status)) => {
+            // The stream bounds the wait itself (BATCH_CALL_TIMEOUT).
+            match call(stream).await {
+                Ok(reply) => return Ok(reply),
+                Err(status) => {
                     if status.code() == tonic::Code::InvalidArgument {
                         return Err(CallError::Status(status));
                     }
@@ -406,10 +408,6 @@ impl SharedStream {
                         return Err(CallError::Status(status));
                     }
                     tokio::time::sleep(Duration::from_millis(20 * tries.min(10))).await;
-                }
-                Err(_) => {
-                    self.move_on(None);
-                    return Err(CallError::Unreachable("a batch call timed out".into()));
                 }
             }
         }

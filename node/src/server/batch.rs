@@ -26,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, ready};
@@ -188,11 +189,15 @@ type Reply = Result<OutcomeResult, Status>;
 #[derive(Debug, Clone)]
 pub struct BatchClient {
     calls: mpsc::UnboundedSender<(CommandOp, oneshot::Sender<Reply>)>,
+    /// How long a call waits for its outcome.
+    timeout: Duration,
 }
 
 impl BatchClient {
-    /// Opens a `Batch` stream on `channel` (connected to one node).
-    pub async fn open(channel: Channel) -> Result<Self, Status> {
+    /// Opens a `Batch` stream on `channel` (connected to one node); each
+    /// call waits at most `timeout` for its outcome (then its outcome is
+    /// unknown: it may still take effect).
+    pub async fn open(channel: Channel, timeout: Duration) -> Result<Self, Status> {
         // Unbounded, so that the driver never blocks on a send and always
         // reads outcomes (a node that stops reading at its in-flight limit
         // must get its answers out). What it holds is bounded anyway: each
@@ -204,7 +209,7 @@ impl BatchClient {
             .into_inner();
         let (calls, incoming) = mpsc::unbounded_channel();
         tokio::spawn(drive(incoming, requests, replies));
-        Ok(BatchClient { calls })
+        Ok(BatchClient { calls, timeout })
     }
 
     /// Put, as the unary `Kv.Put`.
@@ -236,9 +241,16 @@ impl BatchClient {
         self.calls
             .send((op, tx))
             .map_err(|_| Status::unavailable("the batch stream is closed"))?;
-        rx.await.map_err(|_| {
-            Status::unavailable("outcome unknown: the batch stream closed before the answer")
-        })?
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(Status::unavailable(
+                "outcome unknown: the batch stream closed before the answer",
+            )),
+            Err(_) => Err(Status::unavailable(format!(
+                "outcome unknown: no answer on the batch stream within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 }
 

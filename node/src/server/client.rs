@@ -382,9 +382,13 @@ pub async fn bench_cluster(
     let mut streams = Vec::new();
     if api == BenchApi::Batch {
         for channel in &channels {
-            streams.push(BatchClient::open(channel.clone()).await.map_err(|s| {
-                anyhow::anyhow!("open a batch stream to {leader}: {}", s.message())
-            })?);
+            streams.push(
+                BatchClient::open(channel.clone(), timeout)
+                    .await
+                    .map_err(|s| {
+                        anyhow::anyhow!("open a batch stream to {leader}: {}", s.message())
+                    })?,
+            );
         }
     }
     let per_client = ops / clients as u64;
