@@ -1076,8 +1076,8 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
         lsns.sort_unstable();
         assert_eq!(lsns, (1..=160).collect::<Vec<u64>>(), "one LSN per write");
 
-        // More callers at once than a node takes in flight per stream
-        // (4,096): it stops reading, answers, reads on; all are answered.
+        // Many more callers at once than a message carries (1,024) or a
+        // node keeps in flight per stream (4,096): all are answered.
         let many: Vec<_> = (0..10_000)
             .map(|i| {
                 let stream = stream.clone();
@@ -1116,6 +1116,54 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
         assert_eq!(read.value, b"v3-7");
         assert!(!stream.get(get("c0-0")).await.unwrap().found);
 
+        // Outcomes that finish together but are too big for one message
+        // (8 values of 900 KiB: over the 4 MiB message limit) come in
+        // several.
+        let big = "x".repeat(900 << 10);
+        for i in 0..8 {
+            stream.put(put_req(&format!("big{i}"), &big)).await.unwrap();
+        }
+        assert_eq!(stream.get(get("big0")).await.unwrap().value.len(), 900 << 10);
+        let gets: Vec<_> = (0..8)
+            .map(|i| {
+                let stream = stream.clone();
+                tokio::spawn(async move { stream.get(get(&format!("big{i}"))).await })
+            })
+            .collect();
+        for g in gets {
+            assert_eq!(g.await.unwrap().unwrap().value.len(), 900 << 10);
+        }
+        // The node keeps each reply small, whatever the client accepts: a
+        // plain client with gRPC's default 4 MiB limit gets all eight Gets
+        // of one message answered.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let commands = (0..8)
+            .map(|i| pb::Command {
+                id: i,
+                op: Some(pb::command::Op::Get(get(&format!("big{i}")))),
+            })
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::BatchRequest { commands }).await.unwrap();
+        let mut replies = pb::kv_client::KvClient::new(channel)
+            .batch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut answered = 0;
+        while answered < 8 {
+            let reply = replies.message().await.unwrap().unwrap();
+            for o in reply.outcomes {
+                assert!(matches!(o.result, Some(pb::outcome::Result::Get(ref g)) if g.value.len() == 900 << 10));
+                answered += 1;
+            }
+        }
+        drop(tx);
+
         // At a follower, writes fail "not leader", naming the leader.
         let follower = batch_client(cluster.addrs[1]).await;
         let refused = follower.put(put_req("x", "y")).await.unwrap_err();
@@ -1150,7 +1198,7 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
     assert_eq!(cluster.get("c15-9"), "v15-9");
     assert_eq!(cluster.get("c0-0"), "(nil)");
     let (applied, _) = cluster.wait_converged();
-    assert_eq!(applied, 10_162);
+    assert_eq!(applied, 10_170);
 }
 
 #[test]
@@ -1180,11 +1228,35 @@ fn garbage_on_the_batch_stream_closes_it_and_writes_nothing() {
             .await
             .unwrap()
             .into_inner();
-        // The node ends the stream without answering anything.
+        // The node ends the stream with the decoding error, answering nothing.
         let next = tokio::time::timeout(Duration::from_secs(5), replies.message())
             .await
             .expect("the node closes the stream");
-        assert!(matches!(next, Ok(None) | Err(_)), "{next:?}");
+        let err = next.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        assert!(err.message().contains("decode"), "{err:?}");
+
+        // A message with more commands than allowed: refused whole.
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let commands = (0..=kv_node::server::batch::COMMANDS_PER_MESSAGE_MAX as u64)
+            .map(|id| pb::Command {
+                id,
+                op: Some(pb::command::Op::Put(put_req(&format!("over{id}"), "v"))),
+            })
+            .collect();
+        let mut replies = pb::kv_client::KvClient::new(channel)
+            .batch(tokio_stream::iter(vec![pb::BatchRequest { commands }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = replies.message().await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("1025 commands"), "{err:?}");
     });
     let s = cluster.status_of(1).unwrap();
     assert_eq!((s.last_lsn, s.keys), (0, 0), "nothing reached the WAL");

@@ -11,7 +11,11 @@
 //!
 //! * [`serve`], the node side: appends each write as its message arrives, in
 //!   command order, then answers it when it is acknowledged at its level;
-//!   outcomes finishing together go out in one message.
+//!   outcomes finishing together go out in one message of about 1 MiB at
+//!   most. A message of more than [`COMMANDS_PER_MESSAGE_MAX`] commands ends
+//!   the stream with INVALID_ARGUMENT (none of them started), as garbage
+//!   ends it with the decoding error; with 4,096 commands in flight, the
+//!   node reads no further until some are answered.
 //! * [`BatchClient`], the client side: a cloneable handle whose calls are
 //!   gathered into messages by one driver task.
 //!
@@ -34,6 +38,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use kv_proto::v1 as pb;
 use pb::command::Op as CommandOp;
 use pb::outcome::Result as OutcomeResult;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -45,14 +50,23 @@ use crate::engine::Op;
 
 /// Commands one stream may have in flight at the node. Beyond it the node
 /// stops reading the stream until some are answered (back-pressure through
-/// HTTP/2 flow control).
+/// HTTP/2 flow control); with [`COMMANDS_PER_MESSAGE_MAX`], a stream never
+/// has more than their sum started.
 const IN_FLIGHT_MAX: usize = 4096;
 
-/// The client gathers at most this many commands into one message...
-const COMMANDS_PER_MESSAGE_MAX: usize = 1024;
-/// ...and stops adding commands once their keys and values reach this many
-/// bytes, well under the node's 4 MiB message limit.
+/// The most commands one request message may carry: the node ends a stream
+/// that sends more with INVALID_ARGUMENT (and starts none of them); the
+/// client never gathers more.
+pub const COMMANDS_PER_MESSAGE_MAX: usize = 1024;
+/// The client stops adding commands to a message once their keys and
+/// values reach this many bytes, well under the node's 4 MiB message limit.
 const MESSAGE_BYTES_TARGET: usize = 1 << 20;
+/// The node stops adding outcomes to a reply once it is this large (it
+/// always sends at least one: a Get's value may be up to `value_bytes_max`).
+const REPLY_BYTES_TARGET: usize = 1 << 20;
+/// The largest reply the client accepts: the target plus one outcome,
+/// with room for a node configured with values far above the 1 MiB default.
+const REPLY_BYTES_MAX: usize = 64 << 20;
 
 /// Node side: serves one `Batch` stream until the client ends it, it breaks,
 /// or the node stops; then answers every command already read and ends.
@@ -64,13 +78,20 @@ pub(super) async fn serve(
     let mut running: FuturesUnordered<BoxFuture<'static, pb::Outcome>> = FuturesUnordered::new();
     let mut stopping = node.stopping.subscribe();
     let mut reading = true;
+    // Why the stream ends in an error, once what was started is answered.
+    let mut error: Option<Status> = None;
     loop {
         tokio::select! {
             biased;
             Some(first) = running.next(), if !running.is_empty() => {
-                // Everything that finished with it goes in the same message.
+                // What finished with it goes in the same message, up to a size.
+                let mut bytes = first.encoded_len();
                 let mut outcomes = vec![first];
-                while let Some(Some(outcome)) = running.next().now_or_never() {
+                while bytes < REPLY_BYTES_TARGET {
+                    let Some(Some(outcome)) = running.next().now_or_never() else {
+                        break;
+                    };
+                    bytes += outcome.encoded_len();
                     outcomes.push(outcome);
                 }
                 if replies.send(Ok(pb::BatchReply { outcomes })).await.is_err() {
@@ -80,6 +101,14 @@ pub(super) async fn serve(
             () = stopped(&mut stopping), if reading => reading = false,
             message = inbound.message(), if reading && running.len() < IN_FLIGHT_MAX => {
                 match message {
+                    Ok(Some(batch)) if batch.commands.len() > COMMANDS_PER_MESSAGE_MAX => {
+                        error = Some(Status::invalid_argument(format!(
+                            "a batch message holds {} commands, more than {COMMANDS_PER_MESSAGE_MAX}; \
+                             none of them was started",
+                            batch.commands.len()
+                        )));
+                        reading = false;
+                    }
                     Ok(Some(batch)) => {
                         for command in batch.commands {
                             running.push(start(&node, command));
@@ -90,11 +119,17 @@ pub(super) async fn serve(
                         // Garbage or a broken connection: read no more, answer
                         // what was read (if the client is still there).
                         tracing::debug!(%status, "batch stream broke");
+                        error = Some(status);
                         reading = false;
                     }
                 }
             }
-            else => return,
+            else => {
+                if let Some(status) = error {
+                    let _ = replies.send(Err(status)).await;
+                }
+                return;
+            }
         }
     }
 }
@@ -186,6 +221,11 @@ type Reply = Result<OutcomeResult, Status>;
 /// Client side: a handle on one `Batch` stream to one node. Clones share
 /// the stream; each call waits for its own command's outcome, and calls
 /// made while a message is being sent go together in the next one.
+///
+/// A call's deadline bounds its caller, not the stream: give the channel
+/// HTTP/2 keep-alive (`Endpoint::http2_keep_alive_interval`) so that a
+/// dead connection breaks the stream, and every caller still waiting learns
+/// its outcome is unknown, instead of each waiting out its deadline.
 #[derive(Debug, Clone)]
 pub struct BatchClient {
     calls: mpsc::UnboundedSender<(CommandOp, oneshot::Sender<Reply>)>,
@@ -204,6 +244,7 @@ impl BatchClient {
         // caller has one call in flight.
         let (requests, outbound) = mpsc::unbounded_channel();
         let replies = pb::kv_client::KvClient::new(channel)
+            .max_decoding_message_size(REPLY_BYTES_MAX)
             .batch(UnboundedReceiverStream::new(outbound))
             .await?
             .into_inner();

@@ -374,6 +374,9 @@ pub async fn bench_cluster(
                 .connect_timeout(timeout)
                 .timeout(timeout)
                 .tcp_nodelay(true)
+                // A dead connection breaks a batch stream at once.
+                .http2_keep_alive_interval(timeout)
+                .keep_alive_timeout(timeout)
                 .connect()
                 .await
                 .with_context(|| format!("connect to {leader}"))?,
