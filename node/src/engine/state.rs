@@ -158,7 +158,7 @@ impl MapState {
                 let old = match value {
                     Some(value) => {
                         self.digest.add(entry_hash(&key, &value));
-                        // One descent of the tree, whether the key is new or not.
+                        // One lookup, whether the key is new or not.
                         match base.entry(key) {
                             Entry::Occupied(mut e) => {
                                 let old = std::mem::replace(e.get_mut(), value);
@@ -174,8 +174,7 @@ impl MapState {
                 };
                 self.account(old, put);
             }
-            // A snapshot holds the base (or the overlay is still being
-            // folded back): record the change on top of it.
+            // A snapshot holds the base: record the change on top of it.
             None => {
                 let old = self.get(&key).map(|old| entry_hash(&key, old));
                 if let Some(value) = &value {
