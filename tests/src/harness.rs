@@ -179,6 +179,11 @@ struct Slot {
     recovered_last: u64,
     /// The term and vote (0: none) it recovered at its latest start.
     recovered_vote: (u64, u64),
+    /// The durable LSN of the incarnation that was last stopped, read as
+    /// it stopped: what its next start must find (it may be below what the
+    /// last check saw, if the log was legitimately cut back since, e.g. a
+    /// snapshot install replaced conflicting records).
+    stopped_durable: Option<u64>,
 }
 
 type Slots = Arc<Mutex<Vec<Slot>>>;
@@ -818,10 +823,11 @@ impl Checker {
             }
             if slot.incarnation != self.seen_incarnation[i] {
                 // A restart: everything it had made durable must be there.
-                if slot.recovered_last < self.last_durable[i] {
+                let durable_before = slot.stopped_durable.unwrap_or(self.last_durable[i]);
+                if slot.recovered_last < durable_before {
                     return Err(format!(
-                        "node {id}: restarted with its log ending at LSN {}, but LSN {} was durable before",
-                        slot.recovered_last, self.last_durable[i]
+                        "node {id}: restarted with its log ending at LSN {}, but LSN {durable_before} was durable before",
+                        slot.recovered_last
                     ));
                 }
                 // Its term and vote too (a vote forgotten is a second vote
@@ -1203,10 +1209,19 @@ impl Run<'_> {
         self.heals.push((self.step + after_ms, heal));
     }
 
+    /// Forgets node `id`'s running incarnation, noting its durable LSN.
+    fn stop_slot(&mut self, id: u64) {
+        let mut slots = lock(&self.slots);
+        let slot = &mut slots[id as usize - 1];
+        if let Some(node) = slot.node.take() {
+            slot.stopped_durable = Some(node.engine().durable_lsn());
+        }
+    }
+
     /// Power loss: the disk keeps only what was synced (and maybe a torn
     /// tail); the process dies with it.
     fn power_off(&mut self, id: u64) {
-        lock(&self.slots)[id as usize - 1].node = None;
+        self.stop_slot(id);
         self.disks[id as usize - 1].crash();
         self.sim.crash(node_name(id));
         self.down.insert(id);
@@ -1216,7 +1231,7 @@ impl Run<'_> {
     }
 
     fn restart(&mut self, id: u64) {
-        lock(&self.slots)[id as usize - 1].node = None;
+        self.stop_slot(id);
         self.sim.bounce(node_name(id));
         self.down.remove(&id);
     }

@@ -1190,6 +1190,7 @@ impl Engine {
         // durable here, and may already count towards a commit: dropping
         // it would un-replicate committed records).
         self.exclusive_wal_op(
+            lsn,
             |st| Ok(lsn > st.applied_lsn && st.terms.term_at(lsn) != Some(term)),
             |wal| {
                 snapshot::write(&*self.storage, dir, lsn, bytes)?;
@@ -1237,6 +1238,7 @@ impl Engine {
     /// (committed) record. Everything buffered is flushed first.
     pub fn truncate_after(&self, lsn: u64) -> Result<()> {
         self.exclusive_wal_op(
+            lsn,
             |st| {
                 if lsn < st.applied_lsn {
                     return Err(EngineError::InvalidLogOp(format!(
@@ -1280,8 +1282,13 @@ impl Engine {
     /// `io` does the file work, and `publish` installs the new positions.
     /// A failure in `io` poisons the engine. Waiters for LSNs the operation
     /// removed get an error (the truncation counter moves).
+    ///
+    /// Records after `cut_to` stop counting as durable before `io` touches
+    /// a file: if it fails midway, the disk may already have lost them, and
+    /// the engine must not claim them (a restart will not find them).
     fn exclusive_wal_op<T>(
         &self,
+        cut_to: u64,
         check: impl FnOnce(&State) -> Result<bool>,
         io: impl FnOnce(&mut Wal) -> Result<T>,
         publish: impl FnOnce(&mut State, T),
@@ -1297,6 +1304,7 @@ impl Engine {
             return Ok(());
         }
         st.flushing = true;
+        st.durable_lsn = st.durable_lsn.min(cut_to);
         drop(st);
         let result = io(&mut lock(&self.wal));
         let mut st = lock(&self.state);
