@@ -85,6 +85,7 @@ const REGRESSION_SEEDS: &[u64] = &[
     1096, // a leader backing up over a follower's conflicting records acted on stale refusals of requests already in flight, undoing the back-up forever
     1112, // a deposed leader acknowledged a write whose LSN a new leader had filled with another record, once that LSN committed
     1050, // after a snapshot install cut its log back, a follower's stale "durable" position let it take a commit LSN beyond its durable log
+    50656, // a snapshot install that failed midway (a sync error) left the engine calling durable records the disk no longer held
 ];
 
 #[test]
