@@ -423,12 +423,7 @@ fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
     assert!(err.contains("outcome unknown"), "{err}");
     // On a batch stream, the client's own deadline ends the wait first.
     runtime().block_on(async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = connect(cluster.addrs[0]).await;
         let stream = kv_node::server::batch::BatchClient::open(channel, Duration::from_millis(300))
             .await
             .unwrap();
@@ -1028,12 +1023,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn batch_client(addr: SocketAddr) -> kv_node::server::batch::BatchClient {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// A gRPC channel to `addr`.
+async fn connect(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn batch_client(addr: SocketAddr) -> kv_node::server::batch::BatchClient {
+    let channel = connect(addr).await;
     kv_node::server::batch::BatchClient::open(channel, Duration::from_secs(10))
         .await
         .unwrap()
@@ -1136,11 +1136,7 @@ fn the_batch_stream_answers_each_command_as_its_unary_call_would() {
         // The node keeps each reply small, whatever the client accepts: a
         // plain client with gRPC's default 4 MiB limit gets all eight Gets
         // of one message answered.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = connect(cluster.addrs[0]).await;
         let commands = (0..8)
             .map(|i| pb::Command {
                 id: i,
@@ -1206,12 +1202,7 @@ fn garbage_on_the_batch_stream_closes_it_and_writes_nothing() {
     let cluster = Cluster::start();
     let rt = runtime();
     rt.block_on(async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = connect(cluster.addrs[0]).await;
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.unwrap();
         // A message that does not decode as a BatchRequest: field 1 (the
@@ -1237,12 +1228,7 @@ fn garbage_on_the_batch_stream_closes_it_and_writes_nothing() {
         assert!(err.message().contains("decode"), "{err:?}");
 
         // A message with more commands than allowed: refused whole.
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addrs[0]))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = connect(cluster.addrs[0]).await;
         let commands = (0..=kv_node::server::batch::COMMANDS_PER_MESSAGE_MAX as u64)
             .map(|id| pb::Command {
                 id,

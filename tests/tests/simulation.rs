@@ -75,8 +75,8 @@ fn env_u64(name: &str) -> Option<u64> {
 /// Seeds that once found a bug (see the comments), plus a few of each
 /// cluster size. Keep adding: a seed that failed stays here for good.
 const REGRESSION_SEEDS: &[u64] = &[
-    1, 2, 3,    // 5 nodes
-    7,    // 5 nodes
+    1, 2, 3,     // 5 nodes
+    7,     // 5 nodes
     109, // a leader that restarted from a snapshot forgot the terms of older records its WAL still held, and could not ship them
     112, // a follower installed a snapshot behind its own durable log and dropped committed records
     1001, // a restarted leader served reads from its persisted commit floor, behind writes it had acknowledged
