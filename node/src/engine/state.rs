@@ -228,17 +228,15 @@ impl MapState {
     }
 
     /// This state, for a snapshot: O(1) unless an overlay from the last
-    /// snapshot is still being folded back (then O(its size)). Applies
-    /// carry on while the returned reference lives.
+    /// snapshot is still to be folded back (then O(its size)). Applies
+    /// carry on while the returned reference lives. At most one may live at
+    /// a time: the last one must be dropped first.
     pub fn freeze(&mut self) -> Frozen {
         self.fold();
-        if !self.changes.is_empty() {
-            // Another snapshot still holds the base (snapshots run one at
-            // a time, so this should not happen): copy the entries instead.
-            let copy: Entries = self.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            self.base = Arc::new(copy);
-            self.changes.clear();
-        }
+        assert!(
+            self.changes.is_empty(),
+            "one frozen state at a time (snapshots hold the engine's snapshot lock)"
+        );
         debug_assert_eq!(self.base.len(), self.len, "key count matches the entries");
         Frozen {
             map: self.base.clone(),

@@ -208,8 +208,8 @@ fn failure(status: &Status) -> pb::Failure {
 /// The error a unary call would have returned, back from an outcome.
 fn status_of(failure: pb::Failure) -> Status {
     let mut status = Status::new(Code::from_i32(failure.code), failure.message);
-    if let Ok(addr) = MetadataValue::try_from(failure.leader_addr.as_str())
-        && !failure.leader_addr.is_empty()
+    if !failure.leader_addr.is_empty()
+        && let Ok(addr) = MetadataValue::try_from(failure.leader_addr.as_str())
     {
         status.metadata_mut().insert(LEADER_METADATA, addr);
     }

@@ -374,7 +374,7 @@ pub async fn bench_cluster(
                 .connect_timeout(timeout)
                 .timeout(timeout)
                 .tcp_nodelay(true)
-                // A dead connection breaks a batch stream at once.
+                // A dead connection breaks a batch stream within two timeouts.
                 .http2_keep_alive_interval(timeout)
                 .keep_alive_timeout(timeout)
                 .connect()
