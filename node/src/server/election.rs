@@ -151,6 +151,34 @@ impl Drop for ClearOnDrop<'_> {
     }
 }
 
+/// Steps the leader of `term` down when dropped, unless disarmed: armed
+/// just before a leadership transfer sends `TimeoutNow`, so no way out of
+/// the transfer (a reply, an error, the caller giving up) leaves this node
+/// leading while the target may campaign.
+struct StepDownOnDrop<'a> {
+    node: &'a Node,
+    term: u64,
+    armed: bool,
+}
+
+impl StepDownOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StepDownOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut e = lock(&self.node.election);
+        if self.node.term() == self.term && e.role == Role::Leader {
+            self.node.step_down(&mut e);
+        }
+    }
+}
+
 impl Node {
     fn election_timeout(&self) -> Duration {
         Duration::from_millis(self.config.election_timeout_ms)
@@ -165,13 +193,16 @@ impl Node {
         lock(&self.election).role
     }
 
-    /// True while this node leads `term` (replicators of an older term stop).
+    /// True while this node leads `term` (replicators of an older term
+    /// stop). Term and role are read under one lock: both change only
+    /// under it ([`Node::publish_term`]), so the pair is never torn.
     pub(super) fn leads_in(&self, term: u64) -> bool {
-        self.term() == term && self.role() == Role::Leader
+        let e = lock(&self.election);
+        e.role == Role::Leader && self.term() == term
     }
 
-    /// Persists `state` durably (the caller holds `term_lock`), then
-    /// publishes its term.
+    /// Writes `state` to `TERM` durably (the caller holds `term_lock`). It
+    /// is not acted on until [`Node::publish_term`].
     pub(super) async fn persist_term(&self, state: TermState) -> Result<(), EngineError> {
         let storage = self.engine.storage();
         let dir = self.config.data_dir.clone();
@@ -179,11 +210,38 @@ impl Node {
             .offload
             .run(move || super::term::persist(&*storage, &dir, state))
             .await
-            .map_err(super::join_engine_error)??;
-        self.term
-            .store(state.term, std::sync::atomic::Ordering::Release);
-        self.engine.set_term(state.term);
-        Ok(())
+            .map_err(super::join_engine_error)?
+    }
+
+    /// Makes a persisted term current: the node's term and the term the
+    /// engine stamps on new records. Taking the election state by `&mut`
+    /// proves the caller holds its lock, so whoever reads role and term
+    /// under that lock sees them change together; a caller that leaves the
+    /// leader role for a new term demotes the role first.
+    pub(super) fn publish_term(&self, e: &mut ElectionState, term: u64) {
+        assert!(
+            term >= self.term(),
+            "the term goes back from {} to {term}",
+            self.term()
+        );
+        assert!(
+            e.role != Role::Leader || term == self.term(),
+            "a leader of term {} would lead term {term} unelected",
+            self.term()
+        );
+        self.term.store(term, Ordering::Release);
+        self.engine.set_term(term);
+    }
+
+    /// Leaves the leader (or candidate) role, with the caller holding the
+    /// election lock: forgets the leader and every follower's progress (it
+    /// described this node's leadership, and must never count towards a
+    /// commit again) and restarts the election timer.
+    pub(super) fn step_down(&self, e: &mut ElectionState) {
+        e.role = Role::Follower;
+        e.leader = None;
+        e.reset_timer(self.election_timeout(), self.env.clock.now());
+        self.forget_followers();
     }
 
     /// The election timer (elections on): campaigns when no leader was heard
@@ -230,9 +288,7 @@ impl Node {
                     term = self.term(),
                     "no majority heard within the election timeout: stepping down"
                 );
-                e.role = Role::Follower;
-                e.leader = None;
-                e.reset_timer(timeout, now);
+                self.step_down(&mut e);
             }
         }
     }
@@ -279,9 +335,17 @@ impl Node {
                 return;
             }
             let mut e = lock(&self.election);
+            if e.role == Role::Leader {
+                // Won the previous campaign meanwhile (`become_leader`
+                // does not take `term_lock`): keep leading that term. The
+                // `TERM` file now holds a higher term than the node acts
+                // in, which only makes a restart begin in it.
+                return;
+            }
             e.role = Role::Candidate;
             e.leader = None;
             e.voted_for = Some(me);
+            self.publish_term(&mut e, term);
             term
         };
         if transfer {
@@ -357,7 +421,7 @@ impl Node {
     /// follower's progress, appends the term's first entry, starts the
     /// replicators.
     async fn become_leader(self: Arc<Self>, term: u64) {
-        {
+        let lsn = {
             let mut e = lock(&self.election);
             if e.role != Role::Candidate || self.term() != term {
                 return;
@@ -365,22 +429,21 @@ impl Node {
             e.role = Role::Leader;
             e.leader = Some(self.config.node_id);
             e.leading_since = self.env.clock.now();
-        }
-        // Records cached while leading an earlier term may since have been
-        // replaced in the log (as a follower): ship only from this term's.
-        lock(&self.recent).clear();
-        let last = self.engine.last_lsn();
-        for f in lock(&self.followers).values_mut() {
-            f.progress = kv_cluster::Progress::new(last);
-            f.connected = false;
-            f.acked_sent = None;
-        }
-        let lsn = match self.engine.submit_term_start() {
-            Ok(lsn) => lsn,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot append the term's first entry; stepping down");
-                lock(&self.election).role = Role::Follower;
-                return;
+            // Records cached while leading an earlier term may since have
+            // been replaced in the log (as a follower): ship only from this
+            // term's. Progress starts afresh (it was forgotten on stepping
+            // down; a candidate's is empty anyway).
+            lock(&self.recent).clear();
+            self.forget_followers();
+            // The term's first entry, appended under the same lock as the
+            // role change: stamped with this term, whatever comes next.
+            match self.engine.submit_term_start() {
+                Ok(lsn) => lsn,
+                Err(error) => {
+                    tracing::error!(%error, "cannot append the term's first entry; stepping down");
+                    self.step_down(&mut e);
+                    return;
+                }
             }
         };
         self.remember(lsn, term, Op::term_start());
@@ -397,7 +460,7 @@ impl Node {
         }
         // The entry commits like any write: once a majority has it durable.
         self.flusher.durable(lsn).await;
-        if let Err(e) = self.advance_commit() {
+        if let Err(e) = self.advance_commit(term) {
             tracing::error!(error = %e, "commit failed");
         }
     }
@@ -473,10 +536,24 @@ impl Node {
             }
             tokio::time::sleep(poll).await;
         }
+        // From the moment `TimeoutNow` may be on its way, the target may
+        // campaign with votes that skip the wait the lease relies on, so
+        // this node must stop leading term `term` whatever happens next —
+        // also if this future is dropped while it awaits the reply (the
+        // caller's deadline, Ctrl-C, a reset stream). Declared after
+        // `_clear`, so it is dropped first: the mark outlives the role.
+        let step_down = StepDownOnDrop {
+            node: self,
+            term,
+            armed: true,
+        };
         let told = self.send_timeout_now(addr, term).await;
         if let Ok(reply) = &told
             && !reply.started
         {
+            // The target answered that it does not campaign: it sends no
+            // vote request, so this node may go on leading.
+            step_down.disarm();
             return Err(Status::aborted(format!(
                 "node {target} did not campaign: {}; this node still leads",
                 reply.reason
@@ -485,14 +562,7 @@ impl Node {
         // The target campaigns, or may (a lost reply): its voters need not
         // wait out the election timeout the lease relies on, so this node
         // stops leading either way.
-        {
-            let mut e = lock(&self.election);
-            if self.term() == term && e.role == Role::Leader {
-                e.role = Role::Follower;
-                e.leader = None;
-                e.reset_timer(self.election_timeout(), self.env.clock.now());
-            }
-        }
+        drop(step_down);
         match told {
             Ok(_) => {
                 tracing::info!(term, target, "handed leadership over: stepped down");
@@ -662,7 +732,10 @@ mod tests {
     }
 
     fn start(disk: &SimStorage) -> Arc<Node> {
-        let config = config();
+        start_with(disk, config())
+    }
+
+    fn start_with(disk: &SimStorage, config: NodeConfig) -> Arc<Node> {
         let engine = Engine::open(Arc::new(disk.clone()), config.engine_config()).unwrap();
         let env = NodeEnv {
             dialer: Arc::new(TcpDialer),
@@ -867,5 +940,229 @@ mod tests {
             node.confirm_read().await.is_err(),
             "served a read after handing over"
         );
+    }
+
+    /// `config()` with member `id` at `addr`.
+    fn with_member_at(id: u64, addr: std::net::SocketAddr) -> NodeConfig {
+        let mut config = config();
+        config.members.iter_mut().find(|m| m.id == id).unwrap().addr = addr;
+        config
+    }
+
+    /// A leadership transfer whose caller gives up while `TimeoutNow` is
+    /// on its way (the future is dropped mid-RPC) still leaves this node
+    /// stepped down: the target may be campaigning with votes that skip
+    /// the wait the lease relies on. Here node 2's address accepts TCP
+    /// connections and never answers.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_transfer_whose_caller_gives_up_still_steps_down() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start_with(&disk, with_member_at(2, silent.local_addr().unwrap()));
+        lock(&node.election).role = Role::Leader;
+        let last = node.engine.last_lsn();
+        lock(&node.followers)
+            .get_mut(&2)
+            .unwrap()
+            .progress
+            .match_lsn = last;
+        // The RPC timeout is 200 ms: give up well before it.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), node.transfer_leadership(2)).await;
+        assert!(
+            gave_up.is_err(),
+            "the transfer ended by itself: {gave_up:?}"
+        );
+        assert_eq!(
+            node.role(),
+            Role::Follower,
+            "still leading after the transfer was dropped"
+        );
+        assert_eq!(node.transferring_to.load(Ordering::Acquire), 0);
+        acknowledged_now(&node);
+        assert!(
+            node.confirm_read().await.is_err(),
+            "served a read after a dropped transfer"
+        );
+    }
+
+    /// A transfer given up while the target is still catching up (no
+    /// `TimeoutNow` sent) leaves the leader leading and serving again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_transfer_given_up_before_timeout_now_keeps_leading() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        lock(&node.election).role = Role::Leader;
+        // Node 2 holds nothing of the log: the transfer waits for it.
+        node.engine.submit(put("k")).unwrap();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), node.transfer_leadership(2)).await;
+        assert!(gave_up.is_err(), "{gave_up:?}");
+        assert_eq!(node.role(), Role::Leader);
+        assert_eq!(node.transferring_to.load(Ordering::Acquire), 0);
+        acknowledged_now(&node);
+        node.confirm_read().await.unwrap();
+    }
+
+    fn put(key: &str) -> Op {
+        Op::Put {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+        }
+    }
+
+    /// A deposed leader never advances its commit LSN from the progress
+    /// its followers reported while it led: after it adopted a higher term
+    /// and took a new leader's records at the same LSNs, that progress
+    /// would "commit" records no majority holds.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_deposed_leader_does_not_advance_commit() {
+        let disk = SimStorage::new(SimOptions::default());
+        let node = start(&disk);
+        lock(&node.election).role = Role::Leader;
+        let term = node.term();
+        for key in ["a", "b", "c"] {
+            node.engine.submit(put(key)).unwrap();
+        }
+        node.engine.flush().unwrap();
+        for f in lock(&node.followers).values_mut() {
+            f.progress.match_lsn = 3;
+        }
+        // Deposed by term + 1, whose leader replaces LSNs 2 and 3.
+        node.adopt_term(term + 1).await.unwrap();
+        node.engine.truncate_after(1).unwrap();
+        let theirs = (2..=3)
+            .map(|lsn| crate::engine::Record {
+                lsn,
+                term: term + 1,
+                op: put("x"),
+            })
+            .collect();
+        node.engine.append_records(theirs).unwrap();
+        node.engine.flush().unwrap();
+        // A writer of the old term finishing its wait runs the commit rule.
+        node.advance_commit(term).unwrap();
+        node.advance_commit(term + 1).unwrap();
+        assert_eq!(
+            node.engine.commit_lsn(),
+            0,
+            "a deposed leader committed from its old followers' progress"
+        );
+    }
+
+    /// A follower whose `Append` handler reads the first request (the
+    /// reconnect probe), notes when it heard it, and only then, after
+    /// `delay`, answers the stream and acknowledges that probe alone.
+    struct SlowFollower {
+        heard: Arc<std::sync::Mutex<Vec<Instant>>>,
+        delay: Duration,
+    }
+
+    #[tonic::async_trait]
+    impl pb::replication_server::Replication for SlowFollower {
+        type AppendStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AppendAck, Status>>;
+
+        async fn append(
+            &self,
+            req: tonic::Request<tonic::Streaming<pb::AppendRequest>>,
+        ) -> Result<tonic::Response<Self::AppendStream>, Status> {
+            let mut inbound = req.into_inner();
+            let probe = inbound
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("no probe"))?;
+            self.heard.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(self.delay).await;
+            let (tx, rx) = mpsc::channel(4);
+            let ack = pb::AppendAck {
+                term: probe.from.map_or(0, |f| f.term),
+                success: true,
+                durable_lsn: probe.prev_lsn,
+                last_lsn: probe.prev_lsn,
+                error: String::new(),
+            };
+            tx.send(Ok(ack)).await.unwrap();
+            // Keep the stream open, acknowledging nothing more.
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = inbound.message().await {}
+                drop(tx);
+            });
+            Ok(tonic::Response::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
+        ) -> Result<tonic::Response<pb::SnapshotAck>, Status> {
+            Err(Status::unimplemented("test follower"))
+        }
+
+        async fn request_vote(
+            &self,
+            _: tonic::Request<pb::VoteRequest>,
+        ) -> Result<tonic::Response<pb::VoteReply>, Status> {
+            Err(Status::unimplemented("test follower"))
+        }
+
+        async fn timeout_now(
+            &self,
+            _: tonic::Request<pb::TimeoutNowRequest>,
+        ) -> Result<tonic::Response<pb::TimeoutNowReply>, Status> {
+            Err(Status::unimplemented("test follower"))
+        }
+    }
+
+    /// The lease counts from when a request was sent, never from later: the
+    /// reconnect probe's send time is taken before it leaves, not when the
+    /// follower's stream answers (by then the follower has heard it, and
+    /// its own wait before voting started earlier than that).
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_probe_counts_for_the_lease_from_before_it_was_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let follower = SlowFollower {
+            heard: heard.clone(),
+            delay: Duration::from_millis(150),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::replication_server::ReplicationServer::new(follower))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let disk = SimStorage::new(SimOptions::default());
+        let mut config = with_member_at(2, addr);
+        config.rpc_timeout_ms = 1000;
+        let node = start_with(&disk, config);
+        lock(&node.election).role = Role::Leader;
+        let term = node.term();
+        let peer = node
+            .config
+            .members
+            .iter()
+            .find(|m| m.id == 2)
+            .unwrap()
+            .clone();
+        tokio::spawn(node.clone().replicate(peer, term));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let acked_sent = loop {
+            if let Some(sent) = lock(&node.followers)[&2].acked_sent {
+                break sent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the probe was never acknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let heard_at = heard.lock().unwrap()[0];
+        assert!(
+            acked_sent <= heard_at,
+            "the probe counts from {:?} after the follower heard it",
+            acked_sent - heard_at
+        );
+        lock(&node.election).role = Role::Follower;
     }
 }

@@ -116,9 +116,10 @@ enum PendingAck {
 #[derive(Debug, Clone, Copy)]
 struct Appended {
     lsn: u64,
-    /// The record's term as the log held it at append (its identity with
-    /// `lsn`: a new leader may fill the LSN with another record).
-    written_term: Option<u64>,
+    /// The term this node led when it appended the record, which is the
+    /// record's term: its identity with `lsn` (a new leader may fill the
+    /// LSN with another record).
+    term: u64,
 }
 
 /// One node of the cluster.
@@ -312,7 +313,9 @@ impl Node {
         self.adopt_term_locked(new_term).await
     }
 
-    /// [`Node::adopt_term`] with `term_lock` held by the caller.
+    /// [`Node::adopt_term`] with `term_lock` held by the caller. The role
+    /// is demoted before the new term is published, under one lock: no
+    /// reader ever sees this node lead the new term.
     async fn adopt_term_locked(&self, new_term: u64) -> Result<(), EngineError> {
         self.persist_term(term::TermState {
             term: new_term,
@@ -323,12 +326,24 @@ impl Node {
         if e.role == Role::Leader {
             tracing::warn!(new_term, "saw a higher term: this leader steps down");
         }
-        e.role = Role::Follower;
+        self.step_down(&mut e);
         e.voted_for = None;
         // With a fixed leader, followers keep following it; the fixed
         // leader itself is deposed for good.
         e.leader = self.config.leader.filter(|l| *l != self.config.node_id);
+        self.publish_term(&mut e, new_term);
         Ok(())
+    }
+
+    /// Leader: forgets every follower's progress and lease evidence (on
+    /// stepping down; `become_leader` starts afresh).
+    fn forget_followers(&self) {
+        let last = self.engine.last_lsn();
+        for f in lock(&self.followers).values_mut() {
+            f.progress = Progress::new(last);
+            f.connected = false;
+            f.acked_sent = None;
+        }
     }
 
     /// The refusal for a request only the leader serves: names the leader
@@ -406,12 +421,24 @@ impl Node {
         durable
     }
 
-    /// Leader: moves the commit LSN as far as the commit rule allows.
-    fn advance_commit(&self) -> Result<(), EngineError> {
+    /// Leader of `term`: moves the commit LSN as far as the commit rule
+    /// allows. Does nothing on a node that no longer leads `term`: its
+    /// followers' progress describes an old leadership, and its log may
+    /// since hold a new leader's records at those LSNs, so counting them
+    /// could commit records no majority holds. The rule is computed while
+    /// the election lock shows this node leading `term`; publishing a
+    /// commit LSN computed so is safe even if it steps down right after.
+    fn advance_commit(&self, term: u64) -> Result<(), EngineError> {
         let _one = lock(&self.commit_lock);
         let current = self.commit();
-        let durable = self.durable_lsns();
-        let new = quorum_commit(&durable, self.term(), |l| self.engine.term_at(l), current);
+        let new = {
+            let e = lock(&self.election);
+            if e.role != Role::Leader || self.term() != term {
+                return Ok(());
+            }
+            let durable = self.durable_lsns();
+            quorum_commit(&durable, term, |l| self.engine.term_at(l), current)
+        };
         if new > current {
             tracing::trace!(new, term = self.term(), "leader commit advances");
             self.engine.set_commit_lsn(new)?;
@@ -490,32 +517,46 @@ impl Node {
     /// appended meanwhile). Commands of one `Batch` message are appended in
     /// their order, one after the other.
     fn append_write(&self, op: Op) -> Result<Appended, Status> {
-        if !self.leads() {
-            return Err(self.not_leader());
-        }
         let (key, value) = match &op {
             Op::Put { key, value } => (key.as_slice(), Some(value.as_slice())),
             Op::Delete { key } => (key.as_slice(), None),
         };
         self.engine.validate(key, value).map_err(engine_status)?;
-        // No await from here to the append: a transfer that starts later
-        // finds this record in the log it waits for the target to hold.
-        self.refuse_while_transferring()?;
-        // Append without blocking; the flusher makes it durable together
-        // with every other write appended meanwhile (group commit).
-        let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
+        // The leads-check and the append under one election lock: term
+        // and role change only under it, so the record is stamped with
+        // the term this node leads, never with a term it adopted after
+        // the check. No await from here to the append either: a transfer
+        // that starts later finds this record in the log it waits for the
+        // target to hold.
+        let (lsn, term) = {
+            let e = lock(&self.election);
+            if e.role != Role::Leader {
+                drop(e);
+                return Err(self.not_leader());
+            }
+            self.refuse_while_transferring()?;
+            let term = self.term();
+            // Append without blocking; the flusher makes it durable
+            // together with every other write appended meanwhile.
+            let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
+            assert_eq!(
+                self.engine.term_at(lsn),
+                Some(term),
+                "the write at LSN {lsn} was stamped with another term than its leader's"
+            );
+            (lsn, term)
+        };
         // The record's identity is (LSN, term): if this node is deposed
         // meanwhile, the LSN may be filled again by a new leader's record
         // and commit, which must not acknowledge this write.
-        let written_term = self.engine.term_at(lsn);
-        self.remember(lsn, self.term(), op);
-        Ok(Appended { lsn, written_term })
+        self.remember(lsn, term, op);
+        Ok(Appended { lsn, term })
     }
 
     /// Leader: waits until the write appended as `appended` is acknowledged
     /// at `level`, within `write_timeout_ms`; returns its LSN.
     async fn acknowledged(&self, appended: Appended, level: AckLevel) -> Result<u64, Status> {
-        let Appended { lsn, written_term } = appended;
+        let Appended { lsn, term } = appended;
         let unknown = |why: &str| {
             Status::unavailable(format!(
                 "outcome unknown: the write at LSN {lsn} {why} within {} ms; it may still commit",
@@ -538,7 +579,7 @@ impl Node {
             .commit_checked
             .fetch_max(durable, std::sync::atomic::Ordering::AcqRel);
         if checked < durable {
-            self.advance_commit().map_err(engine_status)?;
+            self.advance_commit(term).map_err(engine_status)?;
         }
 
         let wait = async {
@@ -569,12 +610,12 @@ impl Node {
         if !acknowledged {
             return Err(unknown(&format!("was not acknowledged at level {level:?}")));
         }
-        match (written_term, self.engine.term_at(lsn)) {
-            (Some(ours), Some(now)) if ours == now => Ok(lsn),
-            (Some(_), Some(other)) => Err(Status::aborted(format!(
+        match self.engine.term_at(lsn) {
+            Some(now) if now == term => Ok(lsn),
+            Some(other) => Err(Status::aborted(format!(
                 "the write at LSN {lsn} did not take effect: a new leader's record (term {other}) replaced it"
             ))),
-            _ => Err(unknown("could no longer be told from its log")),
+            None => Err(unknown("could no longer be told from its log")),
         }
     }
 
@@ -723,7 +764,7 @@ impl Node {
             f.progress.next_lsn = f.progress.match_lsn + 1;
             f.progress.inflight_bytes = 0;
         });
-        self.advance_commit()?;
+        self.advance_commit(term)?;
         Ok(())
     }
 
@@ -851,7 +892,10 @@ impl Node {
         let channel = self.env.dialer.dial(endpoint).await?;
         let (tx, rx) = mpsc::channel::<pb::AppendRequest>(64);
         // Probe first: an empty append at our `next`, to learn where the
-        // follower stands.
+        // follower stands. Every request's send time is taken before it
+        // can leave (the lease counts from it: a follower that heard it
+        // waits an election timeout from when it heard it, which is later).
+        let probe_sent = self.env.clock.now();
         self.send_heartbeat(peer.id, &tx, term).await?;
         let mut acks = ReplicationClient::new(channel)
             .append(ReceiverStream::new(rx))
@@ -860,8 +904,7 @@ impl Node {
         self.update_follower(peer.id, |f| f.connected = true);
         // (last LSN, bytes, sent at) of each request in flight, in order:
         // one ack each.
-        let mut inflight: VecDeque<Inflight> =
-            VecDeque::from([Inflight::new(0, self.env.clock.now())]);
+        let mut inflight: VecDeque<Inflight> = VecDeque::from([Inflight::new(0, probe_sent)]);
         let mut durable_rx = self.durable_tx.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut last_ack = tokio::time::Instant::now();
@@ -894,8 +937,9 @@ impl Node {
                         anyhow::bail!("no acknowledgement within {rpc:?}");
                     }
                     if inflight.is_empty() {
+                        let sent = self.env.clock.now();
                         self.send_heartbeat(peer.id, &tx, term).await?;
-                        inflight.push_back(Inflight::new(0, self.env.clock.now()));
+                        inflight.push_back(Inflight::new(0, sent));
                     }
                 }
             }
@@ -982,10 +1026,11 @@ impl Node {
                 anyhow::bail!("the term of LSN {prev_lsn} is no longer known here");
             };
             let last = records[records.len() - 1].lsn;
+            let sent = self.env.clock.now();
             self.send_append(tx, term, prev_lsn, prev_term, records)
                 .await?;
             self.update_follower(peer, |f| f.progress.sent(last, bytes));
-            inflight.push_back(Inflight::new(bytes, self.env.clock.now()));
+            inflight.push_back(Inflight::new(bytes, sent));
         }
     }
 
@@ -1018,7 +1063,7 @@ impl Node {
         }
         if ack.success {
             self.update_follower(peer, |f| f.progress.acked(ack.durable_lsn, bytes));
-            self.advance_commit()?;
+            self.advance_commit(term)?;
             Ok(false)
         } else if sent.stale {
             tracing::trace!(peer, error = %ack.error, "stale refusal ignored");
@@ -1459,7 +1504,7 @@ where
             tokio::spawn(node.clone().replicate(peer.clone(), term));
         }
         // A lone leader commits by itself; others wait for acks.
-        node.advance_commit()?;
+        node.advance_commit(term)?;
     }
     if node.config.elections() {
         tokio::spawn(node.clone().run_elections());
