@@ -266,7 +266,7 @@ impl Node {
                     // Reset first, so a slow campaign is not started twice;
                     // a campaign that fails leaves the next one to the timer.
                     lock(&self.election).reset_timer(self.election_timeout(), self.env.clock.now());
-                    tokio::spawn(self.clone().campaign(false));
+                    self.spawn(self.clone().campaign(false));
                 }
                 _ => {}
             }
@@ -368,7 +368,7 @@ impl Node {
         let (tx, mut rx) = mpsc::channel(self.config.members.len());
         for peer in self.config.members.iter().filter(|m| m.id != me) {
             let (node, tx, request, addr) = (self.clone(), tx.clone(), request.clone(), peer.addr);
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let _ = tx.send(node.ask_for_vote(addr, request).await).await;
             });
         }
@@ -456,7 +456,7 @@ impl Node {
             .iter()
             .filter(|m| m.id != self.config.node_id)
         {
-            tokio::spawn(self.clone().replicate(peer.clone(), term));
+            self.spawn(self.clone().replicate(peer.clone(), term));
         }
         // The entry commits like any write: once a majority has it durable.
         self.flusher.durable(lsn).await;
@@ -625,7 +625,7 @@ impl Node {
             e.reset_timer(self.election_timeout(), self.env.clock.now());
         }
         let term = self.term();
-        tokio::spawn(self.campaign(true));
+        self.spawn(self.clone().campaign(true));
         Ok(reply(term, true, String::new()))
     }
 
@@ -1164,5 +1164,33 @@ mod tests {
             acked_sent - heard_at
         );
         lock(&node.election).role = Role::Follower;
+    }
+
+    /// Every task a node spawns ends when it stops: after `serve` returns,
+    /// nothing but the caller holds the node (here a fixed leader whose
+    /// replicators retry unreachable followers forever, and a running
+    /// election timer on a second node).
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_task_outlives_a_stopped_node() {
+        for leader in [Some(1), None] {
+            let disk = SimStorage::new(SimOptions::default());
+            let mut config = config();
+            config.leader = leader;
+            let node = start_with(&disk, config);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let served = tokio::spawn(super::super::serve(node.clone(), listener, async {
+                let _ = stopped.await;
+            }));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(Arc::strong_count(&node) > 1, "nothing ran");
+            stop.send(()).unwrap();
+            served.await.unwrap().unwrap();
+            assert_eq!(
+                Arc::strong_count(&node),
+                1,
+                "tasks of the node (leader {leader:?}) still run after it stopped"
+            );
+        }
     }
 }

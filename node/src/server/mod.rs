@@ -154,6 +154,9 @@ pub struct Node {
     commit_lock: Mutex<()>,
     /// Set when the node begins to shut down: long-lived streams end.
     stopping: watch::Sender<bool>,
+    /// Every task the node spawns: `serve` waits for them before its final
+    /// sync, so none outlives the node (see [`Node::spawn`]).
+    tasks: tokio_util::task::TaskTracker,
     /// How it dials peers and runs blocking engine work.
     env: NodeEnv,
     /// Leader only: reads wait until the commit LSN covers this LSN — the
@@ -282,10 +285,35 @@ impl Node {
             append_lock: tokio::sync::Mutex::new(()),
             commit_lock: Mutex::new(()),
             stopping: watch::channel(false).0,
+            tasks: tokio_util::task::TaskTracker::new(),
             env,
             read_barrier: AtomicU64::new(last),
             transferring_to: AtomicU64::new(0),
         }))
+    }
+
+    /// Spawns a task of this node that is dropped when the node stops
+    /// (replicators, campaigns, timers: work that must not go on after
+    /// shutdown, and that holds nothing a client waits for).
+    pub(super) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stopping = self.stopping.subscribe();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stopping.wait_for(|s| *s) => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// Spawns a task of this node that ends by itself once the node stops
+    /// (a stream that answers what it already read first); shutdown waits
+    /// for it, for a bounded time.
+    pub(super) fn spawn_draining(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.spawn(task);
     }
 
     /// The engine.
@@ -1327,7 +1355,8 @@ impl Kv for KvService {
         req: Request<Streaming<pb::BatchRequest>>,
     ) -> Result<Response<Self::BatchStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(batch::serve(self.0.clone(), req.into_inner(), tx));
+        self.0
+            .spawn_draining(batch::serve(self.0.clone(), req.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -1366,7 +1395,7 @@ impl Replication for ReplicationService {
         // order as each batch becomes durable.
         let (pending_tx, mut pending_rx) = mpsc::channel::<PendingAck>(256);
         let acker = node.clone();
-        tokio::spawn(async move {
+        node.spawn_draining(async move {
             while let Some(pending) = pending_rx.recv().await {
                 let reply = acker.acknowledge(pending).await;
                 let fatal = reply.is_err();
@@ -1379,7 +1408,8 @@ impl Replication for ReplicationService {
         let silence = Duration::from_millis(node.config.rpc_timeout_ms * 2);
         let errors = pending_tx.clone();
         let mut stopping = node.stopping.subscribe();
-        tokio::spawn(async move {
+        let reader = node.clone();
+        reader.spawn_draining(async move {
             loop {
                 let next = tokio::select! {
                     biased;
@@ -1501,13 +1531,13 @@ where
             .iter()
             .filter(|m| m.id != node.config.node_id)
         {
-            tokio::spawn(node.clone().replicate(peer.clone(), term));
+            node.spawn(node.clone().replicate(peer.clone(), term));
         }
         // A lone leader commits by itself; others wait for acks.
         node.advance_commit(term)?;
     }
     if node.config.elections() {
-        tokio::spawn(node.clone().run_elections());
+        node.spawn(node.clone().run_elections());
     }
     // The standard gRPC health service and server reflection, so ordinary
     // gRPC tools (grpcurl, grpc_health_probe) work against a node.
@@ -1527,6 +1557,21 @@ where
         .add_service(ReplicationServer::new(ReplicationService(node.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    // Every task of the node ends before the final sync: those spawned
+    // with `Node::spawn` at once, the streams once they answered what they
+    // read (bounded: a client that reads no replies does not hold the stop).
+    node.stopping.send_replace(true);
+    node.tasks.close();
+    let drain = Duration::from_millis(node.config.rpc_timeout_ms * 2);
+    if tokio::time::timeout(drain, node.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = node.tasks.len(),
+            "tasks still running {drain:?} after the stop; stopping anyway"
+        );
+    }
     let engine = node.engine.clone();
     node.env.offload.run(move || engine.flush()).await??;
     Ok(())
