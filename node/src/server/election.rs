@@ -1193,4 +1193,64 @@ mod tests {
             );
         }
     }
+
+    /// `config()` with `n` members.
+    fn with_members(n: u64) -> NodeConfig {
+        let mut config = config();
+        config.members = (1..=n)
+            .map(|id| Member {
+                id,
+                addr: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+            })
+            .collect();
+        config
+    }
+
+    /// The lease and check quorum count a majority of the whole membership:
+    /// of 4 members the leader and one follower (2) are not a majority, so
+    /// with exactly one follower of four still connected the old leader
+    /// has no lease and steps down; with two it keeps both. Of 5, the
+    /// leader and two followers are a majority.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_lease_and_check_quorum_need_a_majority_of_4_and_of_5() {
+        for (members, fresh_needed) in [(3, 1), (4, 2), (5, 2)] {
+            let disk = SimStorage::new(SimOptions::default());
+            let node = start_with(&disk, with_members(members));
+            assert_eq!(node.majority() as u64, members / 2 + 1);
+            lock(&node.election).role = Role::Leader;
+            lock(&node.election).leading_since = Instant::now();
+            for fresh in 0..members {
+                {
+                    let mut followers = lock(&node.followers);
+                    for (i, f) in followers.values_mut().enumerate() {
+                        f.acked_sent = ((i as u64) < fresh).then(Instant::now);
+                    }
+                }
+                assert_eq!(
+                    node.lease_valid(),
+                    fresh >= fresh_needed,
+                    "{members} members, {fresh} fresh followers"
+                );
+            }
+            // One follower short of a majority stays in touch (with 4
+            // members: exactly one follower of three), while the others
+            // went silent longer than the election timeout ago.
+            let one_short = fresh_needed - 1;
+            let long_ago = Instant::now() - Duration::from_millis(100);
+            lock(&node.election).leading_since = long_ago;
+            for (i, f) in lock(&node.followers).values_mut().enumerate() {
+                f.acked_sent = Some(if (i as u64) < one_short {
+                    Instant::now()
+                } else {
+                    long_ago
+                });
+            }
+            node.check_quorum();
+            assert_eq!(
+                node.role(),
+                Role::Follower,
+                "{members} members: a leader with {one_short} fresh followers kept leading"
+            );
+        }
+    }
 }
