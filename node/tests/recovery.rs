@@ -1,4 +1,4 @@
-//! Recovery: the case table of `shared/design/storage.md`, row by row; torn
+//! Recovery: the case table of `node/DESIGN.md`, row by row; torn
 //! tails at every byte offset and every flipped bit of the last records;
 //! snapshots and their fallback; determinism; the replication hooks.
 
