@@ -1,4 +1,4 @@
-//! The replication rules of `shared/design/replication.md`, as pure
+//! The replication rules of `REPLICATION.md` (at the repository root), as pure
 //! decisions: log positions and terms go in, verdicts come out.
 //!
 //! This crate does no I/O, holds no clock and spawns nothing: the node crate
