@@ -17,8 +17,8 @@
 //! - [`AckLevel::satisfied`]: when a write may be acknowledged at `local`,
 //!   `quorum` or `all`.
 //!
-//! What is not (yet): elections and votes (a later issue; the term rules
-//! here are the ones they will use).
+//! What is not here: elections and votes (`node/src/server/election.rs`
+//! carries those out, with [`observe_term`] for their terms).
 
 /// A log position. LSN 0 is "before the first record".
 pub type Lsn = u64;
