@@ -1,4 +1,4 @@
-//! The replication rules of `shared/design/replication.md`, as pure
+//! The replication rules of `REPLICATION.md` (at the repository root), as pure
 //! decisions: log positions and terms go in, verdicts come out.
 //!
 //! This crate does no I/O, holds no clock and spawns nothing: the node crate
@@ -17,8 +17,8 @@
 //! - [`AckLevel::satisfied`]: when a write may be acknowledged at `local`,
 //!   `quorum` or `all`.
 //!
-//! What is not (yet): elections and votes (a later issue; the term rules
-//! here are the ones they will use).
+//! What is not here: elections and votes (`node/src/server/election.rs`
+//! carries those out, with [`observe_term`] for their terms).
 
 /// A log position. LSN 0 is "before the first record".
 pub type Lsn = u64;

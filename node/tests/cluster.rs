@@ -2,12 +2,19 @@
 //! ports, temporary data directories), driven with the real `kv` client and,
 //! for malformed replication traffic, a raw gRPC client.
 //!
-//! Covered: writes at the leader are readable and every node converges to
-//! the same applied LSN and digest; a SIGKILLed follower catches up after a
-//! restart; a SIGKILLed leader keeps every write acknowledged at `quorum`;
-//! a write sent to a follower is redirected to the leader; bad input
-//! (oversized keys, a wrong cluster id, a non-member sender, records with a
-//! bad CRC) is refused and never reaches a WAL.
+//! Covered, with node 1 as a fixed leader: convergence (same applied LSN
+//! and digest everywhere), redirects from a follower, a SIGKILLed follower
+//! catching up through the log and through a snapshot install, a SIGKILLed
+//! leader (also under concurrent load) losing no `quorum` write, `outcome
+//! unknown` without a majority (and `local` succeeding), a stale leader
+//! fenced by a higher term, bad input and bad replication traffic (wrong
+//! cluster id, non-member sender, bad CRC) refused before any WAL, gRPC
+//! health and reflection, `kv cluster up`, `kv shell`, SIGTERM of one node.
+//! With elections: the elected leader SIGKILLed repeatedly and `kv
+//! transfer-leader` under load, losing no `quorum` write. The `Kv.Batch`
+//! stream: each command answered as its unary call would be, garbage
+//! closing the stream with nothing written, and SIGKILL of the elected
+//! leader under batch load. The README's Tests section lists the details.
 
 // Tests unwrap: a failed unwrap is a test failure with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

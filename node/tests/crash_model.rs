@@ -11,6 +11,9 @@
 //! - `snapshot_crash_points`: power loss at each step of the snapshot
 //!   protocol (temp file, sync, rename, directory sync, old snapshot and
 //!   segment deletion): recovery always yields the same state.
+//! - `two_snapshots_in_one_run_survive_a_crash_after_every_operation`: two
+//!   snapshots in one engine lifetime, a power loss after each storage
+//!   operation: every acknowledged write is recovered.
 //!
 //! Seeds: `CRASH_SEEDS=n` runs more (default 60); a failure names its seed.
 

@@ -1,6 +1,8 @@
-//! Recovery: the case table of `shared/design/storage.md`, row by row; torn
+//! Recovery: the case table of `node/DESIGN.md`, row by row; torn
 //! tails at every byte offset and every flipped bit of the last records;
-//! snapshots and their fallback; determinism; the replication hooks.
+//! snapshots and their fallback; determinism; poisoning; batch mode;
+//! preallocation; the replication hooks, with truncation and snapshot
+//! install at every crash point.
 
 // Tests unwrap: a failed unwrap is a test failure with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

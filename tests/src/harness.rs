@@ -3,7 +3,7 @@
 //! [`SimStorage`] disk, clients as turmoil clients, and faults — all derived
 //! from one seed.
 //!
-//! A run has two phases (see `shared/design/simulation.md`):
+//! A run has two phases (see the README's Simulation section):
 //! 1. **Chaos.** Clients issue PUT/GET/DEL on a small key set with unique
 //!    values, at the `quorum` and `local` acknowledgement levels, while the
 //!    test body injects partitions (symmetric, one-way, leader isolation),
@@ -752,7 +752,7 @@ enum Heal {
     Trap(u64, Option<u64>),
 }
 
-/// The invariants of simulation.md, checked after every step.
+/// The invariants the README's Simulation section lists, checked after every step.
 struct Checker {
     nodes: usize,
     /// Per node: the incarnation last seen, its commit LSN then, and its

@@ -1,4 +1,4 @@
-//! kv's deterministic simulation (see `shared/design/simulation.md`):
+//! kv's deterministic simulation (see the README's Simulation section):
 //! whole clusters of the real node code under turmoil ([`harness`]), over
 //! the network seams in [`net`], on disks that forget what was never synced
 //! (`kv_node::storage::SimStorage`), with every client history checked by a

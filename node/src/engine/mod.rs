@@ -956,7 +956,7 @@ impl Engine {
     /// segments wholly covered by the *older* of them are deleted, so either
     /// snapshot can be recovered from.
     ///
-    /// A failed write or sync on the way poisons the engine (storage.md: a
+    /// A failed write or sync on the way poisons the engine (`node/DESIGN.md`: a
     /// failed fsync is fatal), so nothing is ever deleted on the strength of
     /// a rename whose durability is unknown.
     pub fn snapshot(&self) -> Result<SnapshotInfo> {

@@ -1,7 +1,7 @@
 //! Snapshot (checkpoint) files: format, the durable write protocol, loading.
 //!
 //! A snapshot is the whole map at one LSN. Writing follows
-//! `shared/design/storage.md`: temp file, `fdatasync`, rename into place,
+//! `node/DESIGN.md` ("Snapshots"): temp file, `fdatasync`, rename into place,
 //! `fsync` of the directory. The name carries the LSN, so the durable rename
 //! *is* the durable record of the snapshot LSN. This module does not decide
 //! when to snapshot or which WAL segments to delete; the engine does.

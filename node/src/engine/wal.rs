@@ -8,7 +8,7 @@
 //! covered by a snapshot. It never applies records to the map and holds no
 //! lock of its own: the engine serialises access to it.
 //!
-//! Recovery is the case table of `shared/design/storage.md`, written out in
+//! Recovery is the case table of `node/DESIGN.md` ("The case table"), written out in
 //! [`Wal::open`]; every row has a test in `node/tests/recovery.rs`.
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The acknowledgement level a write waits for (see replication.md).
+/// The acknowledgement level a write waits for (see `REPLICATION.md`, "Acknowledgement levels").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ack {

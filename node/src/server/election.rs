@@ -1,4 +1,4 @@
-//! Leader election (Raft's rules, replication.md): who leads, campaigns,
+//! Leader election (Raft's rules; see `REPLICATION.md`): who leads, campaigns,
 //! votes, the leader's lease and its step-down when it loses its majority.
 //!
 //! - A follower that hears from no leader for its election timeout (random,
