@@ -9,7 +9,13 @@
 //! restart; a SIGKILLed leader keeps every write acknowledged at `quorum`;
 //! a write sent to a follower is redirected to the leader; bad input
 //! (oversized keys, a wrong cluster id, a non-member sender, records with a
-//! bad CRC) is refused and never reaches a WAL.
+//! bad CRC) is refused and never reaches a WAL. With 4 and 5 members
+//! (elections on): a majority is three, so a 4-member cluster commits with
+//! one member down but not with two, and a 5-member one elects and commits
+//! with two down (the leader among them) but not with three; SIGKILL of a
+//! 5-member cluster's leader under load loses no `quorum` write. The
+//! lifeline: a SIGKILLed test process or `kv cluster up` leaves no node or
+//! REPL running.
 
 // Tests unwrap: a failed unwrap is a test failure with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1506,4 +1512,166 @@ fn sigkill_of_kv_cluster_up_stops_every_node() {
         );
         assert!(cluster.status_of(id).is_none(), "node {id} still answers");
     }
+}
+
+/// `kv put KEY VALUE --ack quorum` at `endpoints`: Ok, or the client's
+/// error text.
+fn put_quorum(cluster: &Cluster, key: &str, endpoints: &str) -> Result<(), String> {
+    let out = cluster.kv(&["put", key, "v", "--ack", "quorum"], endpoints);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `count` quorum writes `{prefix}{i}` that must all succeed, recorded in
+/// `acked`.
+fn put_all(cluster: &Cluster, prefix: &str, count: usize, acked: &mut Vec<(String, String)>) {
+    for i in 0..count {
+        let key = format!("{prefix}{i}");
+        if let Err(e) = put_quorum(cluster, &key, &cluster.all_endpoints()) {
+            panic!("{key}: {e}");
+        }
+        acked.push((key, "v".to_owned()));
+    }
+}
+
+/// With the members in `down` stopped, a quorum write at `leader` must
+/// end `outcome unknown` and take effect nowhere: no live node commits or
+/// applies it.
+fn assert_quorum_write_is_unknown(cluster: &Cluster, leader: usize, down: &[usize], key: &str) {
+    let Err(err) = put_quorum(cluster, key, &cluster.endpoint(leader)) else {
+        panic!("{key}: a quorum write was acknowledged with {down:?} down");
+    };
+    assert!(err.contains("outcome unknown"), "{key}: {err}");
+    // "... the write at LSN N was not acknowledged ..."
+    let lsn: u64 = err
+        .split("the write at LSN ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no LSN in {err}"));
+    for id in cluster.ids().filter(|id| !down.contains(id)) {
+        let s = cluster.status_of(id).unwrap();
+        assert!(
+            s.commit_lsn < lsn,
+            "node {id} committed LSN {lsn} with {down:?} down: {s:?}"
+        );
+        let out = cluster.kv(
+            &["get", key, "--consistency", "stale"],
+            &cluster.endpoint(id),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("(nil)"), "node {id} applied {key}: {text}");
+    }
+}
+
+/// Four members, elections on: a majority of four is three. With one down
+/// the other three commit; with two down a quorum write is `outcome
+/// unknown` and no node commits it (two of four are no majority); with one
+/// back, writes resume and nothing acknowledged was lost.
+#[test]
+fn four_members_commit_with_one_down_but_not_with_two() {
+    // A 1 s election timeout: the leader notices it lost its majority (and
+    // steps down) well after the write below has reached it.
+    let mut cluster = Cluster::start_elected_n(4, "election_timeout_ms = 1000\n");
+    let leader = cluster.wait_leader();
+    let followers: Vec<usize> = cluster.ids().filter(|id| *id != leader).collect();
+    let mut acked = Vec::new();
+    put_all(&cluster, "all-up-", 5, &mut acked);
+
+    cluster.kill(followers[0]);
+    put_all(&cluster, "one-down-", 5, &mut acked);
+    // Everything in the leader's log is committed (its own term's first
+    // entry and the ten writes), with a member down.
+    let s = cluster.status_of(leader).unwrap();
+    assert_eq!(s.commit_lsn, s.last_lsn, "{s:?}");
+    assert!(s.commit_lsn >= 10, "{s:?}");
+
+    cluster.kill(followers[1]);
+    assert_quorum_write_is_unknown(&cluster, leader, &followers[..2], "two-down");
+
+    cluster.start_node(followers[0]);
+    cluster.wait_until(Duration::from_secs(20), "writes resume", |c| {
+        put_quorum(c, "resumed", &c.all_endpoints()).is_ok()
+    });
+    acked.push(("resumed".to_owned(), "v".to_owned()));
+    put_all(&cluster, "one-back-", 5, &mut acked);
+    let live: Vec<usize> = cluster.ids().filter(|id| *id != followers[1]).collect();
+    cluster.wait_converged_among(&live);
+    assert_nodes_have(&cluster, &live, &acked);
+    cluster.start_node(followers[1]);
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+}
+
+/// Five members, elections on: with two down, the leader among them, the
+/// other three elect a new leader and commit quorum writes; with a third
+/// down they do not.
+#[test]
+fn five_members_elect_and_commit_with_two_down_but_not_with_three() {
+    let mut cluster = Cluster::start_elected_n(5, "election_timeout_ms = 1000\n");
+    let old = cluster.wait_leader();
+    let old_term = cluster.status_of(old).unwrap().term;
+    let mut acked = Vec::new();
+    put_all(&cluster, "all-up-", 5, &mut acked);
+
+    let follower = cluster.ids().find(|id| *id != old).unwrap();
+    cluster.kill(old);
+    cluster.kill(follower);
+    let down = [old, follower];
+    cluster.wait_until(Duration::from_secs(20), "a new leader is elected", |c| {
+        c.ids()
+            .filter_map(|id| c.status_of(id))
+            .any(|s| s.role == "leader" && s.term > old_term)
+    });
+    let leader = cluster.wait_leader();
+    assert!(!down.contains(&leader), "node {leader} leads");
+    put_all(&cluster, "two-down-", 5, &mut acked);
+
+    let third = cluster
+        .ids()
+        .find(|id| *id != leader && !down.contains(id))
+        .unwrap();
+    cluster.kill(third);
+    assert_quorum_write_is_unknown(&cluster, leader, &[old, follower, third], "three-down");
+
+    // Everyone back: every acknowledged write is everywhere.
+    for id in [old, follower, third] {
+        cluster.start_node(id);
+    }
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+}
+
+/// Five members: SIGKILL of the elected leader under a write load. A new
+/// leader takes writes while the old one is still down (so what it
+/// acknowledged must be on the majority that elected the next one), and
+/// every quorum write is on every node at the end.
+#[test]
+fn sigkill_of_the_leader_of_five_under_load_loses_no_quorum_write() {
+    let mut cluster = Cluster::start_elected_n(5, "election_timeout_ms = 300\n");
+    let old = cluster.wait_leader();
+    let load = Load::start(&cluster, 4);
+    cluster.wait_until(
+        Duration::from_secs(20),
+        "100 writes before the kill",
+        |_| load.acked() >= 100,
+    );
+    cluster.kill(old);
+    let before = load.acked();
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("100 more writes after node {old} was killed"),
+        |_| load.acked() >= before + 100,
+    );
+    let acked = load.stop();
+    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    let live: Vec<usize> = cluster.ids().filter(|id| *id != old).collect();
+    cluster.wait_converged_among(&live);
+    assert_nodes_have(&cluster, &live, &acked);
+    cluster.start_node(old);
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
 }
