@@ -1389,13 +1389,7 @@ fn a_sigkilled_test_process_leaves_no_kv_serve_or_kv_repl_behind() {
     };
     let (serve, repl) = (pid("serve"), pid("repl"));
     // If a check below fails, the children must not outlive the test.
-    struct Reap(Vec<Pid>);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            self.0.iter().for_each(Pid::kill_if_running);
-        }
-    }
-    let _reap = Reap(vec![serve, repl]);
+    let _reap = process::KillOnDrop(vec![serve, repl]);
     cluster.wait_until(Duration::from_secs(20), "node 1 answers", |c| {
         c.status_of(1).is_some()
     });
@@ -1482,13 +1476,7 @@ fn sigkill_of_kv_cluster_up_stops_every_node() {
         }
     }
     assert_eq!(nodes.len(), 3, "one pid per node");
-    struct Reap(Vec<Pid>);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            self.0.iter().for_each(Pid::kill_if_running);
-        }
-    }
-    let _reap = Reap(nodes.clone());
+    let _reap = process::KillOnDrop(nodes.clone());
     cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
         c.ids().all(|id| c.status_of(id).is_some())
     });

@@ -95,3 +95,13 @@ impl Pid {
         }
     }
 }
+
+/// SIGKILLs the processes that still run when dropped: for a test that
+/// expects them gone and fails, so they do not outlive it either.
+pub struct KillOnDrop(pub Vec<Pid>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.iter().for_each(Pid::kill_if_running);
+    }
+}
