@@ -426,6 +426,66 @@ mod tests {
         assert_eq!(quorum_commit(&[4], 1, term_at, 0), 4);
     }
 
+    /// `quorum_commit` and `AckLevel` together, for clusters of `members`:
+    /// `durable_on` of them (the leader first) hold LSN 10 durable, the
+    /// rest hold nothing. Returns (commit, quorum acknowledged, all
+    /// acknowledged) for the write at LSN 10.
+    fn ack_of_lsn_10(members: usize, durable_on: usize) -> (Lsn, bool, bool) {
+        let durable: Vec<Lsn> = (0..members)
+            .map(|i| if i < durable_on { 10 } else { 0 })
+            .collect();
+        let commit = quorum_commit(&durable, 3, |_| Some(3), 0);
+        let leader = durable[0];
+        (
+            commit,
+            AckLevel::Quorum.satisfied(10, leader, commit, &durable),
+            AckLevel::All.satisfied(10, leader, commit, &durable),
+        )
+    }
+
+    #[test]
+    fn a_majority_of_four_is_three_and_of_five_is_three() {
+        // (members, durable on, commit, quorum acknowledged, all acknowledged)
+        let table: &[(usize, usize, Lsn, bool, bool)] = &[
+            // 4 members: two copies are half, not a majority.
+            (4, 1, 0, false, false),
+            (4, 2, 0, false, false),
+            (4, 3, 10, true, false),
+            (4, 4, 10, true, true),
+            // 5 members: three copies are a majority, two are not.
+            (5, 1, 0, false, false),
+            (5, 2, 0, false, false),
+            (5, 3, 10, true, false),
+            (5, 4, 10, true, false),
+            (5, 5, 10, true, true),
+        ];
+        for &(members, durable_on, commit, quorum, all) in table {
+            assert_eq!(
+                ack_of_lsn_10(members, durable_on),
+                (commit, quorum, all),
+                "{members} members, LSN 10 durable on {durable_on}"
+            );
+        }
+        // Which members hold it does not matter, only how many: the leader
+        // need not be among the highest.
+        assert_eq!(quorum_commit(&[0, 10, 10, 10], 3, |_| Some(3), 0), 10);
+        assert_eq!(quorum_commit(&[10, 0, 10, 0], 3, |_| Some(3), 0), 0);
+        assert_eq!(quorum_commit(&[0, 10, 0, 10, 10], 3, |_| Some(3), 0), 10);
+        assert_eq!(quorum_commit(&[10, 10, 0, 0, 0], 3, |_| Some(3), 0), 0);
+        // Mixed positions: the highest LSN durable on 3 of 4 (resp. 3 of 5).
+        assert_eq!(quorum_commit(&[12, 9, 11, 4], 3, |_| Some(3), 0), 9);
+        assert_eq!(quorum_commit(&[12, 9, 11, 4, 2], 3, |_| Some(3), 0), 9);
+        // A 4-member majority of an older term still commits nothing.
+        let term_at = |lsn: Lsn| Some(if lsn <= 9 { 2 } else { 3 });
+        assert_eq!(quorum_commit(&[12, 9, 9, 9], 3, term_at, 0), 0);
+        // Quorum is acknowledged exactly when committed; `all` also needs
+        // the member that is down.
+        let durable = [10, 10, 10, 0];
+        assert!(AckLevel::Quorum.satisfied(10, 10, 10, &durable));
+        assert!(!AckLevel::All.satisfied(10, 10, 10, &durable));
+        assert!(!AckLevel::Quorum.satisfied(10, 10, 9, &durable));
+    }
+
     #[test]
     fn progress_moves_with_acks_and_refusals() {
         let mut p = Progress::new(10);

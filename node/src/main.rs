@@ -52,6 +52,14 @@ enum Cmd {
         /// The node's configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// Stop cleanly (as on SIGTERM: a final sync) when standard input
+        /// reaches end of file; anything read from it is ignored. For a
+        /// parent that starts the node with a pipe as stdin and keeps the
+        /// write end: when the parent dies for any reason, SIGKILL
+        /// included, the kernel closes that end and the node stops instead
+        /// of living on as an orphan. `kv cluster up` and the tests use it.
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
     },
     /// Start every node configured in a directory (`configs/*.toml`) as child
     /// processes, logs to files; SIGINT/SIGTERM stop them all cleanly.
@@ -292,7 +300,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Bench(b) => bench_cmd(b),
-        Cmd::Serve { config } => serve(&config),
+        Cmd::Serve {
+            config,
+            exit_on_stdin_eof,
+        } => serve(&config, exit_on_stdin_eof),
         Cmd::Shell { target } => {
             let client = target.client()?;
             let rt = runtime()?;
@@ -440,7 +451,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
-fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Result<ExitCode> {
+    // Watch stdin from the start: a parent that dies while the engine
+    // recovers still stops the node as soon as it can serve (an EOF stays
+    // seen).
+    let lifeline = if exit_on_stdin_eof {
+        Some(stdin_eof().context("start the stdin lifeline thread")?)
+    } else {
+        None
+    };
     let config = NodeConfig::load(config_path)?;
     let start = Instant::now();
     let engine = Engine::open(Arc::new(FsStorage), config.engine_config())
@@ -467,7 +486,18 @@ fn serve(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("listen on {listen}"))?;
             eprintln!("kv: node listening on {listen}");
-            server::serve(node, listener, shutdown_signal()).await?;
+            let shutdown = async move {
+                match lifeline {
+                    Some(eof) => tokio::select! {
+                        () = shutdown_signal() => {}
+                        _ = eof => eprintln!(
+                            "kv: standard input closed (--exit-on-stdin-eof): stopping"
+                        ),
+                    },
+                    None => shutdown_signal().await,
+                }
+            };
+            server::serve(node, listener, shutdown).await?;
             eprintln!("kv: node stopped cleanly");
             Ok(ExitCode::SUCCESS)
         })
@@ -492,10 +522,14 @@ fn cluster_up(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Resul
             let log_path = log_dir.join(format!("node{}.log", config.node_id));
             let log = std::fs::File::create(&log_path)
                 .with_context(|| format!("create {}", log_path.display()))?;
+            // The lifeline (see `stdin_eof`): if this process dies, even by
+            // SIGKILL, every node sees its stdin close and stops cleanly.
             let child = tokio::process::Command::new(&exe)
                 .arg("serve")
                 .arg("--config")
                 .arg(path)
+                .arg("--exit-on-stdin-eof")
+                .stdin(std::process::Stdio::piped())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
@@ -509,6 +543,10 @@ fn cluster_up(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Resul
             );
             children.push(child);
         }
+        // Held apart from the children: `Child::wait` closes a child's
+        // stdin first, which would cut every lifeline at once.
+        let lifelines: Vec<tokio::process::ChildStdin> =
+            children.iter_mut().filter_map(|c| c.stdin.take()).collect();
         eprintln!("kv: cluster up; Ctrl-C or SIGTERM stops it");
         let first_exit = async {
             let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
@@ -533,6 +571,7 @@ fn cluster_up(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Resul
                 _ => clean = false,
             }
         }
+        drop(lifelines);
         eprintln!("kv: cluster stopped");
         Ok(if clean {
             ExitCode::SUCCESS
@@ -554,6 +593,49 @@ async fn futures_select_first<F: std::future::Future + Unpin>(futures: impl Iter
         std::task::Poll::Pending
     })
     .await
+}
+
+/// The lifeline of `kv serve --exit-on-stdin-eof`: resolves once standard
+/// input reaches end of file (or fails to read).
+///
+/// Why stdin EOF rather than the alternatives (`unsafe` is forbidden, so
+/// `prctl(PR_SET_PDEATHSIG)` is out):
+/// - Polling `parent_id()` for a change has a start-up race: a parent that
+///   dies before the child first asks leaves the child recording its new
+///   parent (init or a subreaper) as the one to watch, forever. A closed
+///   pipe stays closed, so an EOF is seen however late the child looks.
+/// - EOF arrives the moment the kernel closes the parent's descriptors, on
+///   any death, with no polling interval and no wake-ups while it lives.
+/// - The cost: stdin belongs to the lifeline, and the write end must stay
+///   with the parent alone (std and tokio open pipes close-on-exec, so the
+///   parent's other children do not inherit it).
+///
+/// A plain thread, not tokio's stdin: tokio reads stdin on its blocking
+/// pool, and dropping the runtime waits for that read, which on SIGTERM
+/// would never return. This thread is never joined; the process exits
+/// around it.
+fn stdin_eof() -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("stdin-lifeline".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 512];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        eprintln!("kv: reading standard input: {e}; treating it as closed");
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(());
+        })?;
+    Ok(rx)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -27,7 +27,10 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `kv <args>` with `stdin` piped in and waits for it.
+/// Runs `kv <args>` with `stdin` piped in and waits for it. The pipe is
+/// also the lifeline of a `kv repl`: it ends at EOF, which comes when the
+/// script is written or when this test process dies, however it dies (see
+/// `common/process.rs`).
 fn kv(args: &[&str], dir: &Path, stdin: &[u8]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
         .args(args)
@@ -476,6 +479,7 @@ fn unusable_data_dir_error_names_the_cause_once() {
 fn a_second_process_on_the_same_data_dir_is_refused() {
     let tmp = tempdir();
     let dir = &tmp.path().join("data");
+    // Its stdin, held until the end, is its lifeline too.
     let mut first = Command::new(env!("CARGO_BIN_EXE_kv"))
         .args(["repl", "--data-dir"])
         .arg(dir)

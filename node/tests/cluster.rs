@@ -1,6 +1,8 @@
-//! A 3-node cluster of real `kv serve` processes on 127.0.0.1 (test-chosen
-//! ports, temporary data directories), driven with the real `kv` client and,
-//! for malformed replication traffic, a raw gRPC client.
+//! A cluster of real `kv serve` processes on 127.0.0.1 (3 members unless a
+//! test asks for 4 or 5; test-chosen ports, temporary data directories),
+//! driven with the real `kv` client and, for malformed replication traffic,
+//! a raw gRPC client. Every node is started with the stdin lifeline
+//! (`common::process`), so none outlives a killed test binary.
 //!
 //! Covered, with node 1 as a fixed leader: convergence (same applied LSN
 //! and digest everywhere), redirects from a follower, a SIGKILLed follower
@@ -14,21 +16,28 @@
 //! transfer-leader` under load, losing no `quorum` write. The `Kv.Batch`
 //! stream: each command answered as its unary call would be, garbage
 //! closing the stream with nothing written, and SIGKILL of the elected
-//! leader under batch load. The README's Tests section lists the details.
+//! leader under batch load. With 4 and 5 members (elections on): a majority
+//! is three, so a 4-member cluster commits with one member down but not
+//! with two, and a 5-member one elects and commits with two down (the
+//! leader among them) but not with three; SIGKILL of a 5-member cluster's
+//! leader under load loses no `quorum` write. The lifeline: a SIGKILLed
+//! test process or `kv cluster up` leaves no node or REPL running. The
+//! README's Tests section lists the details.
 
 // Tests unwrap: a failed unwrap is a test failure with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{self, KV, Pid};
 use kv_proto::v1 as pb;
 
-const KV: &str = env!("CARGO_BIN_EXE_kv");
-
-/// A cluster of three `kv serve` processes.
+/// A cluster of `kv serve` processes, members 1..=n (`addrs[id - 1]`).
 struct Cluster {
     dir: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
@@ -48,21 +57,26 @@ impl Cluster {
         Cluster::start_with("")
     }
 
-    /// Starts a cluster whose node configs also hold `extra` (TOML lines),
-    /// with node 1 as the fixed leader.
+    /// Starts a 3-member cluster whose node configs also hold `extra` (TOML
+    /// lines), with node 1 as the fixed leader.
     fn start_with(extra: &str) -> Cluster {
-        Cluster::build(extra, "leader = 1\n")
+        Cluster::build(3, extra, "leader = 1\n")
     }
 
-    /// Starts a cluster whose members elect their leader.
+    /// Starts a 3-member cluster whose members elect their leader.
     fn start_elected(extra: &str) -> Cluster {
-        Cluster::build(extra, "")
+        Cluster::start_elected_n(3, extra)
     }
 
-    fn build(extra: &str, leader: &str) -> Cluster {
+    /// Starts a cluster of `members` nodes that elect their leader.
+    fn start_elected_n(members: usize, extra: &str) -> Cluster {
+        Cluster::build(members, extra, "")
+    }
+
+    fn build(members: usize, extra: &str, leader: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let addrs = free_ports(3);
-        for id in 1..=3u64 {
+        let addrs = free_ports(members);
+        for id in 1..=members as u64 {
             let members: String = addrs
                 .iter()
                 .enumerate()
@@ -78,12 +92,17 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             addrs,
-            nodes: vec![None, None, None],
+            nodes: (0..members).map(|_| None).collect(),
         };
-        for id in 1..=3 {
+        for id in cluster.ids() {
             cluster.start_node(id);
         }
         cluster
+    }
+
+    /// Every member's id.
+    fn ids(&self) -> std::ops::RangeInclusive<usize> {
+        1..=self.addrs.len()
     }
 
     fn config(&self, id: usize) -> PathBuf {
@@ -92,14 +111,7 @@ impl Cluster {
 
     fn start_node(&mut self, id: usize) {
         let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
-        let child = Command::new(KV)
-            .args(["serve", "--config"])
-            .arg(self.config(id))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.nodes[id - 1] = Some(child);
+        self.nodes[id - 1] = Some(process::serve(&self.config(id), log));
         self.wait_until(
             Duration::from_secs(20),
             &format!("node {id} answers"),
@@ -184,7 +196,8 @@ impl Cluster {
     fn wait_leader(&self) -> usize {
         let mut leader = 0;
         self.wait_until(Duration::from_secs(20), "a leader is elected", |c| {
-            let best = (1..=3)
+            let best = c
+                .ids()
                 .filter_map(|id| c.status_of(id))
                 .filter(|s| s.role == "leader")
                 .max_by_key(|s| s.term);
@@ -195,25 +208,35 @@ impl Cluster {
     }
 
     fn wait_converged(&self) -> (u64, u64) {
+        self.wait_converged_among(&self.ids().collect::<Vec<_>>())
+    }
+
+    /// Waits until the nodes `ids` applied the same LSN with the same
+    /// digest (the others may be down).
+    fn wait_converged_among(&self, ids: &[usize]) -> (u64, u64) {
         let mut result = (0, 0);
-        self.wait_until(Duration::from_secs(20), "all nodes converge", |c| {
-            let s: Vec<_> = (1..=3).filter_map(|id| c.status_of(id)).collect();
-            let converged = s.len() == 3
-                && s.iter()
-                    .all(|x| x.applied_lsn == s[0].applied_lsn && x.digest == s[0].digest)
-                && s[0].applied_lsn == s[0].last_lsn;
-            if converged {
-                result = (s[0].applied_lsn, s[0].digest);
-            }
-            converged
-        });
+        self.wait_until(
+            Duration::from_secs(20),
+            &format!("nodes {ids:?} converge"),
+            |c| {
+                let s: Vec<_> = ids.iter().filter_map(|id| c.status_of(*id)).collect();
+                let converged = s.len() == ids.len()
+                    && s.iter()
+                        .all(|x| x.applied_lsn == s[0].applied_lsn && x.digest == s[0].digest)
+                    && s[0].applied_lsn == s[0].last_lsn;
+                if converged {
+                    result = (s[0].applied_lsn, s[0].digest);
+                }
+                converged
+            },
+        );
         result
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for id in 1..=3 {
+        for id in self.ids() {
             self.kill(id);
         }
     }
@@ -870,12 +893,17 @@ fn transfer_leader_hands_over_under_load_and_loses_no_quorum_write() {
 /// Every acknowledged write is on every node, with its value (stale reads,
 /// so each node answers for itself).
 fn assert_every_node_has(cluster: &Cluster, acked: &[(String, String)]) {
+    assert_nodes_have(cluster, &cluster.ids().collect::<Vec<_>>(), acked);
+}
+
+/// Every acknowledged write is on each of the nodes `ids`.
+fn assert_nodes_have(cluster: &Cluster, ids: &[usize], acked: &[(String, String)]) {
     use kv_node::server::client::Client;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    for id in 1..=3 {
+    for &id in ids {
         let client = Client::new(vec![cluster.addrs[id - 1]], Duration::from_millis(2000));
         for (key, value) in acked {
             let req = pb::GetRequest {
@@ -1278,6 +1306,366 @@ fn sigkill_of_the_leader_under_batch_load_loses_no_quorum_write() {
     );
     let acked = load.stop();
     assert_ne!(cluster.wait_leader(), old, "a new leader");
+    cluster.start_node(old);
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+}
+
+/// Set in the re-executed test binary that plays the intermediate process
+/// of [`a_sigkilled_test_process_leaves_no_kv_serve_or_kv_repl_behind`]:
+/// the cluster directory whose node 1 it starts.
+const LIFELINE_DIR_ENV: &str = "KV_TEST_LIFELINE_DIR";
+
+/// The intermediate: starts node 1 of the cluster in `dir` with the same
+/// helper every test uses, and a `kv repl` the way the REPL tests do (stdin
+/// piped and held), prints their pids, and lives until its own stdin (a
+/// pipe from the outer test, so it cannot outlive that either) closes.
+fn lifeline_intermediate(dir: &std::path::Path) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let log = std::fs::File::create(dir.join("node1.log")).unwrap();
+    let node = process::serve(&dir.join("node1.toml"), log);
+    let mut repl = Command::new(KV)
+        .args(["repl", "--data-dir"])
+        .arg(dir.join("repl"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut repl_in = repl.stdin.take().unwrap();
+    let mut repl_out = BufReader::new(repl.stdout.take().unwrap());
+    repl_in.write_all(b"PUT lifeline 1\n").unwrap();
+    let mut reply = String::new();
+    repl_out.read_line(&mut reply).unwrap();
+    assert_eq!(reply, "OK\n");
+    println!("lifeline pids: serve {} repl {}", node.id(), repl.id());
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    // Reached only if the outer test ended first: the children follow us
+    // through their lifelines as we exit.
+    drop((node, repl, repl_in, repl_out));
+}
+
+/// The lifeline, end to end: an intermediate process (this test binary,
+/// re-executed) starts `kv serve` and `kv repl` as the tests do and is then
+/// SIGKILLed, so no `Drop` of its runs. Both children must be gone within
+/// a few seconds, the node after its clean-stop path, leaving the port and
+/// both data directories free.
+#[test]
+fn a_sigkilled_test_process_leaves_no_kv_serve_or_kv_repl_behind() {
+    use std::io::{BufRead, BufReader, Write};
+    if let Some(dir) = std::env::var_os(LIFELINE_DIR_ENV) {
+        lifeline_intermediate(std::path::Path::new(&dir));
+        return;
+    }
+    // A one-member cluster: its config, then its node stopped so the
+    // intermediate can start it.
+    let mut cluster = Cluster::build(1, "", "leader = 1\n");
+    cluster.kill(1);
+    let mut intermediate = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_sigkilled_test_process_leaves_no_kv_serve_or_kv_repl_behind",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(LIFELINE_DIR_ENV, cluster.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(intermediate.stdout.take().unwrap()).lines();
+    let pids = loop {
+        let line = lines
+            .next()
+            .expect("the intermediate printed its children's pids")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("lifeline pids: ") {
+            break rest.to_owned();
+        }
+    };
+    let pid = |name: &str| -> Pid {
+        let n: u32 = pids
+            .split_whitespace()
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        Pid::of(n).unwrap_or_else(|| panic!("{name} (pid {n}) runs"))
+    };
+    let (serve, repl) = (pid("serve"), pid("repl"));
+    // If a check below fails, the children must not outlive the test.
+    let _reap = process::KillOnDrop(vec![serve, repl]);
+    cluster.wait_until(Duration::from_secs(20), "node 1 answers", |c| {
+        c.status_of(1).is_some()
+    });
+
+    intermediate.kill().unwrap();
+    let status = intermediate.wait().unwrap();
+    assert!(!status.success(), "the intermediate was killed: {status:?}");
+    let limit = Duration::from_secs(5);
+    assert!(
+        serve.gone_within(limit),
+        "kv serve (pid {}) still runs {limit:?} after its parent was SIGKILLed",
+        serve.pid
+    );
+    assert!(
+        repl.gone_within(limit),
+        "kv repl (pid {}) still runs {limit:?} after its parent was SIGKILLed",
+        repl.pid
+    );
+    let log = std::fs::read_to_string(cluster.dir.path().join("node1.log")).unwrap();
+    assert!(
+        log.contains("standard input closed") && log.contains("stopped cleanly"),
+        "node 1 took the clean-stop path: {log}"
+    );
+    // The port and the data directory are free again...
+    cluster.start_node(1);
+    cluster.put("after", "1").unwrap();
+    // ...and so is the REPL's, with its write synced at EOF.
+    let mut again = Command::new(KV)
+        .args(["repl", "--data-dir"])
+        .arg(cluster.dir.path().join("repl"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    again
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET lifeline\n")
+        .unwrap();
+    let out = again.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+}
+
+/// `kv cluster up` gives its nodes the lifeline: SIGKILL it (so it cannot
+/// stop them itself) and every node stops cleanly within a few seconds.
+#[test]
+fn sigkill_of_kv_cluster_up_stops_every_node() {
+    use std::io::{BufRead, BufReader};
+    let mut cluster = Cluster::start();
+    for id in cluster.ids() {
+        cluster.kill(id);
+    }
+    let configs = cluster.dir.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    for id in cluster.ids() {
+        std::fs::copy(cluster.config(id), configs.join(format!("node{id}.toml"))).unwrap();
+    }
+    let logs = cluster.dir.path().join("logs");
+    let mut up = Command::new(KV)
+        .args(["cluster", "up"])
+        .arg(&configs)
+        .arg("--log-dir")
+        .arg(&logs)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // "kv: node 1 on 127.0.0.1:... (pid N), log ..."
+    let mut nodes = Vec::new();
+    for line in BufReader::new(up.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.starts_with("kv: cluster up") {
+            break;
+        }
+        if let Some(rest) = line.split("(pid ").nth(1) {
+            let n: u32 = rest.split(')').next().unwrap().parse().unwrap();
+            nodes.push(Pid::of(n).unwrap_or_else(|| panic!("{line}: the node runs")));
+        }
+    }
+    assert_eq!(nodes.len(), 3, "one pid per node");
+    let _reap = process::KillOnDrop(nodes.clone());
+    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
+        c.ids().all(|id| c.status_of(id).is_some())
+    });
+    cluster.put("up", "yes").unwrap();
+
+    up.kill().unwrap();
+    up.wait().unwrap();
+    for (i, node) in nodes.iter().enumerate() {
+        assert!(
+            node.gone_within(Duration::from_secs(5)),
+            "node {} (pid {}) still runs 5 s after `kv cluster up` was SIGKILLed",
+            i + 1,
+            node.pid
+        );
+    }
+    for id in cluster.ids() {
+        let log = std::fs::read_to_string(logs.join(format!("node{id}.log"))).unwrap();
+        assert!(
+            log.contains("standard input closed") && log.contains("stopped cleanly"),
+            "node {id} log: {log}"
+        );
+        assert!(cluster.status_of(id).is_none(), "node {id} still answers");
+    }
+}
+
+/// `kv put KEY VALUE --ack quorum` at `endpoints`: Ok, or the client's
+/// error text.
+fn put_quorum(cluster: &Cluster, key: &str, endpoints: &str) -> Result<(), String> {
+    let out = cluster.kv(&["put", key, "v", "--ack", "quorum"], endpoints);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `count` quorum writes `{prefix}{i}` that must all succeed, recorded in
+/// `acked`.
+fn put_all(cluster: &Cluster, prefix: &str, count: usize, acked: &mut Vec<(String, String)>) {
+    for i in 0..count {
+        let key = format!("{prefix}{i}");
+        if let Err(e) = put_quorum(cluster, &key, &cluster.all_endpoints()) {
+            panic!("{key}: {e}");
+        }
+        acked.push((key, "v".to_owned()));
+    }
+}
+
+/// With the members in `down` stopped, a quorum write at `leader` must
+/// end `outcome unknown` and take effect nowhere: no live node commits or
+/// applies it.
+fn assert_quorum_write_is_unknown(cluster: &Cluster, leader: usize, down: &[usize], key: &str) {
+    let Err(err) = put_quorum(cluster, key, &cluster.endpoint(leader)) else {
+        panic!("{key}: a quorum write was acknowledged with {down:?} down");
+    };
+    assert!(err.contains("outcome unknown"), "{key}: {err}");
+    // "... the write at LSN N was not acknowledged ..."
+    let lsn: u64 = err
+        .split("the write at LSN ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no LSN in {err}"));
+    for id in cluster.ids().filter(|id| !down.contains(id)) {
+        let s = cluster.status_of(id).unwrap();
+        assert!(
+            s.commit_lsn < lsn,
+            "node {id} committed LSN {lsn} with {down:?} down: {s:?}"
+        );
+        let out = cluster.kv(
+            &["get", key, "--consistency", "stale"],
+            &cluster.endpoint(id),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("(nil)"), "node {id} applied {key}: {text}");
+    }
+}
+
+/// Four members, elections on: a majority of four is three. With one down
+/// the other three commit; with two down a quorum write is `outcome
+/// unknown` and no node commits it (two of four are no majority); with one
+/// back, writes resume and nothing acknowledged was lost.
+#[test]
+fn four_members_commit_with_one_down_but_not_with_two() {
+    // A 1 s election timeout: the leader notices it lost its majority (and
+    // steps down) well after the write below has reached it.
+    let mut cluster = Cluster::start_elected_n(4, "election_timeout_ms = 1000\n");
+    let leader = cluster.wait_leader();
+    let followers: Vec<usize> = cluster.ids().filter(|id| *id != leader).collect();
+    let mut acked = Vec::new();
+    put_all(&cluster, "all-up-", 5, &mut acked);
+
+    cluster.kill(followers[0]);
+    put_all(&cluster, "one-down-", 5, &mut acked);
+    // Everything in the leader's log is committed (its own term's first
+    // entry and the ten writes), with a member down.
+    let s = cluster.status_of(leader).unwrap();
+    assert_eq!(s.commit_lsn, s.last_lsn, "{s:?}");
+    assert!(s.commit_lsn >= 10, "{s:?}");
+
+    cluster.kill(followers[1]);
+    assert_quorum_write_is_unknown(&cluster, leader, &followers[..2], "two-down");
+
+    cluster.start_node(followers[0]);
+    cluster.wait_until(Duration::from_secs(20), "writes resume", |c| {
+        put_quorum(c, "resumed", &c.all_endpoints()).is_ok()
+    });
+    acked.push(("resumed".to_owned(), "v".to_owned()));
+    put_all(&cluster, "one-back-", 5, &mut acked);
+    let live: Vec<usize> = cluster.ids().filter(|id| *id != followers[1]).collect();
+    cluster.wait_converged_among(&live);
+    assert_nodes_have(&cluster, &live, &acked);
+    cluster.start_node(followers[1]);
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+}
+
+/// Five members, elections on: with two down, the leader among them, the
+/// other three elect a new leader and commit quorum writes; with a third
+/// down they do not.
+#[test]
+fn five_members_elect_and_commit_with_two_down_but_not_with_three() {
+    let mut cluster = Cluster::start_elected_n(5, "election_timeout_ms = 1000\n");
+    let old = cluster.wait_leader();
+    let old_term = cluster.status_of(old).unwrap().term;
+    let mut acked = Vec::new();
+    put_all(&cluster, "all-up-", 5, &mut acked);
+
+    let follower = cluster.ids().find(|id| *id != old).unwrap();
+    cluster.kill(old);
+    cluster.kill(follower);
+    let down = [old, follower];
+    cluster.wait_until(Duration::from_secs(20), "a new leader is elected", |c| {
+        c.ids()
+            .filter_map(|id| c.status_of(id))
+            .any(|s| s.role == "leader" && s.term > old_term)
+    });
+    let leader = cluster.wait_leader();
+    assert!(!down.contains(&leader), "node {leader} leads");
+    put_all(&cluster, "two-down-", 5, &mut acked);
+
+    let third = cluster
+        .ids()
+        .find(|id| *id != leader && !down.contains(id))
+        .unwrap();
+    cluster.kill(third);
+    assert_quorum_write_is_unknown(&cluster, leader, &[old, follower, third], "three-down");
+
+    // Everyone back: every acknowledged write is everywhere.
+    for id in [old, follower, third] {
+        cluster.start_node(id);
+    }
+    cluster.wait_converged();
+    assert_every_node_has(&cluster, &acked);
+}
+
+/// Five members: SIGKILL of the elected leader under a write load. A new
+/// leader takes writes while the old one is still down (so what it
+/// acknowledged must be on the majority that elected the next one), and
+/// every quorum write is on every node at the end.
+#[test]
+fn sigkill_of_the_leader_of_five_under_load_loses_no_quorum_write() {
+    let mut cluster = Cluster::start_elected_n(5, "election_timeout_ms = 300\n");
+    let old = cluster.wait_leader();
+    let load = Load::start(&cluster, 4);
+    cluster.wait_until(
+        Duration::from_secs(20),
+        "100 writes before the kill",
+        |_| load.acked() >= 100,
+    );
+    cluster.kill(old);
+    let before = load.acked();
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("100 more writes after node {old} was killed"),
+        |_| load.acked() >= before + 100,
+    );
+    let acked = load.stop();
+    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    let live: Vec<usize> = cluster.ids().filter(|id| *id != old).collect();
+    cluster.wait_converged_among(&live);
+    assert_nodes_have(&cluster, &live, &acked);
     cluster.start_node(old);
     cluster.wait_converged();
     assert_every_node_has(&cluster, &acked);

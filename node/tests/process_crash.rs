@@ -92,6 +92,9 @@ impl Kv {
     /// Starts `kv repl` on `dir` and waits for its recovery summary on
     /// stderr (which must be printed on every start).
     fn start(dir: &Path, ctx: &str) -> Kv {
+        // The piped stdin, held in `Kv`, is also the REPL's lifeline: if
+        // this test process dies, even by SIGKILL, the REPL reads EOF and
+        // exits (see `common/process.rs`).
         let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
             .arg("repl")
             .arg("--data-dir")

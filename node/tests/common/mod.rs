@@ -1,6 +1,9 @@
 //! Shared helpers for the engine's integration tests: a simulated disk, an
-//! engine on it, a tiny seeded PRNG, and the crash-consistency model.
+//! engine on it, a tiny seeded PRNG, and the crash-consistency model; and,
+//! in [`process`], starting real `kv` processes that cannot outlive the test.
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
