@@ -1205,3 +1205,70 @@ fn a_gap_below_the_snapshot_is_a_leftover_and_one_above_it_is_corruption() {
     s.remove_file(&Path::new(DIR).join(last_but_one)).unwrap();
     assert!(matches!(open(&s, &c), Err(EngineError::Corrupt { .. })));
 }
+
+/// The salt of a segment file's header.
+fn segment_salt(s: &SimStorage, path: &Path) -> u32 {
+    kv_node::engine::record::SegmentHeader::decode(&s.file_bytes(path).unwrap())
+        .unwrap()
+        .salt
+}
+
+/// A truncation removes segments; the records that replace the cut ones have
+/// the same sizes, so the log rolls at the same LSN and re-creates a removed
+/// segment's name. Its salt must differ from the removed one's: otherwise
+/// old bytes of the removed file showing through (a crash mid-removal, old
+/// blocks behind a reused name) verify as records of the new segment and a
+/// truncated term-1 suffix comes back.
+#[test]
+fn a_segment_created_after_a_truncation_never_reuses_a_removed_salt() {
+    let c = small_segments();
+    let s = sim();
+    let e = open(&s, &c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    e.append_records(leader_records(1..=200, 1)).unwrap();
+    e.wait_durable(200).unwrap();
+    let names = segment_names(&s);
+    assert!(names.len() >= 3, "small segments roll: {names:?}");
+    let second = Path::new(DIR).join(&names[1]);
+    let second_first: u64 = names[1][4..24].parse().unwrap();
+    let old_second = s.file_bytes(&second).unwrap();
+    let salts_before: Vec<u32> = names
+        .iter()
+        .map(|n| segment_salt(&s, &Path::new(DIR).join(n)))
+        .collect();
+
+    // Cut inside the first segment: every later segment is removed.
+    e.truncate_after(10).unwrap();
+    assert_eq!(segment_names(&s).len(), 1);
+    // The new leader's records up to the roll, same sizes, term 2.
+    e.append_records(leader_records(11..=second_first, 2))
+        .unwrap();
+    e.wait_durable(second_first).unwrap();
+    assert_eq!(
+        segment_names(&s),
+        names[..2].to_vec(),
+        "the roll re-creates the removed name"
+    );
+    let new_salt = segment_salt(&s, &second);
+    assert!(
+        !salts_before.contains(&new_salt),
+        "salt {new_salt} of the re-created segment was used before: {salts_before:?}"
+    );
+    drop(e);
+
+    // The re-created file holds its header and record `second_first`; the
+    // removed file's term-1 records show through after them.
+    let mut bytes = s.file_bytes(&second).unwrap();
+    let new_len = bytes.len();
+    bytes.extend_from_slice(&old_second[new_len..]);
+    s.set_file_bytes(&second, bytes).unwrap();
+    s.crash();
+    let e = open(&s, &c).unwrap();
+    assert_eq!(
+        e.stats().last_lsn,
+        second_first,
+        "stale records of the removed segment were accepted as live"
+    );
+    assert_eq!(e.term_at(second_first), Some(2));
+    assert_eq!(e.term_at(second_first + 1), None);
+}

@@ -474,6 +474,7 @@ impl Engine {
                 wal.active_bytes(),
                 last,
                 last_term,
+                wal.salt_high(),
             ),
             written_lsn: last,
             durable_lsn: last,

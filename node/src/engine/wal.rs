@@ -232,6 +232,17 @@ pub struct Wal {
     active_allocated: u64,
     /// Successful `sync_data` calls on segment files.
     syncs: u64,
+    /// The highest salt of any segment this log has had since open: every
+    /// header read by recovery (stale and superseded segments included),
+    /// every roll, every reset. A segment created from now on takes a salt
+    /// above it, so its salt differs from that of every segment a truncation
+    /// or reset removed: stale bytes of a removed segment (a file whose
+    /// removal a crash undid, old blocks showing through a reused name)
+    /// fail the salt check instead of verifying as records of the new one.
+    /// Kept in memory only: a removed segment's salt is forgotten by a
+    /// restart, so a cut followed by a restart and a roll can still reuse
+    /// one (closing that needs the high-water mark on disk; not done).
+    salt_high: u32,
 }
 
 impl std::fmt::Debug for Wal {
@@ -297,6 +308,7 @@ impl Wal {
         let mut torn_tail: Option<(PathBuf, u64)> = None;
         // File length of the last segment (its records, then zeros).
         let mut allocated = 0;
+        let mut salt_high = 0u32;
         let count = firsts.len();
         for (i, first) in firsts.iter().copied().enumerate() {
             let path = dir.join(segment_name(first));
@@ -311,7 +323,10 @@ impl Wal {
                 reason,
             };
             let header = match SegmentHeader::decode(&bytes) {
-                Ok(header) => header,
+                Ok(header) => {
+                    salt_high = salt_high.max(header.salt);
+                    header
+                }
                 // A header that does not verify. Only the last segment may
                 // have one, and only if nothing valid is in the file: it was
                 // being created when the machine stopped (records are only
@@ -474,10 +489,13 @@ impl Wal {
                 file
             }
             None => {
+                // 1 in a new directory; above every salt seen otherwise
+                // (superseded segments were just removed).
+                salt_high = salt_high.wrapping_add(1);
                 let header = SegmentHeader {
                     first_lsn: replay_from,
                     prev_last_lsn: snapshot_lsn,
-                    salt: 1,
+                    salt: salt_high,
                 };
                 let (info, file) = create_segment(&*storage, dir, header)?;
                 allocated = info.bytes;
@@ -501,6 +519,7 @@ impl Wal {
             active,
             active_allocated: allocated,
             syncs: 0,
+            salt_high,
         };
         Ok((wal, recovery))
     }
@@ -528,6 +547,12 @@ impl Wal {
     /// The segments, oldest first.
     pub fn segments(&self) -> &[SegmentInfo] {
         &self.segments
+    }
+
+    /// The highest salt the log has used since open (the next segment
+    /// created takes a higher one).
+    pub fn salt_high(&self) -> u32 {
+        self.salt_high
     }
 
     /// Successful data syncs of segment files so far.
@@ -609,6 +634,7 @@ impl Wal {
         self.sync()?;
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
         self.syncs += 1;
+        self.salt_high = self.salt_high.max(header.salt);
         self.active_allocated = info.bytes;
         self.segments.push(info);
         self.active = file;
@@ -758,13 +784,9 @@ impl Wal {
     /// log, which recovery in replicated mode treats as "the log was
     /// superseded" (see [`Wal::open`]).
     pub fn reset_after(&mut self, lsn: u64) -> Result<()> {
-        let salt = self
-            .segments
-            .iter()
-            .map(|s| s.header.salt)
-            .max()
-            .unwrap_or(0)
-            .wrapping_add(1);
+        // Above every salt used since open, not only the present segments':
+        // a truncation may have removed segments with higher salts.
+        let salt = self.salt_high.wrapping_add(1);
         // The list of segments changes only once the new log exists: an
         // I/O error on the way (which poisons the engine) leaves it
         // describing the old log, never an empty one.
@@ -782,6 +804,7 @@ impl Wal {
             salt,
         };
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
+        self.salt_high = salt;
         self.active_allocated = info.bytes;
         self.segments = vec![info];
         self.active = file;
