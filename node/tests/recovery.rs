@@ -1272,3 +1272,129 @@ fn a_segment_created_after_a_truncation_never_reuses_a_removed_salt() {
     assert_eq!(e.term_at(second_first), Some(2));
     assert_eq!(e.term_at(second_first + 1), None);
 }
+
+/// Flips one bit of the stored first LSN in a segment's header: the header
+/// CRC no longer matches.
+fn damage_header(s: &SimStorage, path: &Path) -> Vec<u8> {
+    let mut bytes = s.file_bytes(path).unwrap();
+    bytes[17] ^= 0x01;
+    s.set_file_bytes(path, bytes.clone()).unwrap();
+    bytes
+}
+
+/// A last segment whose header does not verify but whose records do was
+/// durable once and got damaged: removing it as half-created would lose
+/// acknowledged writes. Open refuses, naming the file and offset 0, and
+/// changes nothing.
+#[test]
+fn row_damaged_header_on_a_last_segment_with_records_is_refused() {
+    // The only segment, and the last of several.
+    let single = {
+        let s = sim();
+        fill(&s, 10);
+        (s, config(), segment(1))
+    };
+    let several = {
+        let (s, c) = filled_small_segments(200);
+        let names = segment_names(&s);
+        assert!(names.len() >= 3, "small segments roll: {names:?}");
+        let last = Path::new(DIR).join(names.last().unwrap());
+        (s, c, last)
+    };
+    for (s, c, last) in [single, several] {
+        let damaged = damage_header(&s, &last);
+        let first: u64 = last.file_name().unwrap().to_str().unwrap()[4..24]
+            .parse()
+            .unwrap();
+        match open(&s, &c) {
+            Err(EngineError::Corrupt {
+                file,
+                offset,
+                lsn,
+                reason,
+            }) => {
+                assert_eq!(file, last);
+                assert_eq!((offset, lsn), (0, Some(first)));
+                assert!(
+                    reason.contains(&format!(
+                        "valid record starts at offset {SEGMENT_HEADER_BYTES}"
+                    )),
+                    "{reason}"
+                );
+            }
+            other => panic!(
+                "expected a refusal naming {}, got {other:?}",
+                last.display()
+            ),
+        }
+        assert_eq!(s.file_bytes(&last).unwrap(), damaged, "nothing changed");
+    }
+}
+
+/// A torn create: the whole header was written but not durable (here: one
+/// bit off) and no record follows. That segment never held a record, so it
+/// is removed as half-created and the log continues before it.
+#[test]
+fn row_damaged_header_on_an_empty_last_segment_is_removed() {
+    let s = sim();
+    fill(&s, 5);
+    let half = segment(6);
+    let header = kv_node::engine::record::SegmentHeader {
+        first_lsn: 6,
+        prev_last_lsn: 5,
+        salt: 2,
+    };
+    let f = s.create(&half).unwrap();
+    f.write_at(&header.encode(), 0).unwrap();
+    f.sync_data().unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    damage_header(&s, &half);
+    let engine = open(&s, &config()).unwrap();
+    assert_eq!(
+        engine.recovery().removed_segment.as_deref(),
+        Some(half.as_path())
+    );
+    assert_eq!(segment_names(&s), vec![format!("wal-{:020}.wal", 1)]);
+    assert_eq!(engine.put(key(6), value(6)).unwrap(), 6);
+    drop(engine);
+    s.crash();
+    assert_holds_exactly(&s, 6);
+}
+
+/// `kv check` runs the same recovery: on real files it reports the refusal,
+/// naming the segment and the offset.
+#[test]
+fn kv_check_reports_a_damaged_header_on_a_last_segment_with_records() {
+    use kv_node::storage::FsStorage;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = config();
+    c.data_dir = dir.clone();
+    let e = kv_node::engine::Engine::open(std::sync::Arc::new(FsStorage), c.clone()).unwrap();
+    for i in 1..=10 {
+        e.put(key(i), value(i)).unwrap();
+    }
+    drop(e);
+    let seg = dir.join(format!("wal-{:020}.wal", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[17] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let report = kv_node::check::check(&c).unwrap();
+    assert!(!report.would_open, "{}", report.text);
+    assert!(
+        report.text.contains(&format!(
+            "verdict: REFUSES to open: {}",
+            EngineError::Corrupt {
+                file: seg.clone(),
+                offset: 0,
+                lsn: Some(1),
+                reason: format!(
+                    "segment header: CRC mismatch in the last segment, but a valid record starts at offset {SEGMENT_HEADER_BYTES}: the header was damaged after records were written (not a half-created segment)"
+                ),
+            }
+        )),
+        "{}",
+        report.text
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "check changes nothing");
+}

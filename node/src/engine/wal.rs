@@ -273,6 +273,7 @@ impl Wal {
     /// | any segment | a valid record with a higher LSN, or a valid record with the wrong LSN | mid-log corruption: refuse |
     /// | sealed segment, any damage | - | corruption: refuse |
     /// | last segment, unreadable header | no valid record in the file | half-created: remove, sync dir |
+    /// | last segment, unreadable header | a record whose CRC verifies | damaged after records went in: refuse, never delete |
     /// | LSN gap between segments, the later one starting at or below `snapshot_lsn + 1` | - | leftovers of an interrupted deletion before the gap: skip, remove, sync dir |
     /// | any other LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
     /// | the log starts after `snapshot_lsn + 1` or ends before `snapshot_lsn` | - | records missing: refuse |
@@ -330,11 +331,23 @@ impl Wal {
                 // A header that does not verify. Only the last segment may
                 // have one, and only if nothing valid is in the file: it was
                 // being created when the machine stopped (records are only
-                // appended after its header is durable).
-                Err(reason) if !is_last || any_valid_record(&bytes, RECORD_PAYLOAD_BYTES_MAX) => {
+                // appended after its header is durable). A record that
+                // verifies proves the header was durable once and has been
+                // damaged since: deleting the file would lose those records
+                // (acknowledged ones among them), so the open is refused.
+                Err(reason) if !is_last => {
                     return Err(corrupt(0, Some(first), reason.to_owned()));
                 }
-                Err(_) => {
+                Err(reason) => {
+                    if let Some(at) = first_valid_record(&bytes, RECORD_PAYLOAD_BYTES_MAX) {
+                        return Err(corrupt(
+                            0,
+                            Some(first),
+                            format!(
+                                "{reason} in the last segment, but a valid record starts at offset {at}: the header was damaged after records were written (not a half-created segment)"
+                            ),
+                        ));
+                    }
                     half_created = Some(path.clone());
                     continue;
                 }
@@ -831,24 +844,25 @@ impl Wal {
     }
 }
 
-fn any_valid_record(bytes: &[u8], payload_max: usize) -> bool {
+/// Offset of the first record whose CRC verifies, anywhere in `bytes`.
+fn first_valid_record(bytes: &[u8], payload_max: usize) -> Option<u64> {
     // Without a header there is no salt to check against; any record whose
     // CRC verifies counts, whatever its salt.
-    let Some(last_start) = bytes.len().checked_sub(RECORD_HEADER_BYTES) else {
-        return false;
-    };
-    (0..=last_start).any(|at| {
-        let salt = u32::from_le_bytes([
-            bytes[at + 12],
-            bytes[at + 13],
-            bytes[at + 14],
-            bytes[at + 15],
-        ]);
-        !matches!(
-            decode_record(&bytes[at..], salt, payload_max),
-            Err(RecordError::Incomplete | RecordError::TooLong { .. } | RecordError::BadCrc)
-        )
-    })
+    let last_start = bytes.len().checked_sub(RECORD_HEADER_BYTES)?;
+    (0..=last_start)
+        .find(|&at| {
+            let salt = u32::from_le_bytes([
+                bytes[at + 12],
+                bytes[at + 13],
+                bytes[at + 14],
+                bytes[at + 15],
+            ]);
+            !matches!(
+                decode_record(&bytes[at..], salt, payload_max),
+                Err(RecordError::Incomplete | RecordError::TooLong { .. } | RecordError::BadCrc)
+            )
+        })
+        .map(|at| at as u64)
 }
 
 /// Creates a segment file: header written and synced, then the directory
