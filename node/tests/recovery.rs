@@ -1398,3 +1398,231 @@ fn kv_check_reports_a_damaged_header_on_a_last_segment_with_records() {
     );
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "check changes nothing");
 }
+
+/// A disk that can hold writes to `COMMIT`: `hold` makes the next one block
+/// until `release`; `pause` makes every one take that long (so racing
+/// writers queue on the file).
+#[derive(Clone)]
+struct CommitGate {
+    sim: SimStorage,
+    gate: std::sync::Arc<(std::sync::Mutex<GateState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct GateState {
+    hold: bool,
+    blocked: bool,
+    pause: Option<std::time::Duration>,
+}
+
+impl CommitGate {
+    fn new(sim: SimStorage) -> Self {
+        CommitGate {
+            sim,
+            gate: Default::default(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut GateState)) {
+        f(&mut self.gate.0.lock().unwrap());
+        self.gate.1.notify_all();
+    }
+
+    /// Waits until a held write has reached the file.
+    fn wait_blocked(&self) {
+        let (m, cv) = &*self.gate;
+        let (st, timeout) = cv
+            .wait_timeout_while(m.lock().unwrap(), std::time::Duration::from_secs(10), |g| {
+                !g.blocked
+            })
+            .unwrap();
+        assert!(
+            !timeout.timed_out() && st.blocked,
+            "no COMMIT write arrived"
+        );
+    }
+
+    /// The LSN in `COMMIT` (its CRC checked).
+    fn commit_value(&self) -> u64 {
+        let b = self.sim.file_bytes(&Path::new(DIR).join("COMMIT")).unwrap();
+        assert_eq!(
+            crc32fast::hash(&b[..8]).to_le_bytes(),
+            b[8..12],
+            "COMMIT verifies"
+        );
+        u64::from_le_bytes(b[..8].try_into().unwrap())
+    }
+}
+
+struct GatedFile {
+    inner: Box<dyn kv_node::storage::StorageFile>,
+    gate: Option<CommitGate>,
+}
+
+impl kv_node::storage::StorageFile for GatedFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if let Some(g) = &self.gate {
+            let (m, cv) = &*g.gate;
+            let mut st = m.lock().unwrap();
+            if st.hold {
+                st.blocked = true;
+                cv.notify_all();
+                st = cv.wait_while(st, |g| g.hold).unwrap();
+                st.blocked = false;
+            }
+            let pause = st.pause;
+            drop(st);
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl CommitGate {
+    fn wrap(
+        &self,
+        path: &Path,
+        f: Box<dyn kv_node::storage::StorageFile>,
+    ) -> Box<dyn kv_node::storage::StorageFile> {
+        let gate = (path.file_name() == Some(std::ffi::OsStr::new("COMMIT"))).then(|| self.clone());
+        Box::new(GatedFile { inner: f, gate })
+    }
+}
+
+impl Storage for CommitGate {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.create_dir_all(dir)
+    }
+    fn list_dir(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.sim.list_dir(dir)
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn kv_node::storage::StorageFile>> {
+        Ok(self.wrap(path, self.sim.create(path)?))
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Box<dyn kv_node::storage::StorageFile>> {
+        Ok(self.wrap(path, self.sim.open(path)?))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.sim.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.sim.remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.sync_dir(dir)
+    }
+    fn lock_dir(&self, dir: &Path) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        self.sim.lock_dir(dir)
+    }
+}
+
+fn replicated_on(gate: &CommitGate) -> kv_node::engine::Engine {
+    let mut c = config();
+    c.replicated = true;
+    kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), c).unwrap()
+}
+
+/// A `COMMIT` write in progress (held here) must not hold the engine's
+/// state lock: every writer, the flusher and `stats` need it.
+#[test]
+fn the_commit_file_is_written_outside_the_state_lock() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(replicated_on(&gate));
+    e.append_records(leader_records(1..=10, 1)).unwrap();
+    e.wait_durable(10).unwrap();
+    e.set_commit_lsn(2).unwrap();
+    gate.set(|g| g.hold = true);
+    let committer = {
+        let e = e.clone();
+        std::thread::spawn(move || e.set_commit_lsn(5))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(e.stats().applied_lsn);
+        })
+    };
+    let seen = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.hold = false);
+    committer.join().unwrap().unwrap();
+    reader.join().unwrap();
+    assert_eq!(
+        seen.expect("stats() waited for the COMMIT write: it runs under the state lock"),
+        5,
+        "applied before the file is written"
+    );
+    assert_eq!(gate.commit_value(), 5);
+}
+
+/// Many committers race (each `COMMIT` write is slow, so they queue on the
+/// file): the file never goes backwards, never exceeds the applied LSN, and
+/// ends at the last applied LSN.
+#[test]
+fn racing_commit_advances_never_leave_an_older_value_in_the_commit_file() {
+    const N: u64 = 400;
+    let gate = CommitGate::new(sim());
+    gate.set(|g| g.pause = Some(std::time::Duration::from_micros(200)));
+    let e = std::sync::Arc::new(replicated_on(&gate));
+    e.append_records(leader_records(1..=N, 1)).unwrap();
+    e.wait_durable(N).unwrap();
+    e.set_commit_lsn(1).unwrap();
+    assert_eq!(gate.commit_value(), 1);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(2));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committers: Vec<_> = (0..8)
+        .map(|_| {
+            let (e, next) = (e.clone(), next.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let lsn = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if lsn > N {
+                        break;
+                    }
+                    e.set_commit_lsn(lsn).unwrap();
+                }
+            })
+        })
+        .collect();
+    let observer = {
+        let (e, gate, done) = (e.clone(), gate.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = gate.commit_value();
+                // Read after the file: the applied LSN only grows.
+                let applied = e.stats().applied_lsn;
+                assert!(v <= applied, "COMMIT {v} above the applied LSN {applied}");
+                assert!(v >= last, "COMMIT went back from {last} to {v}");
+                last = v;
+                std::thread::yield_now();
+            }
+        })
+    };
+    for c in committers {
+        c.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    observer.join().unwrap();
+    assert_eq!(e.stats().applied_lsn, N);
+    assert_eq!(
+        gate.commit_value(),
+        N,
+        "an older value overwrote the last one"
+    );
+}
