@@ -1399,9 +1399,10 @@ fn kv_check_reports_a_damaged_header_on_a_last_segment_with_records() {
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "check changes nothing");
 }
 
-/// A disk that can hold writes to `COMMIT`: `hold` makes the next one block
-/// until `release`; `pause` makes every one take that long (so racing
-/// writers queue on the file).
+/// A disk that can hold file operations: `hold` makes every write to
+/// `COMMIT` block until it is cleared; `pause` makes every one take that
+/// long (so racing writers queue on the file); `hold_next_wal_read` makes
+/// the next read of a WAL segment block until `read_held` is cleared.
 #[derive(Clone)]
 struct CommitGate {
     sim: SimStorage,
@@ -1413,6 +1414,10 @@ struct GateState {
     hold: bool,
     blocked: bool,
     pause: Option<std::time::Duration>,
+    hold_next_wal_read: bool,
+    read_held: bool,
+    /// Bytes read from WAL segments so far.
+    wal_bytes_read: u64,
 }
 
 impl CommitGate {
@@ -1457,6 +1462,7 @@ impl CommitGate {
 struct GatedFile {
     inner: Box<dyn kv_node::storage::StorageFile>,
     gate: Option<CommitGate>,
+    wal_gate: Option<CommitGate>,
 }
 
 impl kv_node::storage::StorageFile for GatedFile {
@@ -1464,6 +1470,18 @@ impl kv_node::storage::StorageFile for GatedFile {
         self.inner.len()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(g) = &self.wal_gate {
+            let (m, cv) = &*g.gate;
+            let mut st = m.lock().unwrap();
+            st.wal_bytes_read += buf.len() as u64;
+            if std::mem::take(&mut st.hold_next_wal_read) {
+                st.read_held = true;
+                st.blocked = true;
+                cv.notify_all();
+                st = cv.wait_while(st, |g| g.read_held).unwrap();
+                st.blocked = false;
+            }
+        }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -1498,8 +1516,14 @@ impl CommitGate {
         path: &Path,
         f: Box<dyn kv_node::storage::StorageFile>,
     ) -> Box<dyn kv_node::storage::StorageFile> {
-        let gate = (path.file_name() == Some(std::ffi::OsStr::new("COMMIT"))).then(|| self.clone());
-        Box::new(GatedFile { inner: f, gate })
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let gate = (name == "COMMIT").then(|| self.clone());
+        let wal_gate = name.starts_with("wal-").then(|| self.clone());
+        Box::new(GatedFile {
+            inner: f,
+            gate,
+            wal_gate,
+        })
     }
 }
 
@@ -1624,5 +1648,176 @@ fn racing_commit_advances_never_leave_an_older_value_in_the_commit_file() {
         gate.commit_value(),
         N,
         "an older value overwrote the last one"
+    );
+}
+
+/// Reading records for a follower does not hold the WAL lock while it
+/// reads: a write (whose group commit needs that lock) completes while a
+/// read is stuck in the middle of a segment.
+#[test]
+fn a_slow_read_for_shipping_does_not_stall_group_commit() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(
+        kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), small_segments()).unwrap(),
+    );
+    put_range(&e, 1..=100);
+    gate.set(|g| g.hold_next_wal_read = true);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || e.read_from(1, 1000))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(e.put(key(101), value(101)));
+        })
+    };
+    let wrote = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.read_held = false);
+    writer.join().unwrap();
+    let read = reader.join().unwrap().unwrap();
+    assert_eq!(
+        wrote
+            .expect("the write waited for the read: the WAL lock is held while reading")
+            .unwrap(),
+        101
+    );
+    assert_eq!(
+        read.len(),
+        100,
+        "the read sees what was durable when it began"
+    );
+    for (r, lsn) in read.iter().zip(1..) {
+        assert_eq!(r.lsn, lsn);
+    }
+}
+
+/// A truncation that runs while a read is in progress: the read never
+/// returns a record the truncation removed (the removed segment stays
+/// readable through the reader's handle, so without a check it would).
+#[test]
+fn a_read_racing_a_truncation_never_returns_cut_records() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(
+        kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), small_segments()).unwrap(),
+    );
+    e.set_commit_lsn(0).unwrap();
+    e.append_records(leader_records(1..=200, 1)).unwrap();
+    e.wait_durable(200).unwrap();
+    let names = segment_names(&gate.sim);
+    assert!(names.len() >= 3, "small segments roll: {names:?}");
+    // Read from the middle of the third segment; cut inside the first.
+    let third: u64 = names[2][4..24].parse().unwrap();
+    gate.set(|g| g.hold_next_wal_read = true);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || e.read_from(third + 1, 1000))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cutter = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            e.truncate_after(10).unwrap();
+            e.append_records(leader_records(11..=third + 5, 2)).unwrap();
+            e.wait_durable(third + 5).unwrap();
+            let _ = tx.send(());
+        })
+    };
+    let cut = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.read_held = false);
+    cutter.join().unwrap();
+    cut.expect("the truncation waited for the read: the WAL lock is held while reading");
+    let read = reader.join().unwrap().unwrap();
+    assert!(!read.is_empty());
+    for r in &read {
+        assert_eq!(
+            Some(r.term),
+            e.term_at(r.lsn),
+            "LSN {} of term {} was cut and came back",
+            r.lsn,
+            r.term
+        );
+    }
+    assert_eq!(read.last().unwrap().lsn, third + 5);
+}
+
+/// Reads from every position of large segments (several index strides)
+/// return exactly the records there, before and after a restart (which
+/// rebuilds the index from the files) and after a truncation.
+#[test]
+fn reads_for_shipping_start_at_every_lsn_of_large_segments() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 256 << 10;
+    c.group_commit_records_max = 7;
+    c.replicated = true;
+    let n = 12_000u64;
+    let e = open(&s, &c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(500) {
+        e.append_records(leader_records(chunk[0]..=*chunk.last().unwrap(), 1))
+            .unwrap();
+    }
+    e.wait_durable(n).unwrap();
+    assert!(segment_names(&s).len() >= 3, "{:?}", segment_names(&s));
+    let check = |e: &kv_node::engine::Engine, last: u64| {
+        for from in (1..=last).step_by(37).chain([last, last + 1]) {
+            let got = e.read_from(from, 50).unwrap();
+            let want = (from..=last.min(from + 49)).collect::<Vec<_>>();
+            assert_eq!(
+                got.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+                want,
+                "from {from}"
+            );
+            for r in &got {
+                assert_eq!(
+                    r.op,
+                    Op::Put {
+                        key: key(r.lsn),
+                        value: value(r.lsn)
+                    }
+                );
+            }
+        }
+    };
+    check(&e, n);
+    drop(e);
+    let e = open(&s, &c).unwrap();
+    check(&e, n);
+    e.truncate_after(n / 2 + 3).unwrap();
+    check(&e, n / 2 + 3);
+    assert!(e.read_from(n / 2 + 5, 1).is_err(), "past the end");
+}
+
+/// A read near the end of a large segment reads about one index stride and
+/// one window of it, not the whole segment (as it did on every call).
+#[test]
+fn a_read_in_a_large_segment_reads_a_window_not_the_segment() {
+    let gate = CommitGate::new(sim());
+    let mut c = config();
+    c.segment_bytes_max = 8 << 20;
+    let e = kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    let n = 60_000u64;
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(1000) {
+        e.append_records(leader_records(chunk[0]..=*chunk.last().unwrap(), 1))
+            .unwrap();
+    }
+    e.wait_durable(n).unwrap();
+    let names = segment_names(&gate.sim);
+    assert_eq!(names.len(), 1, "one large segment: {names:?}");
+    let segment_len = gate.sim.file_bytes(&segment(1)).unwrap().len() as u64;
+    assert!(segment_len > 2 << 20, "{segment_len}");
+    let before = gate.gate.0.lock().unwrap().wal_bytes_read;
+    let got = e.read_from(n - 100, 20).unwrap();
+    let read = gate.gate.0.lock().unwrap().wal_bytes_read - before;
+    assert_eq!(got.len(), 20);
+    assert_eq!(got[0].lsn, n - 100);
+    assert!(
+        read <= (64 << 10) + (256 << 10),
+        "read {read} bytes of a {segment_len}-byte segment for 20 records"
     );
 }

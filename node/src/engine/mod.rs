@@ -278,6 +278,10 @@ struct State {
     /// Bumped by every truncation, so a waiter for a truncated LSN fails
     /// instead of waiting for a different record with the same LSN.
     truncations: u64,
+    /// Bumped when a log cut (truncation, snapshot install) *begins*, before
+    /// it touches a file: a reader that saw the same value before and after
+    /// reading read no byte the cut changed.
+    cuts: u64,
     /// In replicated mode, records above this are not applied even when
     /// durable (they are not committed yet). `None`: single-node mode, where
     /// durable means committed.
@@ -496,6 +500,7 @@ impl Engine {
             commit_lsn: config.replicated.then(|| map.applied_lsn()),
             terms,
             truncations: 0,
+            cuts: 0,
             flushing: false,
             rounds_done: 0,
             round_target: 0,
@@ -1184,16 +1189,34 @@ impl Engine {
         Ok(st.log.last_lsn())
     }
 
-    /// Reads up to `max` records from the WAL starting at `from` (which must
-    /// be durable: callers ship only durable records).
+    /// Reads up to `max` durable records from the WAL starting at `from`
+    /// (callers ship only durable records).
+    ///
+    /// The WAL lock (which every group commit round needs) is held only to
+    /// plan the read: segment handles, the durable LSN, the cut counter.
+    /// The records are read after releasing it, from the indexed position
+    /// before `from`. A cut that began meanwhile may have removed or
+    /// rewritten what was read, so then the read is thrown away and done
+    /// again: no record a cut removed is ever returned.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>> {
-        // Holding `wal` keeps truncation out while `durable` is read.
-        let wal = lock(&self.wal);
-        let mut records = wal.read_from(from, max)?;
-        let durable = lock(&self.state).durable_lsn;
-        drop(wal);
-        records.retain(|r| r.lsn <= durable);
-        Ok(records)
+        const ATTEMPTS: usize = 8;
+        for _ in 0..ATTEMPTS {
+            let (plan, cuts) = {
+                let wal = lock(&self.wal);
+                let (durable, cuts) = {
+                    let st = lock(&self.state);
+                    (st.durable_lsn, st.cuts)
+                };
+                (wal.plan_read(from, max, durable)?, cuts)
+            };
+            let read = plan.read();
+            if lock(&self.state).cuts == cuts {
+                return read;
+            }
+        }
+        Err(EngineError::InvalidLogOp(format!(
+            "the log was cut {ATTEMPTS} times while reading from LSN {from}"
+        )))
     }
 
     /// Installs a snapshot received from the leader (replicated mode): its
@@ -1339,6 +1362,7 @@ impl Engine {
         }
         st.flushing = true;
         st.durable_lsn = st.durable_lsn.min(cut_to);
+        st.cuts += 1;
         drop(st);
         let result = io(&mut lock(&self.wal));
         let mut st = lock(&self.state);

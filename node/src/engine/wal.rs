@@ -57,6 +57,166 @@ pub struct SegmentInfo {
     pub last_lsn: u64,
     /// Its length in bytes (header included).
     pub bytes: u64,
+    /// Where some of its records start, so a read positions itself
+    /// without decoding the segment from its start.
+    index: SparseIndex,
+}
+
+/// A reader skips at most about this many bytes of a segment to reach the
+/// record it wants: one index entry per stride (a 64 MiB segment: 1024
+/// entries, 16 KiB).
+const INDEX_STRIDE_BYTES: u64 = 64 << 10;
+
+/// A reader reads a segment this many bytes at a time (more for a record
+/// that is larger).
+const READ_WINDOW_BYTES: usize = 256 << 10;
+
+/// `(LSN, offset)` of record starts in one segment, in LSN order, at least
+/// [`INDEX_STRIDE_BYTES`] apart; the first record is always there. Built as
+/// records are written and while recovery scans a segment, cut by a
+/// truncation; it only ever names offsets of records that were written.
+#[derive(Clone, Default)]
+struct SparseIndex(Vec<(u64, u64)>);
+
+impl std::fmt::Debug for SparseIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SparseIndex({} entries)", self.0.len())
+    }
+}
+
+impl SparseIndex {
+    /// Record `lsn` starts at `offset` (called for every record, in order).
+    fn note(&mut self, lsn: u64, offset: u64) {
+        if self
+            .0
+            .last()
+            .is_none_or(|&(_, at)| offset >= at + INDEX_STRIDE_BYTES)
+        {
+            self.0.push((lsn, offset));
+        }
+    }
+
+    /// The indexed record start at or before `lsn`.
+    fn seek(&self, lsn: u64) -> Option<(u64, u64)> {
+        let i = self.0.partition_point(|&(l, _)| l <= lsn);
+        i.checked_sub(1).and_then(|i| self.0.get(i).copied())
+    }
+
+    /// Forgets the records after `lsn` (they were truncated).
+    fn truncate_after(&mut self, lsn: u64) {
+        self.0.retain(|&(l, _)| l <= lsn);
+    }
+}
+
+/// Bytes of the record `view` was decoded from.
+fn view_len(view: &RecordView<'_>) -> u64 {
+    let payload = match view.value {
+        Some(v) => 4 + view.key.len() + v.len(),
+        None => view.key.len(),
+    };
+    (RECORD_HEADER_BYTES + payload) as u64
+}
+
+/// What a read of records needs, taken under the engine's WAL lock by
+/// [`Wal::plan_read`]: the segments' paths, open handles, salts, where to
+/// start in each and how many bytes of each were written. [`ReadPlan::read`]
+/// then reads without any lock: written bytes of a segment never change
+/// except by a truncation, which the caller detects and retries (the engine
+/// counts cuts; see `Engine::read_from`), and a handle keeps a segment that
+/// a snapshot deletes meanwhile readable.
+pub struct ReadPlan {
+    from: u64,
+    to: u64,
+    parts: Vec<ReadPart>,
+}
+
+struct ReadPart {
+    path: PathBuf,
+    salt: u32,
+    file: Box<dyn StorageFile>,
+    /// LSN of the record at `offset`.
+    lsn: u64,
+    offset: u64,
+    /// Written bytes of the segment when the plan was made.
+    end: u64,
+}
+
+impl std::fmt::Debug for ReadPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPlan")
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("segments", &self.parts.len())
+            .finish()
+    }
+}
+
+impl ReadPlan {
+    /// Reads records `from..=to` of the plan, in LSN order. Reads only from
+    /// the indexed position before `from`, in windows, never whole segments.
+    pub fn read(self) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            let corrupt = |offset: u64, lsn: u64, reason: String| EngineError::Corrupt {
+                file: part.path.clone(),
+                offset,
+                lsn: Some(lsn),
+                reason,
+            };
+            let mut expected = part.lsn;
+            // `buf` holds the file's bytes from `base`; `pos` indexes it.
+            let (mut buf, mut base, mut pos) = (Vec::new(), part.offset, 0usize);
+            while expected <= self.to {
+                let at = base + pos as u64;
+                if at >= part.end {
+                    break;
+                }
+                let rest = buf.get(pos..).unwrap_or(&[]);
+                match decode_record_view(rest, part.salt, RECORD_PAYLOAD_BYTES_MAX) {
+                    Ok((view, used)) if view.lsn == expected => {
+                        if expected >= self.from {
+                            out.push(view.to_record());
+                        }
+                        expected += 1;
+                        pos += used;
+                    }
+                    Ok((view, _)) => {
+                        return Err(corrupt(
+                            at,
+                            expected,
+                            format!("record has LSN {} where {expected} was expected", view.lsn),
+                        ));
+                    }
+                    Err(RecordError::Incomplete) => {
+                        // Read on from this record: a window, or the whole
+                        // record if its header says it is larger.
+                        let need = rest.get(8..12).map_or(0, |b| {
+                            RECORD_HEADER_BYTES
+                                + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+                        });
+                        let len = (part.end - at).min(need.max(READ_WINDOW_BYTES) as u64);
+                        if len <= rest.len() as u64 {
+                            return Err(corrupt(
+                                at,
+                                expected,
+                                "incomplete record before the written end of the segment".into(),
+                            ));
+                        }
+                        let len = usize::try_from(len).map_err(|_| {
+                            EngineError::InvalidLogOp("read window larger than memory".into())
+                        })?;
+                        buf = vec![0u8; len];
+                        part.file
+                            .read_at(&mut buf, at)
+                            .map_err(EngineError::io("read wal segment", &part.path))?;
+                        (base, pos) = (at, 0);
+                    }
+                    Err(e) => return Err(corrupt(at, expected, e.to_string())),
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One chunk of encoded records for the flusher to write, in log order.
@@ -396,7 +556,11 @@ impl Wal {
             // The header continues the log: replay its records (records
             // at or below the snapshot are only validated, never copied).
             let mut replayed = 0;
+            let mut index = SparseIndex::default();
+            let mut at = SEGMENT_HEADER_BYTES as u64;
             let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
+                index.note(view.lsn, at);
+                at += view_len(&view);
                 if view.lsn >= replay_from {
                     replayed += 1;
                     replay(view.to_record());
@@ -442,6 +606,7 @@ impl Wal {
                 // The scan stops before an LSN could overflow.
                 last_lsn: scan.header.first_lsn + scan.records - 1,
                 bytes: valid_bytes,
+                index,
             });
         }
         let last_lsn = segments.last().map_or(snapshot_lsn, |s| s.last_lsn);
@@ -612,6 +777,15 @@ impl Wal {
             .map_err(EngineError::io("write wal segment", &path))?;
         let n = self.segments.len();
         let info = &mut self.segments[n - 1];
+        // Index the chunk's records (our own encoding: each starts with a
+        // 32-byte header whose bytes 8..12 are the payload length).
+        let (mut at, mut lsn) = (0usize, chunk.first_lsn);
+        while let Some(len) = chunk.bytes.get(at + 8..at + 12) {
+            info.index.note(lsn, offset + at as u64);
+            at +=
+                RECORD_HEADER_BYTES + u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            lsn += 1;
+        }
         info.bytes += chunk.bytes.len() as u64;
         info.last_lsn = chunk.last_lsn;
         self.active_allocated = self.active_allocated.max(info.bytes);
@@ -654,10 +828,15 @@ impl Wal {
         Ok(())
     }
 
-    /// Reads up to `max_records` records starting at `from` (which must be
-    /// within `first_lsn()..=last_lsn() + 1`). Sees written bytes, durable or
-    /// not; the caller decides which LSNs it may ship.
-    pub fn read_from(&self, from: u64, max_records: usize) -> Result<Vec<Record>> {
+    /// Plans a read of up to `max_records` records starting at `from`
+    /// (which must be within `first_lsn()..=last_lsn() + 1`), none above
+    /// `upto`: finds the segments that hold them and where `from` starts in
+    /// its segment (from the sparse index), opens them, and notes how many
+    /// bytes of each are written. Cheap: no record is read here, so the
+    /// caller can hold the WAL lock for it and do [`ReadPlan::read`] after
+    /// releasing it. Sees written bytes, durable or not; `upto` is the
+    /// caller's limit (the durable LSN, for shipping).
+    pub fn plan_read(&self, from: u64, max_records: usize, upto: u64) -> Result<ReadPlan> {
         if from < self.first_lsn() || from > self.last_lsn() + 1 {
             return Err(EngineError::InvalidLogOp(format!(
                 "read from LSN {from}: the log holds {}..={}",
@@ -665,38 +844,39 @@ impl Wal {
                 self.last_lsn()
             )));
         }
-        let mut out = Vec::new();
-        let start = self
-            .segments
-            .iter()
-            .rposition(|s| s.header.first_lsn <= from)
-            .unwrap_or(0);
-        for seg in &self.segments[start..] {
-            if out.len() >= max_records {
-                break;
-            }
-            let bytes = self.read_segment(seg)?;
-            let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
-                if view.lsn >= from && out.len() < max_records {
-                    out.push(view.to_record());
-                }
-            })
-            .map_err(|reason| EngineError::Corrupt {
-                file: seg.path.clone(),
-                offset: 0,
-                lsn: None,
-                reason: reason.to_owned(),
-            })?;
-            if let Some(d) = scan.damage.filter(|d| d.offset < seg.bytes) {
-                return Err(EngineError::Corrupt {
-                    file: seg.path.clone(),
-                    offset: d.offset,
-                    lsn: Some(d.lsn),
-                    reason: d.reason,
+        let to = from
+            .saturating_add(max_records as u64)
+            .saturating_sub(1)
+            .min(upto)
+            .min(self.last_lsn());
+        let mut parts = Vec::new();
+        if max_records > 0 && to >= from {
+            for seg in self
+                .segments
+                .iter()
+                .filter(|s| s.last_lsn >= from && s.header.first_lsn <= to)
+            {
+                let first = (seg.header.first_lsn, SEGMENT_HEADER_BYTES as u64);
+                let (lsn, offset) = if seg.header.first_lsn < from {
+                    seg.index.seek(from).unwrap_or(first)
+                } else {
+                    first
+                };
+                let file = self
+                    .storage
+                    .open(&seg.path)
+                    .map_err(EngineError::io("open wal segment", &seg.path))?;
+                parts.push(ReadPart {
+                    path: seg.path.clone(),
+                    salt: seg.header.salt,
+                    file,
+                    lsn,
+                    offset,
+                    end: seg.bytes,
                 });
             }
         }
-        Ok(out)
+        Ok(ReadPlan { from, to, parts })
     }
 
     fn read_segment(&self, seg: &SegmentInfo) -> Result<Vec<u8>> {
@@ -787,6 +967,7 @@ impl Wal {
         let info = &mut self.segments[keep];
         info.bytes = offset as u64;
         info.last_lsn = lsn;
+        info.index.truncate_after(lsn);
         Ok(())
     }
 
@@ -888,6 +1069,7 @@ fn create_segment(
         path,
         last_lsn: header.first_lsn - 1,
         bytes: SEGMENT_HEADER_BYTES as u64,
+        index: SparseIndex::default(),
     };
     Ok((info, file))
 }
