@@ -1207,3 +1207,619 @@ fn a_gap_below_the_snapshot_is_a_leftover_and_one_above_it_is_corruption() {
     s.remove_file(&Path::new(DIR).join(last_but_one)).unwrap();
     assert!(matches!(open(&s, &c), Err(EngineError::Corrupt { .. })));
 }
+
+/// The salt of a segment file's header.
+fn segment_salt(s: &SimStorage, path: &Path) -> u32 {
+    kv_node::engine::record::SegmentHeader::decode(&s.file_bytes(path).unwrap())
+        .unwrap()
+        .salt
+}
+
+/// A truncation removes segments; the records that replace the cut ones have
+/// the same sizes, so the log rolls at the same LSN and re-creates a removed
+/// segment's name. Its salt must differ from the removed one's: otherwise
+/// old bytes of the removed file showing through (a crash mid-removal, old
+/// blocks behind a reused name) verify as records of the new segment and a
+/// truncated term-1 suffix comes back.
+#[test]
+fn a_segment_created_after_a_truncation_never_reuses_a_removed_salt() {
+    let c = small_segments();
+    let s = sim();
+    let e = open(&s, &c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    e.append_records(leader_records(1..=200, 1)).unwrap();
+    e.wait_durable(200).unwrap();
+    let names = segment_names(&s);
+    assert!(names.len() >= 3, "small segments roll: {names:?}");
+    let second = Path::new(DIR).join(&names[1]);
+    let second_first: u64 = names[1][4..24].parse().unwrap();
+    let old_second = s.file_bytes(&second).unwrap();
+    let salts_before: Vec<u32> = names
+        .iter()
+        .map(|n| segment_salt(&s, &Path::new(DIR).join(n)))
+        .collect();
+
+    // Cut inside the first segment: every later segment is removed.
+    e.truncate_after(10).unwrap();
+    assert_eq!(segment_names(&s).len(), 1);
+    // The new leader's records up to the roll, same sizes, term 2.
+    e.append_records(leader_records(11..=second_first, 2))
+        .unwrap();
+    e.wait_durable(second_first).unwrap();
+    assert_eq!(
+        segment_names(&s),
+        names[..2].to_vec(),
+        "the roll re-creates the removed name"
+    );
+    let new_salt = segment_salt(&s, &second);
+    assert!(
+        !salts_before.contains(&new_salt),
+        "salt {new_salt} of the re-created segment was used before: {salts_before:?}"
+    );
+    drop(e);
+
+    // The re-created file holds its header and record `second_first`; the
+    // removed file's term-1 records show through after them.
+    let mut bytes = s.file_bytes(&second).unwrap();
+    let new_len = bytes.len();
+    bytes.extend_from_slice(&old_second[new_len..]);
+    s.set_file_bytes(&second, bytes).unwrap();
+    s.crash();
+    let e = open(&s, &c).unwrap();
+    assert_eq!(
+        e.stats().last_lsn,
+        second_first,
+        "stale records of the removed segment were accepted as live"
+    );
+    assert_eq!(e.term_at(second_first), Some(2));
+    assert_eq!(e.term_at(second_first + 1), None);
+}
+
+/// Flips one bit of the stored first LSN in a segment's header: the header
+/// CRC no longer matches.
+fn damage_header(s: &SimStorage, path: &Path) -> Vec<u8> {
+    let mut bytes = s.file_bytes(path).unwrap();
+    bytes[17] ^= 0x01;
+    s.set_file_bytes(path, bytes.clone()).unwrap();
+    bytes
+}
+
+/// A last segment whose header does not verify but whose records do was
+/// durable once and got damaged: removing it as half-created would lose
+/// acknowledged writes. Open refuses, naming the file and offset 0, and
+/// changes nothing.
+#[test]
+fn row_damaged_header_on_a_last_segment_with_records_is_refused() {
+    // The only segment, and the last of several.
+    let single = {
+        let s = sim();
+        fill(&s, 10);
+        (s, config(), segment(1))
+    };
+    let several = {
+        let (s, c) = filled_small_segments(200);
+        let names = segment_names(&s);
+        assert!(names.len() >= 3, "small segments roll: {names:?}");
+        let last = Path::new(DIR).join(names.last().unwrap());
+        (s, c, last)
+    };
+    for (s, c, last) in [single, several] {
+        let damaged = damage_header(&s, &last);
+        let first: u64 = last.file_name().unwrap().to_str().unwrap()[4..24]
+            .parse()
+            .unwrap();
+        match open(&s, &c) {
+            Err(EngineError::Corrupt {
+                file,
+                offset,
+                lsn,
+                reason,
+            }) => {
+                assert_eq!(file, last);
+                assert_eq!((offset, lsn), (0, Some(first)));
+                assert!(
+                    reason.contains(&format!(
+                        "valid record starts at offset {SEGMENT_HEADER_BYTES}"
+                    )),
+                    "{reason}"
+                );
+            }
+            other => panic!(
+                "expected a refusal naming {}, got {other:?}",
+                last.display()
+            ),
+        }
+        assert_eq!(s.file_bytes(&last).unwrap(), damaged, "nothing changed");
+    }
+}
+
+/// A torn create: the whole header was written but not durable (here: one
+/// bit off) and no record follows. That segment never held a record, so it
+/// is removed as half-created and the log continues before it.
+#[test]
+fn row_damaged_header_on_an_empty_last_segment_is_removed() {
+    let s = sim();
+    fill(&s, 5);
+    let half = segment(6);
+    let header = kv_node::engine::record::SegmentHeader {
+        first_lsn: 6,
+        prev_last_lsn: 5,
+        salt: 2,
+    };
+    let f = s.create(&half).unwrap();
+    f.write_at(&header.encode(), 0).unwrap();
+    f.sync_data().unwrap();
+    s.sync_dir(Path::new(DIR)).unwrap();
+    damage_header(&s, &half);
+    let engine = open(&s, &config()).unwrap();
+    assert_eq!(
+        engine.recovery().removed_segment.as_deref(),
+        Some(half.as_path())
+    );
+    assert_eq!(segment_names(&s), vec![format!("wal-{:020}.wal", 1)]);
+    assert_eq!(engine.put(key(6), value(6)).unwrap(), 6);
+    drop(engine);
+    s.crash();
+    assert_holds_exactly(&s, 6);
+}
+
+/// `kv check` runs the same recovery: on real files it reports the refusal,
+/// naming the segment and the offset.
+#[test]
+fn kv_check_reports_a_damaged_header_on_a_last_segment_with_records() {
+    use kv_node::storage::FsStorage;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = config();
+    c.data_dir = dir.clone();
+    let e = kv_node::engine::Engine::open(std::sync::Arc::new(FsStorage), c.clone()).unwrap();
+    for i in 1..=10 {
+        e.put(key(i), value(i)).unwrap();
+    }
+    drop(e);
+    let seg = dir.join(format!("wal-{:020}.wal", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[17] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let report = kv_node::check::check(&c).unwrap();
+    assert!(!report.would_open, "{}", report.text);
+    assert!(
+        report.text.contains(&format!(
+            "verdict: REFUSES to open: {}",
+            EngineError::Corrupt {
+                file: seg.clone(),
+                offset: 0,
+                lsn: Some(1),
+                reason: format!(
+                    "segment header: CRC mismatch in the last segment, but a valid record starts at offset {SEGMENT_HEADER_BYTES}: the header was damaged after records were written (not a half-created segment)"
+                ),
+            }
+        )),
+        "{}",
+        report.text
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "check changes nothing");
+}
+
+/// A disk that can hold file operations: `hold` makes every write to
+/// `COMMIT` block until it is cleared; `pause` makes every one take that
+/// long (so racing writers queue on the file); `hold_next_wal_read` makes
+/// the next read of a WAL segment block until `read_held` is cleared.
+#[derive(Clone)]
+struct CommitGate {
+    sim: SimStorage,
+    gate: std::sync::Arc<(std::sync::Mutex<GateState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct GateState {
+    hold: bool,
+    blocked: bool,
+    pause: Option<std::time::Duration>,
+    hold_next_wal_read: bool,
+    read_held: bool,
+    /// Bytes read from WAL segments so far.
+    wal_bytes_read: u64,
+}
+
+impl CommitGate {
+    fn new(sim: SimStorage) -> Self {
+        CommitGate {
+            sim,
+            gate: Default::default(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut GateState)) {
+        f(&mut self.gate.0.lock().unwrap());
+        self.gate.1.notify_all();
+    }
+
+    /// Waits until a held write has reached the file.
+    fn wait_blocked(&self) {
+        let (m, cv) = &*self.gate;
+        let (st, timeout) = cv
+            .wait_timeout_while(m.lock().unwrap(), std::time::Duration::from_secs(10), |g| {
+                !g.blocked
+            })
+            .unwrap();
+        assert!(
+            !timeout.timed_out() && st.blocked,
+            "no COMMIT write arrived"
+        );
+    }
+
+    /// The LSN in `COMMIT` (its CRC checked).
+    fn commit_value(&self) -> u64 {
+        let b = self.sim.file_bytes(&Path::new(DIR).join("COMMIT")).unwrap();
+        assert_eq!(
+            crc32fast::hash(&b[..8]).to_le_bytes(),
+            b[8..12],
+            "COMMIT verifies"
+        );
+        u64::from_le_bytes(b[..8].try_into().unwrap())
+    }
+}
+
+struct GatedFile {
+    inner: Box<dyn kv_node::storage::StorageFile>,
+    gate: Option<CommitGate>,
+    wal_gate: Option<CommitGate>,
+}
+
+impl kv_node::storage::StorageFile for GatedFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if let Some(g) = &self.wal_gate {
+            let (m, cv) = &*g.gate;
+            let mut st = m.lock().unwrap();
+            st.wal_bytes_read += buf.len() as u64;
+            if std::mem::take(&mut st.hold_next_wal_read) {
+                st.read_held = true;
+                st.blocked = true;
+                cv.notify_all();
+                st = cv.wait_while(st, |g| g.read_held).unwrap();
+                st.blocked = false;
+            }
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if let Some(g) = &self.gate {
+            let (m, cv) = &*g.gate;
+            let mut st = m.lock().unwrap();
+            if st.hold {
+                st.blocked = true;
+                cv.notify_all();
+                st = cv.wait_while(st, |g| g.hold).unwrap();
+                st.blocked = false;
+            }
+            let pause = st.pause;
+            drop(st);
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl CommitGate {
+    fn wrap(
+        &self,
+        path: &Path,
+        f: Box<dyn kv_node::storage::StorageFile>,
+    ) -> Box<dyn kv_node::storage::StorageFile> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let gate = (name == "COMMIT").then(|| self.clone());
+        let wal_gate = name.starts_with("wal-").then(|| self.clone());
+        Box::new(GatedFile {
+            inner: f,
+            gate,
+            wal_gate,
+        })
+    }
+}
+
+impl Storage for CommitGate {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.create_dir_all(dir)
+    }
+    fn list_dir(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.sim.list_dir(dir)
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn kv_node::storage::StorageFile>> {
+        Ok(self.wrap(path, self.sim.create(path)?))
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Box<dyn kv_node::storage::StorageFile>> {
+        Ok(self.wrap(path, self.sim.open(path)?))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.sim.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.sim.remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.sim.sync_dir(dir)
+    }
+    fn lock_dir(&self, dir: &Path) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        self.sim.lock_dir(dir)
+    }
+}
+
+fn replicated_on(gate: &CommitGate) -> kv_node::engine::Engine {
+    let mut c = config();
+    c.replicated = true;
+    kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), c).unwrap()
+}
+
+/// A `COMMIT` write in progress (held here) must not hold the engine's
+/// state lock: every writer, the flusher and `stats` need it.
+#[test]
+fn the_commit_file_is_written_outside_the_state_lock() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(replicated_on(&gate));
+    e.append_records(leader_records(1..=10, 1)).unwrap();
+    e.wait_durable(10).unwrap();
+    e.set_commit_lsn(2).unwrap();
+    gate.set(|g| g.hold = true);
+    let committer = {
+        let e = e.clone();
+        std::thread::spawn(move || e.set_commit_lsn(5))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(e.stats().applied_lsn);
+        })
+    };
+    let seen = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.hold = false);
+    committer.join().unwrap().unwrap();
+    reader.join().unwrap();
+    assert_eq!(
+        seen.expect("stats() waited for the COMMIT write: it runs under the state lock"),
+        5,
+        "applied before the file is written"
+    );
+    assert_eq!(gate.commit_value(), 5);
+}
+
+/// Many committers race (each `COMMIT` write is slow, so they queue on the
+/// file): the file never goes backwards, never exceeds the applied LSN, and
+/// ends at the last applied LSN.
+#[test]
+fn racing_commit_advances_never_leave_an_older_value_in_the_commit_file() {
+    const N: u64 = 400;
+    let gate = CommitGate::new(sim());
+    gate.set(|g| g.pause = Some(std::time::Duration::from_micros(200)));
+    let e = std::sync::Arc::new(replicated_on(&gate));
+    e.append_records(leader_records(1..=N, 1)).unwrap();
+    e.wait_durable(N).unwrap();
+    e.set_commit_lsn(1).unwrap();
+    assert_eq!(gate.commit_value(), 1);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(2));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committers: Vec<_> = (0..8)
+        .map(|_| {
+            let (e, next) = (e.clone(), next.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let lsn = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if lsn > N {
+                        break;
+                    }
+                    e.set_commit_lsn(lsn).unwrap();
+                }
+            })
+        })
+        .collect();
+    let observer = {
+        let (e, gate, done) = (e.clone(), gate.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let v = gate.commit_value();
+                // Read after the file: the applied LSN only grows.
+                let applied = e.stats().applied_lsn;
+                assert!(v <= applied, "COMMIT {v} above the applied LSN {applied}");
+                assert!(v >= last, "COMMIT went back from {last} to {v}");
+                last = v;
+                std::thread::yield_now();
+            }
+        })
+    };
+    for c in committers {
+        c.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    observer.join().unwrap();
+    assert_eq!(e.stats().applied_lsn, N);
+    assert_eq!(
+        gate.commit_value(),
+        N,
+        "an older value overwrote the last one"
+    );
+}
+
+/// Reading records for a follower does not hold the WAL lock while it
+/// reads: a write (whose group commit needs that lock) completes while a
+/// read is stuck in the middle of a segment.
+#[test]
+fn a_slow_read_for_shipping_does_not_stall_group_commit() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(
+        kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), small_segments()).unwrap(),
+    );
+    put_range(&e, 1..=100);
+    gate.set(|g| g.hold_next_wal_read = true);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || e.read_from(1, 1000))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(e.put(key(101), value(101)));
+        })
+    };
+    let wrote = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.read_held = false);
+    writer.join().unwrap();
+    let read = reader.join().unwrap().unwrap();
+    assert_eq!(
+        wrote
+            .expect("the write waited for the read: the WAL lock is held while reading")
+            .unwrap(),
+        101
+    );
+    assert_eq!(
+        read.len(),
+        100,
+        "the read sees what was durable when it began"
+    );
+    for (r, lsn) in read.iter().zip(1..) {
+        assert_eq!(r.lsn, lsn);
+    }
+}
+
+/// A truncation that runs while a read is in progress: the read never
+/// returns a record the truncation removed (the removed segment stays
+/// readable through the reader's handle, so without a check it would).
+#[test]
+fn a_read_racing_a_truncation_never_returns_cut_records() {
+    let gate = CommitGate::new(sim());
+    let e = std::sync::Arc::new(
+        kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), small_segments()).unwrap(),
+    );
+    e.set_commit_lsn(0).unwrap();
+    e.append_records(leader_records(1..=200, 1)).unwrap();
+    e.wait_durable(200).unwrap();
+    let names = segment_names(&gate.sim);
+    assert!(names.len() >= 3, "small segments roll: {names:?}");
+    // Read from the middle of the third segment; cut inside the first.
+    let third: u64 = names[2][4..24].parse().unwrap();
+    gate.set(|g| g.hold_next_wal_read = true);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || e.read_from(third + 1, 1000))
+    };
+    gate.wait_blocked();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cutter = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            e.truncate_after(10).unwrap();
+            e.append_records(leader_records(11..=third + 5, 2)).unwrap();
+            e.wait_durable(third + 5).unwrap();
+            let _ = tx.send(());
+        })
+    };
+    let cut = rx.recv_timeout(std::time::Duration::from_secs(5));
+    gate.set(|g| g.read_held = false);
+    cutter.join().unwrap();
+    cut.expect("the truncation waited for the read: the WAL lock is held while reading");
+    let read = reader.join().unwrap().unwrap();
+    assert!(!read.is_empty());
+    for r in &read {
+        assert_eq!(
+            Some(r.term),
+            e.term_at(r.lsn),
+            "LSN {} of term {} was cut and came back",
+            r.lsn,
+            r.term
+        );
+    }
+    assert_eq!(read.last().unwrap().lsn, third + 5);
+}
+
+/// Reads from every position of large segments (several index strides)
+/// return exactly the records there, before and after a restart (which
+/// rebuilds the index from the files) and after a truncation.
+#[test]
+fn reads_for_shipping_start_at_every_lsn_of_large_segments() {
+    let s = sim();
+    let mut c = config();
+    c.segment_bytes_max = 256 << 10;
+    c.group_commit_records_max = 7;
+    c.replicated = true;
+    let n = 12_000u64;
+    let e = open(&s, &c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(500) {
+        e.append_records(leader_records(chunk[0]..=*chunk.last().unwrap(), 1))
+            .unwrap();
+    }
+    e.wait_durable(n).unwrap();
+    assert!(segment_names(&s).len() >= 3, "{:?}", segment_names(&s));
+    let check = |e: &kv_node::engine::Engine, last: u64| {
+        for from in (1..=last).step_by(37).chain([last, last + 1]) {
+            let got = e.read_from(from, 50).unwrap();
+            let want = (from..=last.min(from + 49)).collect::<Vec<_>>();
+            assert_eq!(
+                got.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+                want,
+                "from {from}"
+            );
+            for r in &got {
+                assert_eq!(
+                    r.op,
+                    Op::Put {
+                        key: key(r.lsn),
+                        value: value(r.lsn)
+                    }
+                );
+            }
+        }
+    };
+    check(&e, n);
+    drop(e);
+    let e = open(&s, &c).unwrap();
+    check(&e, n);
+    e.truncate_after(n / 2 + 3).unwrap();
+    check(&e, n / 2 + 3);
+    assert!(e.read_from(n / 2 + 5, 1).is_err(), "past the end");
+}
+
+/// A read near the end of a large segment reads about one index stride and
+/// one window of it, not the whole segment (as it did on every call).
+#[test]
+fn a_read_in_a_large_segment_reads_a_window_not_the_segment() {
+    let gate = CommitGate::new(sim());
+    let mut c = config();
+    c.segment_bytes_max = 8 << 20;
+    let e = kv_node::engine::Engine::open(std::sync::Arc::new(gate.clone()), c).unwrap();
+    e.set_commit_lsn(0).unwrap();
+    let n = 60_000u64;
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(1000) {
+        e.append_records(leader_records(chunk[0]..=*chunk.last().unwrap(), 1))
+            .unwrap();
+    }
+    e.wait_durable(n).unwrap();
+    let names = segment_names(&gate.sim);
+    assert_eq!(names.len(), 1, "one large segment: {names:?}");
+    let segment_len = gate.sim.file_bytes(&segment(1)).unwrap().len() as u64;
+    assert!(segment_len > 2 << 20, "{segment_len}");
+    let before = gate.gate.0.lock().unwrap().wal_bytes_read;
+    let got = e.read_from(n - 100, 20).unwrap();
+    let read = gate.gate.0.lock().unwrap().wal_bytes_read - before;
+    assert_eq!(got.len(), 20);
+    assert_eq!(got[0].lsn, n - 100);
+    assert!(
+        read <= (64 << 10) + (256 << 10),
+        "read {read} bytes of a {segment_len}-byte segment for 20 records"
+    );
+}

@@ -35,6 +35,11 @@ pub struct LogBuffer {
     segment: SegmentHeader,
     /// Bytes that segment will hold once everything buffered is written.
     segment_bytes: u64,
+    /// The highest salt any segment of this log has carried, removed ones
+    /// included (see [`crate::engine::wal::Wal::salt_high`]): a roll takes
+    /// the next one, so a new segment never shares a salt with a segment a
+    /// truncation removed.
+    salt_high: u32,
     chunks: VecDeque<Chunk>,
     /// Records in the last chunk.
     tail_records: usize,
@@ -42,13 +47,15 @@ pub struct LogBuffer {
 
 impl LogBuffer {
     /// A buffer continuing a log whose active segment is `segment`, holding
-    /// `segment_bytes`, with `last_lsn`/`last_term` its last record.
+    /// `segment_bytes`, with `last_lsn`/`last_term` its last record and
+    /// `salt_high` the highest salt the log has used.
     pub fn new(
         limits: BufferLimits,
         segment: SegmentHeader,
         segment_bytes: u64,
         last_lsn: u64,
         last_term: u64,
+        salt_high: u32,
     ) -> Self {
         LogBuffer {
             limits,
@@ -56,6 +63,7 @@ impl LogBuffer {
             last_term,
             segment,
             segment_bytes,
+            salt_high: salt_high.max(segment.salt),
             chunks: VecDeque::new(),
             tail_records: 0,
         }
@@ -84,10 +92,14 @@ impl LogBuffer {
             && self.segment_bytes + len > self.limits.segment_bytes_max;
         let mut roll_to = None;
         if roll {
+            // Not the active segment's salt + 1: after a truncation the
+            // active segment is an older one, and its salt + 1 is the salt
+            // of a segment just removed, whose stale bytes would then verify.
+            self.salt_high = self.salt_high.wrapping_add(1);
             self.segment = SegmentHeader {
                 first_lsn: lsn,
                 prev_last_lsn: self.last_lsn,
-                salt: self.segment.salt.wrapping_add(1),
+                salt: self.salt_high,
             };
             self.segment_bytes = SEGMENT_HEADER_BYTES as u64;
             roll_to = Some(self.segment);
@@ -146,7 +158,8 @@ impl LogBuffer {
     }
 
     /// Resets the buffer to continue a log that was truncated to `last_lsn`.
-    /// The caller guarantees the buffer is empty.
+    /// The caller guarantees the buffer is empty. The salt high-water mark
+    /// only grows: the segments the cut removed keep counting as used.
     pub fn reset(
         &mut self,
         segment: SegmentHeader,
@@ -155,6 +168,7 @@ impl LogBuffer {
         last_term: u64,
     ) {
         assert!(self.chunks.is_empty(), "reset with records still buffered");
+        self.salt_high = self.salt_high.max(segment.salt);
         self.segment = segment;
         self.segment_bytes = segment_bytes;
         self.last_lsn = last_lsn;

@@ -275,11 +275,13 @@ struct State {
     applied_lsn: u64,
     /// The term of every LSN the log holds.
     terms: TermRuns,
-    /// `COMMIT` in replicated mode, opened on the first commit advance.
-    commit_file: Option<Box<dyn crate::storage::StorageFile>>,
     /// Bumped by every truncation, so a waiter for a truncated LSN fails
     /// instead of waiting for a different record with the same LSN.
     truncations: u64,
+    /// Bumped when a log cut (truncation, snapshot install) *begins*, before
+    /// it touches a file: a reader that saw the same value before and after
+    /// reading read no byte the cut changed.
+    cuts: u64,
     /// In replicated mode, records above this are not applied even when
     /// durable (they are not committed yet). `None`: single-node mode, where
     /// durable means committed.
@@ -306,6 +308,18 @@ struct State {
     snapshot_lsn: u64,
 }
 
+/// `COMMIT` and the LSN last written to it.
+#[derive(Default)]
+struct CommitFile {
+    /// Opened (or created) on the first write.
+    file: Option<Box<dyn crate::storage::StorageFile>>,
+    /// The LSN last written, if any. Writers compute their value under
+    /// `state` and write it after releasing it, so two of them can reach the
+    /// file in the other order: the later-computed (higher) value must win,
+    /// so a value at or below this one is not written.
+    written: Option<u64>,
+}
+
 /// The engine. Share it between threads with an `Arc`.
 pub struct Engine {
     storage: Arc<dyn Storage>,
@@ -319,6 +333,9 @@ pub struct Engine {
     /// Lock order: `wal`, then `state`, then `map`.
     map: RwLock<MapState>,
     wal: Mutex<Wal>,
+    /// `COMMIT` (replicated mode). Taken with no other lock held: its file
+    /// I/O never runs under `state`.
+    commit_file: Mutex<CommitFile>,
     snapshot_lock: Mutex<()>,
     snapshot_running: AtomicBool,
     fsyncs: AtomicU64,
@@ -474,6 +491,7 @@ impl Engine {
                 wal.active_bytes(),
                 last,
                 last_term,
+                wal.salt_high(),
             ),
             written_lsn: last,
             durable_lsn: last,
@@ -481,8 +499,8 @@ impl Engine {
             pending_apply: deferred,
             commit_lsn: config.replicated.then(|| map.applied_lsn()),
             terms,
-            commit_file: None,
             truncations: 0,
+            cuts: 0,
             flushing: false,
             rounds_done: 0,
             round_target: 0,
@@ -502,6 +520,7 @@ impl Engine {
             wakeups: [Condvar::new(), Condvar::new()],
             map: RwLock::new(map),
             wal: Mutex::new(wal),
+            commit_file: Mutex::new(CommitFile::default()),
             snapshot_lock: Mutex::new(()),
             snapshot_running: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
@@ -1064,41 +1083,61 @@ impl Engine {
     /// `COMMIT`: recovery applies records up to what it finds there. A lost
     /// or torn update only makes that floor lower, which is safe: the leader
     /// sends its commit LSN again.
+    ///
+    /// The file is written after the state lock is released (writers and
+    /// the flusher need it meanwhile), under its own mutex; of two racing
+    /// calls the higher value is the one left in the file.
     pub fn set_commit_lsn(&self, commit: u64) -> Result<()> {
-        let mut st = lock(&self.state);
-        let commit = commit.min(st.log.last_lsn());
-        let previous = st.commit_lsn.unwrap_or(0);
-        if st.commit_lsn.is_some() && commit <= previous {
+        let applied = {
+            let mut st = lock(&self.state);
+            let commit = commit.min(st.log.last_lsn());
+            let previous = st.commit_lsn.unwrap_or(0);
+            if st.commit_lsn.is_some() && commit <= previous {
+                return Ok(());
+            }
+            st.commit_lsn = Some(previous.max(commit));
+            self.apply_ready(&mut st);
+            // Only what is applied (committed and durable here) is
+            // recorded. The applied LSN never goes down (truncation keeps
+            // applied records), so a value computed here stays a lower
+            // bound of it while it is written below.
+            st.applied_lsn
+        };
+        if self.config.replicated {
+            self.write_commit_file(applied)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `applied` to `COMMIT` unless a value at least as high is
+    /// there already (see [`CommitFile::written`]).
+    fn write_commit_file(&self, applied: u64) -> Result<()> {
+        let mut cf = lock(&self.commit_file);
+        if cf.written.is_some_and(|w| w >= applied) {
             return Ok(());
         }
-        st.commit_lsn = Some(previous.max(commit));
-        self.apply_ready(&mut st);
-        if self.config.replicated {
-            // Only what is applied (committed and durable here) is recorded.
-            let applied = st.applied_lsn;
-            let path = self.config.data_dir.join(COMMIT_FILE);
-            if st.commit_file.is_none() {
-                let file = match self.storage.open(&path) {
-                    Ok(file) => file,
-                    Err(_) => {
-                        let file = self
-                            .storage
-                            .create(&path)
-                            .map_err(EngineError::io("create commit file", &path))?;
-                        let dir = &self.config.data_dir;
-                        self.storage
-                            .sync_dir(dir)
-                            .map_err(EngineError::io("sync data directory", dir))?;
-                        file
-                    }
-                };
-                st.commit_file = Some(file);
-            }
-            if let Some(file) = &st.commit_file {
-                file.write_at(&encode_commit(applied), 0)
-                    .map_err(EngineError::io("write commit file", &path))?;
-            }
-        }
+        let path = self.config.data_dir.join(COMMIT_FILE);
+        let file = match cf.file.take() {
+            Some(file) => file,
+            None => match self.storage.open(&path) {
+                Ok(file) => file,
+                Err(_) => {
+                    let file = self
+                        .storage
+                        .create(&path)
+                        .map_err(EngineError::io("create commit file", &path))?;
+                    let dir = &self.config.data_dir;
+                    self.storage
+                        .sync_dir(dir)
+                        .map_err(EngineError::io("sync data directory", dir))?;
+                    file
+                }
+            },
+        };
+        let written = file.write_at(&encode_commit(applied), 0);
+        cf.file = Some(file);
+        written.map_err(EngineError::io("write commit file", &path))?;
+        cf.written = Some(applied);
         Ok(())
     }
 
@@ -1150,16 +1189,34 @@ impl Engine {
         Ok(st.log.last_lsn())
     }
 
-    /// Reads up to `max` records from the WAL starting at `from` (which must
-    /// be durable: callers ship only durable records).
+    /// Reads up to `max` durable records from the WAL starting at `from`
+    /// (callers ship only durable records).
+    ///
+    /// The WAL lock (which every group commit round needs) is held only to
+    /// plan the read: segment handles, the durable LSN, the cut counter.
+    /// The records are read after releasing it, from the indexed position
+    /// before `from`. A cut that began meanwhile may have removed or
+    /// rewritten what was read, so then the read is thrown away and done
+    /// again: no record a cut removed is ever returned.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>> {
-        // Holding `wal` keeps truncation out while `durable` is read.
-        let wal = lock(&self.wal);
-        let mut records = wal.read_from(from, max)?;
-        let durable = lock(&self.state).durable_lsn;
-        drop(wal);
-        records.retain(|r| r.lsn <= durable);
-        Ok(records)
+        const ATTEMPTS: usize = 8;
+        for _ in 0..ATTEMPTS {
+            let (plan, cuts) = {
+                let wal = lock(&self.wal);
+                let (durable, cuts) = {
+                    let st = lock(&self.state);
+                    (st.durable_lsn, st.cuts)
+                };
+                (wal.plan_read(from, max, durable)?, cuts)
+            };
+            let read = plan.read();
+            if lock(&self.state).cuts == cuts {
+                return read;
+            }
+        }
+        Err(EngineError::InvalidLogOp(format!(
+            "the log was cut {ATTEMPTS} times while reading from LSN {from}"
+        )))
     }
 
     /// Installs a snapshot received from the leader (replicated mode): its
@@ -1305,6 +1362,7 @@ impl Engine {
         }
         st.flushing = true;
         st.durable_lsn = st.durable_lsn.min(cut_to);
+        st.cuts += 1;
         drop(st);
         let result = io(&mut lock(&self.wal));
         let mut st = lock(&self.state);

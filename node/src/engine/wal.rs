@@ -57,6 +57,166 @@ pub struct SegmentInfo {
     pub last_lsn: u64,
     /// Its length in bytes (header included).
     pub bytes: u64,
+    /// Where some of its records start, so a read positions itself
+    /// without decoding the segment from its start.
+    index: SparseIndex,
+}
+
+/// A reader skips at most about this many bytes of a segment to reach the
+/// record it wants: one index entry per stride (a 64 MiB segment: 1024
+/// entries, 16 KiB).
+const INDEX_STRIDE_BYTES: u64 = 64 << 10;
+
+/// A reader reads a segment this many bytes at a time (more for a record
+/// that is larger).
+const READ_WINDOW_BYTES: usize = 256 << 10;
+
+/// `(LSN, offset)` of record starts in one segment, in LSN order, at least
+/// [`INDEX_STRIDE_BYTES`] apart; the first record is always there. Built as
+/// records are written and while recovery scans a segment, cut by a
+/// truncation; it only ever names offsets of records that were written.
+#[derive(Clone, Default)]
+struct SparseIndex(Vec<(u64, u64)>);
+
+impl std::fmt::Debug for SparseIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SparseIndex({} entries)", self.0.len())
+    }
+}
+
+impl SparseIndex {
+    /// Record `lsn` starts at `offset` (called for every record, in order).
+    fn note(&mut self, lsn: u64, offset: u64) {
+        if self
+            .0
+            .last()
+            .is_none_or(|&(_, at)| offset >= at + INDEX_STRIDE_BYTES)
+        {
+            self.0.push((lsn, offset));
+        }
+    }
+
+    /// The indexed record start at or before `lsn`.
+    fn seek(&self, lsn: u64) -> Option<(u64, u64)> {
+        let i = self.0.partition_point(|&(l, _)| l <= lsn);
+        i.checked_sub(1).and_then(|i| self.0.get(i).copied())
+    }
+
+    /// Forgets the records after `lsn` (they were truncated).
+    fn truncate_after(&mut self, lsn: u64) {
+        self.0.retain(|&(l, _)| l <= lsn);
+    }
+}
+
+/// Bytes of the record `view` was decoded from.
+fn view_len(view: &RecordView<'_>) -> u64 {
+    let payload = match view.value {
+        Some(v) => 4 + view.key.len() + v.len(),
+        None => view.key.len(),
+    };
+    (RECORD_HEADER_BYTES + payload) as u64
+}
+
+/// What a read of records needs, taken under the engine's WAL lock by
+/// [`Wal::plan_read`]: the segments' paths, open handles, salts, where to
+/// start in each and how many bytes of each were written. [`ReadPlan::read`]
+/// then reads without any lock: written bytes of a segment never change
+/// except by a truncation, which the caller detects and retries (the engine
+/// counts cuts; see `Engine::read_from`), and a handle keeps a segment that
+/// a snapshot deletes meanwhile readable.
+pub struct ReadPlan {
+    from: u64,
+    to: u64,
+    parts: Vec<ReadPart>,
+}
+
+struct ReadPart {
+    path: PathBuf,
+    salt: u32,
+    file: Box<dyn StorageFile>,
+    /// LSN of the record at `offset`.
+    lsn: u64,
+    offset: u64,
+    /// Written bytes of the segment when the plan was made.
+    end: u64,
+}
+
+impl std::fmt::Debug for ReadPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPlan")
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("segments", &self.parts.len())
+            .finish()
+    }
+}
+
+impl ReadPlan {
+    /// Reads records `from..=to` of the plan, in LSN order. Reads only from
+    /// the indexed position before `from`, in windows, never whole segments.
+    pub fn read(self) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            let corrupt = |offset: u64, lsn: u64, reason: String| EngineError::Corrupt {
+                file: part.path.clone(),
+                offset,
+                lsn: Some(lsn),
+                reason,
+            };
+            let mut expected = part.lsn;
+            // `buf` holds the file's bytes from `base`; `pos` indexes it.
+            let (mut buf, mut base, mut pos) = (Vec::new(), part.offset, 0usize);
+            while expected <= self.to {
+                let at = base + pos as u64;
+                if at >= part.end {
+                    break;
+                }
+                let rest = buf.get(pos..).unwrap_or(&[]);
+                match decode_record_view(rest, part.salt, RECORD_PAYLOAD_BYTES_MAX) {
+                    Ok((view, used)) if view.lsn == expected => {
+                        if expected >= self.from {
+                            out.push(view.to_record());
+                        }
+                        expected += 1;
+                        pos += used;
+                    }
+                    Ok((view, _)) => {
+                        return Err(corrupt(
+                            at,
+                            expected,
+                            format!("record has LSN {} where {expected} was expected", view.lsn),
+                        ));
+                    }
+                    Err(RecordError::Incomplete) => {
+                        // Read on from this record: a window, or the whole
+                        // record if its header says it is larger.
+                        let need = rest.get(8..12).map_or(0, |b| {
+                            RECORD_HEADER_BYTES
+                                + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+                        });
+                        let len = (part.end - at).min(need.max(READ_WINDOW_BYTES) as u64);
+                        if len <= rest.len() as u64 {
+                            return Err(corrupt(
+                                at,
+                                expected,
+                                "incomplete record before the written end of the segment".into(),
+                            ));
+                        }
+                        let len = usize::try_from(len).map_err(|_| {
+                            EngineError::InvalidLogOp("read window larger than memory".into())
+                        })?;
+                        buf = vec![0u8; len];
+                        part.file
+                            .read_at(&mut buf, at)
+                            .map_err(EngineError::io("read wal segment", &part.path))?;
+                        (base, pos) = (at, 0);
+                    }
+                    Err(e) => return Err(corrupt(at, expected, e.to_string())),
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One chunk of encoded records for the flusher to write, in log order.
@@ -232,6 +392,17 @@ pub struct Wal {
     active_allocated: u64,
     /// Successful `sync_data` calls on segment files.
     syncs: u64,
+    /// The highest salt of any segment this log has had since open: every
+    /// header read by recovery (stale and superseded segments included),
+    /// every roll, every reset. A segment created from now on takes a salt
+    /// above it, so its salt differs from that of every segment a truncation
+    /// or reset removed: stale bytes of a removed segment (a file whose
+    /// removal a crash undid, old blocks showing through a reused name)
+    /// fail the salt check instead of verifying as records of the new one.
+    /// Kept in memory only: a removed segment's salt is forgotten by a
+    /// restart, so a cut followed by a restart and a roll can still reuse
+    /// one (closing that needs the high-water mark on disk; not done).
+    salt_high: u32,
 }
 
 impl std::fmt::Debug for Wal {
@@ -262,6 +433,7 @@ impl Wal {
     /// | any segment | a valid record with a higher LSN, or a valid record with the wrong LSN | mid-log corruption: refuse |
     /// | sealed segment, any damage | - | corruption: refuse |
     /// | last segment, unreadable header | no valid record in the file | half-created: remove, sync dir |
+    /// | last segment, unreadable header | a record whose CRC verifies | damaged after records went in: refuse, never delete |
     /// | LSN gap between segments, the later one starting at or below `snapshot_lsn + 1` | - | leftovers of an interrupted deletion before the gap: skip, remove, sync dir |
     /// | any other LSN gap between segments, or a name that disagrees with its header | - | corruption: refuse |
     /// | the log starts after `snapshot_lsn + 1` or ends before `snapshot_lsn` | - | records missing: refuse |
@@ -297,6 +469,7 @@ impl Wal {
         let mut torn_tail: Option<(PathBuf, u64)> = None;
         // File length of the last segment (its records, then zeros).
         let mut allocated = 0;
+        let mut salt_high = 0u32;
         let count = firsts.len();
         for (i, first) in firsts.iter().copied().enumerate() {
             let path = dir.join(segment_name(first));
@@ -311,15 +484,30 @@ impl Wal {
                 reason,
             };
             let header = match SegmentHeader::decode(&bytes) {
-                Ok(header) => header,
+                Ok(header) => {
+                    salt_high = salt_high.max(header.salt);
+                    header
+                }
                 // A header that does not verify. Only the last segment may
                 // have one, and only if nothing valid is in the file: it was
                 // being created when the machine stopped (records are only
-                // appended after its header is durable).
-                Err(reason) if !is_last || any_valid_record(&bytes, RECORD_PAYLOAD_BYTES_MAX) => {
+                // appended after its header is durable). A record that
+                // verifies proves the header was durable once and has been
+                // damaged since: deleting the file would lose those records
+                // (acknowledged ones among them), so the open is refused.
+                Err(reason) if !is_last => {
                     return Err(corrupt(0, Some(first), reason.to_owned()));
                 }
-                Err(_) => {
+                Err(reason) => {
+                    if let Some(at) = first_valid_record(&bytes, RECORD_PAYLOAD_BYTES_MAX) {
+                        return Err(corrupt(
+                            0,
+                            Some(first),
+                            format!(
+                                "{reason} in the last segment, but a valid record starts at offset {at}: the header was damaged after records were written (not a half-created segment)"
+                            ),
+                        ));
+                    }
                     half_created = Some(path.clone());
                     continue;
                 }
@@ -368,7 +556,11 @@ impl Wal {
             // The header continues the log: replay its records (records
             // at or below the snapshot are only validated, never copied).
             let mut replayed = 0;
+            let mut index = SparseIndex::default();
+            let mut at = SEGMENT_HEADER_BYTES as u64;
             let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
+                index.note(view.lsn, at);
+                at += view_len(&view);
                 if view.lsn >= replay_from {
                     replayed += 1;
                     replay(view.to_record());
@@ -414,6 +606,7 @@ impl Wal {
                 // The scan stops before an LSN could overflow.
                 last_lsn: scan.header.first_lsn + scan.records - 1,
                 bytes: valid_bytes,
+                index,
             });
         }
         let last_lsn = segments.last().map_or(snapshot_lsn, |s| s.last_lsn);
@@ -474,10 +667,13 @@ impl Wal {
                 file
             }
             None => {
+                // 1 in a new directory; above every salt seen otherwise
+                // (superseded segments were just removed).
+                salt_high = salt_high.wrapping_add(1);
                 let header = SegmentHeader {
                     first_lsn: replay_from,
                     prev_last_lsn: snapshot_lsn,
-                    salt: 1,
+                    salt: salt_high,
                 };
                 let (info, file) = create_segment(&*storage, dir, header)?;
                 allocated = info.bytes;
@@ -501,6 +697,7 @@ impl Wal {
             active,
             active_allocated: allocated,
             syncs: 0,
+            salt_high,
         };
         Ok((wal, recovery))
     }
@@ -528,6 +725,12 @@ impl Wal {
     /// The segments, oldest first.
     pub fn segments(&self) -> &[SegmentInfo] {
         &self.segments
+    }
+
+    /// The highest salt the log has used since open (the next segment
+    /// created takes a higher one).
+    pub fn salt_high(&self) -> u32 {
+        self.salt_high
     }
 
     /// Successful data syncs of segment files so far.
@@ -574,6 +777,15 @@ impl Wal {
             .map_err(EngineError::io("write wal segment", &path))?;
         let n = self.segments.len();
         let info = &mut self.segments[n - 1];
+        // Index the chunk's records (our own encoding: each starts with a
+        // 32-byte header whose bytes 8..12 are the payload length).
+        let (mut at, mut lsn) = (0usize, chunk.first_lsn);
+        while let Some(len) = chunk.bytes.get(at + 8..at + 12) {
+            info.index.note(lsn, offset + at as u64);
+            at +=
+                RECORD_HEADER_BYTES + u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            lsn += 1;
+        }
         info.bytes += chunk.bytes.len() as u64;
         info.last_lsn = chunk.last_lsn;
         self.active_allocated = self.active_allocated.max(info.bytes);
@@ -609,16 +821,22 @@ impl Wal {
         self.sync()?;
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
         self.syncs += 1;
+        self.salt_high = self.salt_high.max(header.salt);
         self.active_allocated = info.bytes;
         self.segments.push(info);
         self.active = file;
         Ok(())
     }
 
-    /// Reads up to `max_records` records starting at `from` (which must be
-    /// within `first_lsn()..=last_lsn() + 1`). Sees written bytes, durable or
-    /// not; the caller decides which LSNs it may ship.
-    pub fn read_from(&self, from: u64, max_records: usize) -> Result<Vec<Record>> {
+    /// Plans a read of up to `max_records` records starting at `from`
+    /// (which must be within `first_lsn()..=last_lsn() + 1`), none above
+    /// `upto`: finds the segments that hold them and where `from` starts in
+    /// its segment (from the sparse index), opens them, and notes how many
+    /// bytes of each are written. Cheap: no record is read here, so the
+    /// caller can hold the WAL lock for it and do [`ReadPlan::read`] after
+    /// releasing it. Sees written bytes, durable or not; `upto` is the
+    /// caller's limit (the durable LSN, for shipping).
+    pub fn plan_read(&self, from: u64, max_records: usize, upto: u64) -> Result<ReadPlan> {
         if from < self.first_lsn() || from > self.last_lsn() + 1 {
             return Err(EngineError::InvalidLogOp(format!(
                 "read from LSN {from}: the log holds {}..={}",
@@ -626,38 +844,39 @@ impl Wal {
                 self.last_lsn()
             )));
         }
-        let mut out = Vec::new();
-        let start = self
-            .segments
-            .iter()
-            .rposition(|s| s.header.first_lsn <= from)
-            .unwrap_or(0);
-        for seg in &self.segments[start..] {
-            if out.len() >= max_records {
-                break;
-            }
-            let bytes = self.read_segment(seg)?;
-            let scan = scan_segment(&bytes, RECORD_PAYLOAD_BYTES_MAX, &mut |view| {
-                if view.lsn >= from && out.len() < max_records {
-                    out.push(view.to_record());
-                }
-            })
-            .map_err(|reason| EngineError::Corrupt {
-                file: seg.path.clone(),
-                offset: 0,
-                lsn: None,
-                reason: reason.to_owned(),
-            })?;
-            if let Some(d) = scan.damage.filter(|d| d.offset < seg.bytes) {
-                return Err(EngineError::Corrupt {
-                    file: seg.path.clone(),
-                    offset: d.offset,
-                    lsn: Some(d.lsn),
-                    reason: d.reason,
+        let to = from
+            .saturating_add(max_records as u64)
+            .saturating_sub(1)
+            .min(upto)
+            .min(self.last_lsn());
+        let mut parts = Vec::new();
+        if max_records > 0 && to >= from {
+            for seg in self
+                .segments
+                .iter()
+                .filter(|s| s.last_lsn >= from && s.header.first_lsn <= to)
+            {
+                let first = (seg.header.first_lsn, SEGMENT_HEADER_BYTES as u64);
+                let (lsn, offset) = if seg.header.first_lsn < from {
+                    seg.index.seek(from).unwrap_or(first)
+                } else {
+                    first
+                };
+                let file = self
+                    .storage
+                    .open(&seg.path)
+                    .map_err(EngineError::io("open wal segment", &seg.path))?;
+                parts.push(ReadPart {
+                    path: seg.path.clone(),
+                    salt: seg.header.salt,
+                    file,
+                    lsn,
+                    offset,
+                    end: seg.bytes,
                 });
             }
         }
-        Ok(out)
+        Ok(ReadPlan { from, to, parts })
     }
 
     fn read_segment(&self, seg: &SegmentInfo) -> Result<Vec<u8>> {
@@ -748,6 +967,7 @@ impl Wal {
         let info = &mut self.segments[keep];
         info.bytes = offset as u64;
         info.last_lsn = lsn;
+        info.index.truncate_after(lsn);
         Ok(())
     }
 
@@ -758,13 +978,9 @@ impl Wal {
     /// log, which recovery in replicated mode treats as "the log was
     /// superseded" (see [`Wal::open`]).
     pub fn reset_after(&mut self, lsn: u64) -> Result<()> {
-        let salt = self
-            .segments
-            .iter()
-            .map(|s| s.header.salt)
-            .max()
-            .unwrap_or(0)
-            .wrapping_add(1);
+        // Above every salt used since open, not only the present segments':
+        // a truncation may have removed segments with higher salts.
+        let salt = self.salt_high.wrapping_add(1);
         // The list of segments changes only once the new log exists: an
         // I/O error on the way (which poisons the engine) leaves it
         // describing the old log, never an empty one.
@@ -782,6 +998,7 @@ impl Wal {
             salt,
         };
         let (info, file) = create_segment(&*self.storage, &self.dir, header)?;
+        self.salt_high = salt;
         self.active_allocated = info.bytes;
         self.segments = vec![info];
         self.active = file;
@@ -808,24 +1025,25 @@ impl Wal {
     }
 }
 
-fn any_valid_record(bytes: &[u8], payload_max: usize) -> bool {
+/// Offset of the first record whose CRC verifies, anywhere in `bytes`.
+fn first_valid_record(bytes: &[u8], payload_max: usize) -> Option<u64> {
     // Without a header there is no salt to check against; any record whose
     // CRC verifies counts, whatever its salt.
-    let Some(last_start) = bytes.len().checked_sub(RECORD_HEADER_BYTES) else {
-        return false;
-    };
-    (0..=last_start).any(|at| {
-        let salt = u32::from_le_bytes([
-            bytes[at + 12],
-            bytes[at + 13],
-            bytes[at + 14],
-            bytes[at + 15],
-        ]);
-        !matches!(
-            decode_record(&bytes[at..], salt, payload_max),
-            Err(RecordError::Incomplete | RecordError::TooLong { .. } | RecordError::BadCrc)
-        )
-    })
+    let last_start = bytes.len().checked_sub(RECORD_HEADER_BYTES)?;
+    (0..=last_start)
+        .find(|&at| {
+            let salt = u32::from_le_bytes([
+                bytes[at + 12],
+                bytes[at + 13],
+                bytes[at + 14],
+                bytes[at + 15],
+            ]);
+            !matches!(
+                decode_record(&bytes[at..], salt, payload_max),
+                Err(RecordError::Incomplete | RecordError::TooLong { .. } | RecordError::BadCrc)
+            )
+        })
+        .map(|at| at as u64)
 }
 
 /// Creates a segment file: header written and synced, then the directory
@@ -851,6 +1069,7 @@ fn create_segment(
         path,
         last_lsn: header.first_lsn - 1,
         bytes: SEGMENT_HEADER_BYTES as u64,
+        index: SparseIndex::default(),
     };
     Ok((info, file))
 }
