@@ -113,6 +113,11 @@ pub fn check(config: &EngineConfig) -> anyhow::Result<CheckReport> {
                     let _ = writeln!(text, "segment {name}: {} bytes: {reason}", bytes.len());
                 }
             }
+        } else if snapshot::is_snapshot_recv(name) {
+            let _ = writeln!(
+                text,
+                "leftover {name}: an interrupted snapshot receive from a leader (recovery removes it)"
+            );
         } else if snapshot::is_snapshot_temp(name) {
             let _ = writeln!(
                 text,

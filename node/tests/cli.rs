@@ -720,3 +720,28 @@ fn matches_understands_int_placeholders() {
         assert_eq!(matches(pattern, line), want, "{pattern:?} vs {line:?}");
     }
 }
+
+/// `kv check` names a snapshot receive a crash interrupted (and changes
+/// nothing: recovery is what removes it).
+#[test]
+fn check_names_an_interrupted_snapshot_receive() {
+    let tmp = tempdir();
+    let dir = &tmp.path().join("data");
+    fill(dir, SMALL_SEGMENTS, 10);
+    let name = "snap-00000000000000000300-0.snap.recv";
+    std::fs::write(dir.join(name), b"KVSNAP01 partial").expect("write a leftover receive");
+    let run = kv_check(dir, SMALL_SEGMENTS);
+    assert_eq!(run.status.code(), Some(0), "kv check:\n{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!(
+            "leftover {name}: an interrupted snapshot receive from a leader (recovery removes it)"
+        )),
+        "kv check:\n{}",
+        run.stdout
+    );
+    assert!(
+        verdict(&run).starts_with("verdict: recovers"),
+        "{}",
+        run.stdout
+    );
+}

@@ -731,6 +731,89 @@ fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
     cluster.wait_converged();
 }
 
+/// A snapshot of several chunks (about 5 MiB of state, 1 MiB chunks)
+/// streams from the leader's file into the follower's temp file and
+/// installs: the follower converges, holds the snapshot, and no temp file
+/// is left behind.
+#[test]
+fn a_snapshot_of_many_chunks_streams_to_a_follower_and_installs() {
+    let mut cluster =
+        Cluster::start_with("segment_bytes_max = 262144\nsnapshot_wal_bytes = 1048576");
+    cluster.put("early", "1").unwrap();
+    cluster.wait_converged();
+    cluster.kill(3);
+    let out = cluster.kv(
+        &[
+            "bench",
+            "cluster",
+            "--clients",
+            "8",
+            "--ops",
+            "5000",
+            "--value-size",
+            "1000",
+            "--json",
+        ],
+        &cluster.all_endpoints(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kill(1);
+    cluster.start_node(1);
+    let first_wal = std::fs::read_dir(cluster.dir.path().join("node1"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("wal-")?
+                .strip_suffix(".wal")?
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .unwrap();
+    assert!(
+        first_wal > 2,
+        "the leader deleted the WAL node 3 needs (first LSN {first_wal})"
+    );
+    cluster.start_node(3);
+    let (applied, _) = cluster.wait_converged();
+    assert_eq!(applied, 5001);
+    let node3 = cluster.status_of(3).unwrap();
+    assert!(
+        node3.snapshot_lsn > 2,
+        "node 3 installed a snapshot: {node3:?}"
+    );
+    let files: Vec<(String, u64)> = std::fs::read_dir(cluster.dir.path().join("node3"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    let installed = format!("snap-{:020}.snap", node3.snapshot_lsn);
+    let size = files
+        .iter()
+        .find(|(name, _)| *name == installed)
+        .map(|(_, len)| *len);
+    assert!(
+        size.is_some_and(|len| len > 3 << 20),
+        "a snapshot of several 1 MiB chunks: {files:?}"
+    );
+    assert!(
+        !files.iter().any(|(name, _)| name.ends_with(".snap.recv")),
+        "no temp file left: {files:?}"
+    );
+    cluster.put("late", "2").unwrap();
+    cluster.wait_converged();
+}
+
 #[test]
 fn sigkill_of_the_leader_under_concurrent_load_loses_no_quorum_write() {
     let mut cluster = Cluster::start();

@@ -1026,7 +1026,8 @@ fn installing_a_snapshot_replaces_state_and_log_at_every_crash_point() {
     let l = open(&leader, &config()).unwrap();
     put_range(&l, 1..=300);
     l.snapshot().unwrap();
-    let (lsn, bytes) = l.newest_snapshot().unwrap().unwrap();
+    let newest = l.newest_snapshot().unwrap().unwrap();
+    let (lsn, bytes) = (newest.lsn(), newest.read_all().unwrap());
     assert_eq!(lsn, 300);
     let leader_digest = l.digest().0;
 
@@ -1077,10 +1078,13 @@ fn installing_a_snapshot_replaces_state_and_log_at_every_crash_point() {
         let installed = f.install_snapshot(&bytes);
         // Stopped part way, the engine refuses more work but can still be
         // inspected (the simulation found a WAL left with no segment here,
-        // which panicked the next reader).
+        // which panicked the next reader). Stopped while the snapshot was
+        // still being received into its temp file, before the old log was
+        // touched, it is not poisoned: nothing it keeps changed.
         let st = f.stats();
+        let untouched = st.last_lsn == 20 && f.digest().0 == old_digest;
         assert!(
-            installed.is_ok() || st.poisoned.is_some(),
+            installed.is_ok() || st.poisoned.is_some() || untouched,
             "crash after op {stop_after}: failed install did not poison: {installed:?}"
         );
         assert!(f.wal_first_lsn() <= st.last_lsn + 1);
@@ -1113,7 +1117,8 @@ fn a_snapshot_behind_a_matching_log_is_not_installed() {
     l.wait_durable(40).unwrap();
     l.set_commit_lsn(30).unwrap();
     l.snapshot().unwrap();
-    let (lsn, bytes) = l.newest_snapshot().unwrap().unwrap();
+    let newest = l.newest_snapshot().unwrap().unwrap();
+    let (lsn, bytes) = (newest.lsn(), newest.read_all().unwrap());
     assert_eq!(lsn, 30);
 
     let s = sim();
@@ -1822,4 +1827,250 @@ fn a_read_in_a_large_segment_reads_a_window_not_the_segment() {
         read <= (64 << 10) + (256 << 10),
         "read {read} bytes of a {segment_len}-byte segment for 20 records"
     );
+}
+
+// ----- snapshot transfer through temp files: streamed send and receive -----
+
+/// Chunk size for the streamed tests: small, so a snapshot of a few hundred
+/// keys is dozens of chunks.
+const CHUNK_BYTES: usize = 512;
+
+/// Names of unfinished snapshot receives on the disk.
+fn recv_files(s: &SimStorage) -> Vec<String> {
+    s.list_dir(Path::new(DIR))
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.ends_with(".snap.recv"))
+        .collect()
+}
+
+/// A leader's disk holding a snapshot of keys 1..=n at LSN n.
+fn leader_with_snapshot(n: u64) -> (SimStorage, kv_node::engine::Engine) {
+    let leader = sim();
+    let l = open(&leader, &config()).unwrap();
+    put_range(&l, 1..=n);
+    l.snapshot().unwrap();
+    (leader, l)
+}
+
+/// A replicated follower with a short log of its own (1..=20, 15 committed).
+fn follower(s: &SimStorage) -> kv_node::engine::Engine {
+    let mut c = small_segments();
+    c.replicated = true;
+    let f = open(s, &c).unwrap();
+    f.append_records(leader_records(1..=20, 1)).unwrap();
+    f.wait_durable(20).unwrap();
+    f.set_commit_lsn(15).unwrap();
+    f
+}
+
+/// Streams `file` into `f` chunk by chunk, with `damage` applied to each
+/// chunk (offset, bytes) first; stops after `chunks_max` chunks.
+fn stream_into(
+    f: &kv_node::engine::Engine,
+    file: &kv_node::engine::snapshot::SnapshotFile,
+    chunks_max: usize,
+    mut damage: impl FnMut(u64, &mut Vec<u8>),
+) -> kv_node::engine::snapshot::Receive {
+    let mut recv = f.begin_snapshot_receive(file.lsn(), file.len()).unwrap();
+    let mut offset = 0;
+    for _ in 0..chunks_max {
+        if offset >= file.len() {
+            break;
+        }
+        let mut data = file.read_chunk(offset, CHUNK_BYTES).unwrap();
+        damage(offset, &mut data);
+        recv.write(offset, &data).unwrap();
+        offset += data.len() as u64;
+    }
+    recv
+}
+
+/// A snapshot of many chunks, read from the leader's file chunk by chunk
+/// and written to the follower's temp file chunk by chunk, installs: state
+/// and log restart at it, the temp file is gone, and a second transfer of
+/// the same snapshot (nothing new) is ignored and also leaves no file.
+#[test]
+fn a_snapshot_streamed_in_many_chunks_installs_from_its_temp_file() {
+    let (_leader, l) = leader_with_snapshot(300);
+    let file = l.newest_snapshot().unwrap().unwrap();
+    assert_eq!((file.lsn(), file.term()), (300, 0));
+    let chunks = file.len().div_ceil(CHUNK_BYTES as u64);
+    assert!(chunks > 10, "many chunks: {chunks}");
+    let s = sim();
+    let f = follower(&s);
+    let recv = stream_into(&f, &file, usize::MAX, |_, _| {});
+    assert!(recv.is_complete());
+    assert_eq!(recv_files(&s).len(), 1, "chunks go to a temp file");
+    assert_eq!(f.install_received_snapshot(recv).unwrap(), 300);
+    assert_eq!(f.digest(), l.digest());
+    assert_eq!((f.stats().last_lsn, f.stats().snapshot_lsn), (300, 300));
+    assert_eq!(recv_files(&s), Vec::<String>::new());
+    assert!(
+        s.list_dir(Path::new(DIR))
+            .unwrap()
+            .contains(&"snap-00000000000000000300.snap".to_owned())
+    );
+    // Nothing new: ignored, and its temp file removed too.
+    let again = stream_into(&f, &file, usize::MAX, |_, _| {});
+    assert_eq!(f.install_received_snapshot(again).unwrap(), 300);
+    assert_eq!(recv_files(&s), Vec::<String>::new());
+    // It survives a restart.
+    let digest = f.digest();
+    drop(f);
+    s.crash();
+    let mut c = small_segments();
+    c.replicated = true;
+    let f = open(&s, &c).unwrap();
+    assert_eq!(f.digest(), digest);
+}
+
+/// A stream cut short, a flipped bit, a chunk at the wrong offset or past
+/// the announced size, and a stream dropped midway: each is refused, the
+/// old state and log stay as they were, and no temp file is left.
+#[test]
+fn a_truncated_or_corrupted_stream_is_refused_and_leaves_no_temp_file() {
+    let (_leader, l) = leader_with_snapshot(300);
+    let file = l.newest_snapshot().unwrap().unwrap();
+    let chunks = file.len().div_ceil(CHUNK_BYTES as u64) as usize;
+    let s = sim();
+    let f = follower(&s);
+    let old = (f.digest(), f.stats());
+    let unchanged = |f: &kv_node::engine::Engine, what: &str| {
+        assert_eq!((f.digest(), f.stats()), old, "{what}: state changed");
+        assert_eq!(
+            recv_files(&s),
+            Vec::<String>::new(),
+            "{what}: temp file left"
+        );
+    };
+
+    // Every chunk but the last.
+    let recv = stream_into(&f, &file, chunks - 1, |_, _| {});
+    assert!(!recv.is_complete());
+    let err = f.install_received_snapshot(recv).unwrap_err();
+    assert!(err.to_string().contains("stream ended after"), "{err}");
+    unchanged(&f, "truncated");
+
+    // One flipped bit in a middle chunk.
+    let middle = (chunks / 2 * CHUNK_BYTES) as u64;
+    let recv = stream_into(&f, &file, usize::MAX, |offset, data| {
+        if offset == middle {
+            data[7] ^= 0x10;
+        }
+    });
+    let err = f.install_received_snapshot(recv).unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
+    unchanged(&f, "bit flip");
+
+    // A chunk that skips ahead, and one past the announced size.
+    let mut recv = f.begin_snapshot_receive(file.lsn(), file.len()).unwrap();
+    let data = file.read_chunk(0, CHUNK_BYTES).unwrap();
+    recv.write(0, &data).unwrap();
+    let err = recv.write(data.len() as u64 + 1, &data).unwrap_err();
+    assert!(err.to_string().contains("expected"), "{err}");
+    let err = recv
+        .write(data.len() as u64, &vec![0; file.len() as usize])
+        .unwrap_err();
+    assert!(err.to_string().contains("past the announced"), "{err}");
+    drop(recv);
+    unchanged(&f, "bad offsets");
+
+    // A header whose LSN disagrees with the announced one.
+    let mut recv = f
+        .begin_snapshot_receive(file.lsn() + 1, file.len())
+        .unwrap();
+    recv.write(0, &file.read_all().unwrap()).unwrap();
+    let err = f.install_received_snapshot(recv).unwrap_err();
+    assert!(err.to_string().contains("announced LSN 301"), "{err}");
+    unchanged(&f, "wrong LSN");
+
+    // Dropped midway (the stream broke).
+    drop(stream_into(&f, &file, 3, |_, _| {}));
+    unchanged(&f, "dropped");
+}
+
+/// Power loss in the middle of a receive (the process dies too, so nothing
+/// cleans up): the next open recovers the old state and removes the temp
+/// file, even one whose name and bytes were durable.
+#[test]
+fn a_crash_mid_receive_recovers_the_old_state_and_removes_the_temp_file() {
+    let (_leader, l) = leader_with_snapshot(300);
+    let file = l.newest_snapshot().unwrap().unwrap();
+    let chunks = file.len().div_ceil(CHUNK_BYTES as u64) as usize;
+    let mut c = small_segments();
+    c.replicated = true;
+    // What the follower recovers after a crash with no receive at all.
+    let reference = sim();
+    drop(follower(&reference));
+    reference.crash();
+    let old = open(&reference, &c).unwrap();
+    let (digest, last) = (old.digest(), old.stats().last_lsn);
+    assert_eq!(last, 20);
+    for durable_name in [false, true] {
+        let s = sim();
+        let f = follower(&s);
+        let recv = stream_into(&f, &file, chunks / 2, |_, _| {});
+        if durable_name {
+            s.sync_dir(Path::new(DIR)).unwrap();
+        }
+        assert_eq!(recv_files(&s).len(), 1);
+        // The process dies with the receive in flight: no drop runs.
+        std::mem::forget(recv);
+        drop(f);
+        s.crash();
+        assert_eq!(recv_files(&s).len(), usize::from(durable_name));
+        let f = open(&s, &c).unwrap();
+        assert_eq!((f.digest(), f.stats().last_lsn), (digest, last));
+        assert_eq!(recv_files(&s), Vec::<String>::new(), "open removes it");
+    }
+}
+
+/// The snapshot a leader is sending stays readable when two newer
+/// snapshots are taken meanwhile and the cleanup (which keeps the two
+/// newest) removes its file: the transfer reads through the handle it
+/// opened, on the simulated disk and on real files.
+#[test]
+fn a_snapshot_being_sent_survives_the_cleanup_of_two_newer_snapshots() {
+    let real = tempfile::tempdir().unwrap();
+    let disks: Vec<(std::sync::Arc<dyn Storage>, std::path::PathBuf)> = vec![
+        (std::sync::Arc::new(sim()), Path::new(DIR).to_path_buf()),
+        (
+            std::sync::Arc::new(kv_node::storage::FsStorage),
+            real.path().join("data"),
+        ),
+    ];
+    for (storage, dir) in disks {
+        let mut c = config();
+        c.data_dir = dir.clone();
+        let l = kv_node::engine::Engine::open(storage.clone(), c).unwrap();
+        put_range(&l, 1..=200);
+        l.snapshot().unwrap();
+        let digest_at_200 = l.digest();
+        let file = l.newest_snapshot().unwrap().unwrap();
+        assert_eq!(file.lsn(), 200);
+        // Half of it is sent...
+        let half = file.len() / 2;
+        let first = file.read_chunk(0, half as usize).unwrap();
+        // ...then two newer snapshots remove its file.
+        put_range(&l, 201..=210);
+        l.snapshot().unwrap();
+        put_range(&l, 211..=220);
+        l.snapshot().unwrap();
+        let names = storage.list_dir(&dir).unwrap();
+        assert!(
+            !names.contains(&"snap-00000000000000000200.snap".to_owned()),
+            "the cleanup removed it: {names:?}"
+        );
+        // The rest still reads, and the whole verifies and installs.
+        let rest = file.read_chunk(half, usize::MAX).unwrap();
+        assert_eq!(first.len() + rest.len(), file.len() as usize);
+        let s = sim();
+        let f = follower(&s);
+        let mut recv = f.begin_snapshot_receive(200, file.len()).unwrap();
+        recv.write(0, &first).unwrap();
+        recv.write(half, &rest).unwrap();
+        assert_eq!(f.install_received_snapshot(recv).unwrap(), 200);
+        assert_eq!(f.digest(), digest_at_200);
+    }
 }

@@ -252,3 +252,35 @@ fn unsynced_names_survive_a_crash_each_on_its_own() {
         "all four combinations occur: {outcomes:?}"
     );
 }
+
+/// A file removed while open stays readable through the handle (a leader
+/// sends a snapshot that newer snapshots' cleanup removes meanwhile).
+fn removed_file_stays_readable(storage: &dyn Storage, dir: &Path) {
+    storage.create_dir_all(dir).unwrap();
+    let p = dir.join("removed");
+    storage
+        .create(&p)
+        .unwrap()
+        .write_at(b"still here", 0)
+        .unwrap();
+    let handle = storage.open(&p).unwrap();
+    storage.remove_file(&p).unwrap();
+    storage.sync_dir(dir).unwrap();
+    assert!(
+        !storage
+            .list_dir(dir)
+            .unwrap()
+            .contains(&"removed".to_owned())
+    );
+    assert_eq!(handle.len().unwrap(), 10);
+    let mut buf = [0u8; 10];
+    handle.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"still here");
+}
+
+#[test]
+fn a_removed_file_stays_readable_through_an_open_handle() {
+    let real = tempfile::tempdir().unwrap();
+    removed_file_stays_readable(&FsStorage, &real.path().join("d"));
+    removed_file_stays_readable(&exact(), Path::new("/d"));
+}

@@ -1219,27 +1219,58 @@ impl Engine {
         )))
     }
 
-    /// Installs a snapshot received from the leader (replicated mode): its
-    /// state replaces ours, and the log restarts right after it. The
-    /// snapshot is verified, then written durably (temp, sync, rename, sync
-    /// dir) before the old log is deleted, so a crash at any point recovers
-    /// either the old state or the new one. Ignored if we already applied
-    /// its LSN or our log holds its last record (same LSN and term). Returns
-    /// the LSN through which our durable log now matches the leader's.
+    /// Installs a snapshot held in memory, as if received from a leader in
+    /// one chunk: see [`Engine::install_received_snapshot`]. For tests and
+    /// tools; a node streams it through [`Engine::begin_snapshot_receive`].
     pub fn install_snapshot(&self, bytes: &[u8]) -> Result<u64> {
-        let snap = snapshot::decode(bytes).map_err(|reason| {
-            EngineError::InvalidLogOp(format!(
-                "snapshot from the leader does not verify: {reason}"
-            ))
-        })?;
+        // The announced LSN is the header's (checked again after decoding);
+        // a buffer too short to hold one fails to verify below.
+        let lsn = bytes.get(16..24).map_or(0, |b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        });
+        let mut recv = self.begin_snapshot_receive(lsn, bytes.len() as u64)?;
+        recv.write(0, bytes)?;
+        self.install_received_snapshot(recv)
+    }
+
+    /// Starts receiving a snapshot from the leader: a temp file in the data
+    /// directory (`snap-<lsn>-<n>.snap.recv`) that chunks are written to as
+    /// they arrive. Dropping the [`snapshot::Receive`] removes it.
+    pub fn begin_snapshot_receive(&self, lsn: u64, total_bytes: u64) -> Result<snapshot::Receive> {
         if !self.config.replicated {
             return Err(EngineError::InvalidLogOp(
                 "snapshot install needs replicated mode".into(),
             ));
         }
+        snapshot::Receive::begin(
+            self.storage.clone(),
+            &self.config.data_dir,
+            lsn,
+            total_bytes,
+        )
+    }
+
+    /// Installs a snapshot received from the leader (replicated mode): its
+    /// state replaces ours, and the log restarts right after it. The file is
+    /// synced and verified (decoded from the file, every byte) before the
+    /// old log is touched, then renamed into place and the directory synced
+    /// before the old log is deleted, so a crash at any point recovers
+    /// either the old state or the new one (a leftover receive file is
+    /// removed at open). Ignored if we already applied its LSN or our log
+    /// holds its last record (same LSN and term). Returns the LSN through
+    /// which our durable log now matches the leader's. The receive file is
+    /// gone afterwards, whatever the outcome (unless a crash or failed
+    /// removal leaves it to the next open).
+    pub fn install_received_snapshot(&self, mut recv: snapshot::Receive) -> Result<u64> {
+        let snap = recv.sync_and_decode()?.map_err(|reason| {
+            EngineError::InvalidLogOp(format!(
+                "snapshot from the leader does not verify: {reason}"
+            ))
+        })?;
         let _one_at_a_time = lock(&self.snapshot_lock);
         let (lsn, term) = (snap.lsn, snap.term);
-        let dir = &self.config.data_dir;
         let map = MapState::from_snapshot(snap.map, lsn, term, snap.digest);
         // Install only if it brings something new: never over records we
         // have applied, nor over a log that already holds the snapshot's
@@ -1250,7 +1281,7 @@ impl Engine {
             lsn,
             |st| Ok(lsn > st.applied_lsn && st.terms.term_at(lsn) != Some(term)),
             |wal| {
-                snapshot::write(&*self.storage, dir, lsn, bytes)?;
+                recv.rename_into_place()?;
                 wal.reset_after(lsn)?;
                 Ok((wal.active_header(), wal.active_bytes()))
             },
@@ -1267,23 +1298,42 @@ impl Engine {
                 *write(&self.map) = map;
             },
         )?;
+        // Not installed (nothing new): dropping `recv` removes the file.
+        drop(recv);
         // Installed, or the log already matched through `lsn` durably.
         Ok(lock(&self.state).applied_lsn.max(lsn))
     }
 
-    /// The newest snapshot on disk, as bytes, with its LSN (for shipping to
-    /// a follower that needs records the log no longer holds).
-    pub fn newest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
+    /// The newest snapshot on disk, opened for shipping to a follower that
+    /// needs records the log no longer holds. It is read a chunk at a time
+    /// through the open handle, which stays readable even if newer
+    /// snapshots' cleanup removes the file meanwhile.
+    pub fn newest_snapshot(&self) -> Result<Option<snapshot::SnapshotFile>> {
         let dir = &self.config.data_dir;
-        let Some(&lsn) = snapshot::list(&*self.storage, dir)?.first() else {
-            return Ok(None);
-        };
-        let path = dir.join(snapshot::snapshot_name(lsn));
-        let bytes = self
-            .storage
-            .read_file(&path)
-            .map_err(EngineError::io("read snapshot", &path))?;
-        Ok(Some((lsn, bytes)))
+        // The newest listed can vanish before it is opened only if two newer
+        // snapshots were taken in between; the next listing shows them.
+        const TRIES: usize = 8;
+        for _ in 0..TRIES {
+            let Some(&lsn) = snapshot::list(&*self.storage, dir)?.first() else {
+                return Ok(None);
+            };
+            match snapshot::SnapshotFile::open(&*self.storage, dir, lsn) {
+                Err(EngineError::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                opened => return opened.map(Some),
+            }
+        }
+        Err(EngineError::Io {
+            op: "open newest snapshot",
+            path: dir.clone(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("newer snapshots removed it {TRIES} times in a row"),
+            ),
+        })
     }
 
     /// The first LSN the WAL still holds.

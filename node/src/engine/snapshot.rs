@@ -10,12 +10,22 @@
 //! lsn u64 | term u64 | entries u64 | digest u64 | entries... | crc u32`,
 //! each entry `key_len u32 | value_len u32 | key | value`, entries in key
 //! order, the CRC over every byte before it.
+//!
+//! Shipping a snapshot to a follower never holds the file in memory: the
+//! leader reads it a chunk at a time through a [`SnapshotFile`] (an open
+//! handle, so a newer snapshot's cleanup removing the name does not cut the
+//! transfer short), and the follower writes the chunks as they arrive to a
+//! [`Receive`] temp file (`snap-<lsn>-<n>.snap.recv`), which it syncs,
+//! verifies by decoding it from the file, and renames into place. The engine
+//! decides whether to install; this module only moves and checks bytes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{EngineError, Result};
 use super::state::{Digest, Entries, entry_hash};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageFile};
 
 /// Magic at the start of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"KVSNAP01";
@@ -38,9 +48,26 @@ pub fn parse_snapshot_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// True for a temp file a crashed snapshot write left behind.
+/// True for a temp file a crashed snapshot write (`.snap.tmp`) or an
+/// interrupted receive from a leader (`.snap.recv`) left behind: recovery
+/// removes both.
 pub fn is_snapshot_temp(name: &str) -> bool {
-    name.starts_with("snap-") && name.ends_with(".snap.tmp")
+    name.starts_with("snap-") && (name.ends_with(".snap.tmp") || is_snapshot_recv(name))
+}
+
+/// True for the temp file of a snapshot being received from a leader.
+pub fn is_snapshot_recv(name: &str) -> bool {
+    name.starts_with("snap-") && name.ends_with(".snap.recv")
+}
+
+/// Numbers the receives of this process, so two streams of the same
+/// snapshot (a leader that timed out and retried while the first stream is
+/// still being read) never write into one file.
+static RECEIVES: AtomicU64 = AtomicU64::new(0);
+
+/// File name of the `n`th receive of the snapshot at `lsn`.
+pub fn recv_name(lsn: u64, n: u64) -> String {
+    format!("snap-{lsn:020}-{n}.snap.recv")
 }
 
 /// A decoded snapshot.
@@ -282,25 +309,7 @@ pub fn load_newest(storage: &dyn Storage, dir: &Path) -> Result<Loaded> {
         let file = storage
             .open(&path)
             .map_err(EngineError::io("open snapshot", &path))?;
-        let len = file
-            .len()
-            .map_err(EngineError::io("read snapshot length", &path))?;
-        // An I/O error is the disk's failure, not the snapshot's: report it
-        // rather than setting a possibly good snapshot aside.
-        let mut io_error = None;
-        let decoded = decode_with(len, &mut |buf, offset| {
-            file.read_at(buf, offset).inspect_err(|e| {
-                io_error = Some(std::io::Error::new(e.kind(), e.to_string()));
-            })
-        });
-        if let Some(error) = io_error {
-            return Err(EngineError::Io {
-                op: "read snapshot",
-                path,
-                error,
-            });
-        }
-        match decoded {
+        match decode_file(&*file, &path)? {
             Ok(snap) if snap.lsn == lsn => {
                 loaded.snapshot = Some(snap);
                 loaded.path = Some(path);
@@ -314,6 +323,312 @@ pub fn load_newest(storage: &dyn Storage, dir: &Path) -> Result<Loaded> {
         }
     }
     Ok(loaded)
+}
+
+/// Decodes and verifies the snapshot in `file`, reading it in bounded
+/// blocks. The outer error is the disk's (an I/O failure says nothing about
+/// the snapshot, so it must not be set aside for it); the inner one is the
+/// snapshot's own (damage, a bad format).
+pub fn decode_file(
+    file: &dyn StorageFile,
+    path: &Path,
+) -> Result<std::result::Result<Snapshot, String>> {
+    let len = file
+        .len()
+        .map_err(EngineError::io("read snapshot length", path))?;
+    let mut io_error = None;
+    let decoded = decode_with(len, &mut |buf, offset| {
+        file.read_at(buf, offset).inspect_err(|e| {
+            io_error = Some(std::io::Error::new(e.kind(), e.to_string()));
+        })
+    });
+    match io_error {
+        Some(error) => Err(EngineError::Io {
+            op: "read snapshot",
+            path: path.to_path_buf(),
+            error,
+        }),
+        None => Ok(decoded),
+    }
+}
+
+/// A snapshot file opened for shipping to a follower, read a chunk at a
+/// time.
+///
+/// It holds an open handle, not a name: the engine keeps only the two
+/// newest snapshots, so two snapshots taken during a long transfer remove
+/// this one's name, and the storage contract keeps a removed file readable
+/// through a handle opened before (POSIX unlink semantics). Cloning shares
+/// the handle.
+#[derive(Clone)]
+pub struct SnapshotFile {
+    file: Arc<dyn StorageFile>,
+    path: PathBuf,
+    lsn: u64,
+    term: u64,
+    /// Length in bytes, read once at open (a snapshot is never rewritten).
+    len: u64,
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotFile")
+            .field("path", &self.path)
+            .field("lsn", &self.lsn)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotFile {
+    /// Opens `snap-<lsn>.snap` in `dir` and reads its header (magic,
+    /// version, LSN, term). The rest is verified by the receiver, which
+    /// decodes every byte before it installs anything.
+    pub fn open(storage: &dyn Storage, dir: &Path, lsn: u64) -> Result<SnapshotFile> {
+        let path = dir.join(snapshot_name(lsn));
+        let file: Arc<dyn StorageFile> = Arc::from(
+            storage
+                .open(&path)
+                .map_err(EngineError::io("open snapshot", &path))?,
+        );
+        let len = file
+            .len()
+            .map_err(EngineError::io("read snapshot length", &path))?;
+        let corrupt = |reason: String| EngineError::Corrupt {
+            file: path.clone(),
+            offset: 0,
+            lsn: Some(lsn),
+            reason,
+        };
+        if len < (SNAPSHOT_HEADER_BYTES + 4) as u64 {
+            return Err(corrupt(format!("{len} bytes is too short for a snapshot")));
+        }
+        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+        file.read_at(&mut header, 0)
+            .map_err(EngineError::io("read snapshot header", &path))?;
+        if header[..8] != SNAPSHOT_MAGIC || u32_of(&header[8..]) != SNAPSHOT_VERSION {
+            return Err(corrupt("bad magic or version".into()));
+        }
+        if u64_of(&header[16..]) != lsn {
+            return Err(corrupt(format!(
+                "file name says LSN {lsn}, header says {}",
+                u64_of(&header[16..])
+            )));
+        }
+        Ok(SnapshotFile {
+            file,
+            path,
+            lsn,
+            term: u64_of(&header[24..]),
+            len,
+        })
+    }
+
+    /// The LSN the snapshot covers.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// The term of the record at its LSN (from the header).
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a snapshot holds at least a header and a CRC.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where it was opened (the name may be gone by now; the handle is not).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads up to `max` bytes at `offset` (fewer only at the end of the
+    /// file; none at or past it).
+    pub fn read_chunk(&self, offset: u64, max: usize) -> Result<Vec<u8>> {
+        let n = self.len.saturating_sub(offset).min(max as u64) as usize;
+        let mut buf = vec![0u8; n];
+        self.file
+            .read_at(&mut buf, offset)
+            .map_err(EngineError::io("read snapshot chunk", &self.path))?;
+        Ok(buf)
+    }
+
+    /// The whole file in memory (for tests and small tools; shipping reads
+    /// it a chunk at a time).
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let len = usize::try_from(self.len).map_err(|_| EngineError::Corrupt {
+            file: self.path.clone(),
+            offset: 0,
+            lsn: Some(self.lsn),
+            reason: format!("{} bytes do not fit in memory", self.len),
+        })?;
+        self.read_chunk(0, len)
+    }
+}
+
+/// A snapshot being received from a leader, written chunk by chunk to a
+/// temp file in the data directory as the chunks arrive.
+///
+/// Dropping it before [`Receive::rename_into_place`] removes the temp file
+/// (best effort: a crash or a failed removal leaves it for the next open,
+/// which removes every `*.snap.recv`). A failed write or sync here does not
+/// poison the engine: the file is thrown away, and nothing the engine keeps
+/// depends on it.
+pub struct Receive {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    path: PathBuf,
+    file: Box<dyn StorageFile>,
+    /// The LSN the leader announced (its header must agree).
+    lsn: u64,
+    /// The size the leader announced.
+    total_bytes: u64,
+    /// Bytes written so far: the offset the next chunk must start at.
+    /// Invariant: `received <= total_bytes`.
+    received: u64,
+    /// The temp file is gone (renamed into place or removed).
+    finished: bool,
+}
+
+impl std::fmt::Debug for Receive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receive")
+            .field("path", &self.path)
+            .field("received", &self.received)
+            .field("total_bytes", &self.total_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Receive {
+    /// Creates the temp file for a snapshot at `lsn` of `total_bytes`.
+    pub fn begin(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        lsn: u64,
+        total_bytes: u64,
+    ) -> Result<Receive> {
+        let n = RECEIVES.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(recv_name(lsn, n));
+        let file = storage
+            .create(&path)
+            .map_err(EngineError::io("create snapshot receive file", &path))?;
+        Ok(Receive {
+            storage,
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            lsn,
+            total_bytes,
+            received: 0,
+            finished: false,
+        })
+    }
+
+    /// The LSN the leader announced.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// The size the leader announced.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The temp file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once every announced byte arrived.
+    pub fn is_complete(&self) -> bool {
+        self.received == self.total_bytes
+    }
+
+    /// Writes the next chunk, which must start where the last one ended and
+    /// stay within the announced size.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset != self.received {
+            return Err(EngineError::InvalidLogOp(format!(
+                "snapshot chunk at offset {offset}, expected {}",
+                self.received
+            )));
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.total_bytes {
+            return Err(EngineError::InvalidLogOp(format!(
+                "snapshot chunk ends at byte {end}, past the announced {}",
+                self.total_bytes
+            )));
+        }
+        self.file
+            .write_at(data, offset)
+            .map_err(EngineError::io("write snapshot receive file", &self.path))?;
+        self.received = end;
+        Ok(())
+    }
+
+    /// Checks that every announced byte arrived, makes the file durable, and
+    /// decodes and verifies it from the file (in bounded blocks). An error
+    /// is the disk's; `Ok(Err(reason))` says the snapshot does not verify.
+    pub fn sync_and_decode(&mut self) -> Result<std::result::Result<Snapshot, String>> {
+        if !self.is_complete() {
+            return Ok(Err(format!(
+                "the stream ended after {} of {} bytes",
+                self.received, self.total_bytes
+            )));
+        }
+        self.file
+            .sync_data()
+            .map_err(EngineError::io("sync snapshot receive file", &self.path))?;
+        Ok(match decode_file(&*self.file, &self.path)? {
+            Ok(snap) if snap.lsn != self.lsn => Err(format!(
+                "announced LSN {}, header says {}",
+                self.lsn, snap.lsn
+            )),
+            decoded => decoded,
+        })
+    }
+
+    /// Renames the (synced, verified) file to `snap-<lsn>.snap` and syncs
+    /// the directory: from then on it is the snapshot recovery loads.
+    pub fn rename_into_place(&mut self) -> Result<PathBuf> {
+        let to = self.dir.join(snapshot_name(self.lsn));
+        self.storage
+            .rename(&self.path, &to)
+            .map_err(EngineError::io("rename received snapshot into place", &to))?;
+        self.finished = true;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(EngineError::io("sync data directory", &self.dir))?;
+        Ok(to)
+    }
+}
+
+impl Drop for Receive {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // No directory sync: a removal lost to a crash is redone at open.
+        if let Err(e) = self.storage.remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove an unfinished snapshot receive; the next open removes it");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod env;
 pub mod flusher;
 pub mod notify;
 pub mod shell;
+mod snapshot;
 pub mod term;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -55,10 +56,6 @@ use notify::LsnNotifier;
 const FIRST_TERM: u64 = 1;
 /// Metadata key naming the leader's address on a NOT_LEADER error.
 pub const LEADER_METADATA: &str = "kv-leader";
-/// Bytes per snapshot chunk on the wire.
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-/// The largest snapshot a follower accepts.
-const SNAPSHOT_BYTES_MAX: u64 = 16 << 30;
 /// Records the leader keeps in memory for shipping (older ones are read
 /// back from the WAL).
 const RECENT_RECORDS_MAX: usize = 1 << 16;
@@ -728,139 +725,6 @@ impl Node {
 
     fn is_recent(&self, lsn: u64) -> bool {
         lock(&self.recent).contains_key(&lsn)
-    }
-
-    /// Leader: streams the newest snapshot to a follower that is behind the
-    /// log, in chunks, and moves its progress to the snapshot on success.
-    async fn send_snapshot(&self, peer: u64, term: u64) -> anyhow::Result<()> {
-        let engine = self.engine.clone();
-        let Some((lsn, bytes)) = self
-            .env
-            .offload
-            .run(move || engine.newest_snapshot())
-            .await??
-        else {
-            anyhow::bail!("follower {peer} is behind the log, and there is no snapshot to send");
-        };
-        let snapshot_term = self.engine.term_at(lsn).unwrap_or(0);
-        let addr = self
-            .config
-            .addr_of(peer)
-            .ok_or_else(|| anyhow::anyhow!("no address for node {peer}"))?;
-        tracing::info!(peer, lsn, bytes = bytes.len(), "sending snapshot");
-        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(rpc)
-            .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
-            .keep_alive_timeout(rpc);
-        let channel = self.env.dialer.dial(endpoint).await?;
-        let total = bytes.len() as u64;
-        let from = self.sender_in(term);
-        let chunks: Vec<pb::SnapshotChunk> = bytes
-            .chunks(SNAPSHOT_CHUNK_BYTES)
-            .enumerate()
-            .map(|(i, data)| pb::SnapshotChunk {
-                from: Some(from.clone()),
-                lsn,
-                term: snapshot_term,
-                offset: (i * SNAPSHOT_CHUNK_BYTES) as u64,
-                last: (i + 1) * SNAPSHOT_CHUNK_BYTES >= bytes.len(),
-                data: data.to_vec(),
-                total_bytes: total,
-            })
-            .collect();
-        // A deadline that grows with the snapshot: one RPC timeout per chunk
-        // (and one for the install), so a stalled transfer ends and is
-        // retried, and a large one is not cut short.
-        let deadline = rpc * (chunks.len() as u32 + 1);
-        let ack = tokio::time::timeout(
-            deadline,
-            ReplicationClient::new(channel).install_snapshot(tokio_stream::iter(chunks)),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("snapshot to follower {peer} not done within {deadline:?}"))??
-        .into_inner();
-        if let TermAction::StepDown { new_term } = observe_term(term, ack.term) {
-            self.adopt_term(new_term).await?;
-            anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
-        }
-        if !ack.success {
-            anyhow::bail!("follower {peer} refused the snapshot: {}", ack.error);
-        }
-        self.update_follower(peer, |f| {
-            f.progress.match_lsn = f.progress.match_lsn.max(ack.lsn);
-            f.progress.next_lsn = f.progress.match_lsn + 1;
-            f.progress.inflight_bytes = 0;
-        });
-        self.advance_commit(term)?;
-        Ok(())
-    }
-
-    /// Follower: receives a snapshot stream and installs it.
-    async fn receive_snapshot(
-        &self,
-        mut chunks: Streaming<pb::SnapshotChunk>,
-    ) -> Result<pb::SnapshotAck, Status> {
-        let mut bytes: Vec<u8> = Vec::new();
-        let mut lsn = None;
-        let silence = Duration::from_millis(self.config.rpc_timeout_ms * 2);
-        loop {
-            let chunk = match tokio::time::timeout(silence, chunks.message()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) => {
-                    return Err(Status::invalid_argument(
-                        "snapshot stream ended before its last chunk",
-                    ));
-                }
-                Ok(Err(status)) => return Err(status),
-                Err(_) => return Err(Status::deadline_exceeded("snapshot stream went silent")),
-            };
-            let from = chunk
-                .from
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
-            if !self.accept_leader(from).await? {
-                return Ok(pb::SnapshotAck {
-                    term: self.term(),
-                    success: false,
-                    lsn: 0,
-                    error: format!("stale term {}", from.term),
-                });
-            }
-            if *lsn.get_or_insert(chunk.lsn) != chunk.lsn || chunk.offset != bytes.len() as u64 {
-                return Err(Status::invalid_argument("snapshot chunks out of order"));
-            }
-            if chunk.total_bytes > SNAPSHOT_BYTES_MAX
-                || bytes.len() as u64 + chunk.data.len() as u64 > chunk.total_bytes
-            {
-                return Err(Status::invalid_argument(
-                    "snapshot larger than announced or allowed",
-                ));
-            }
-            bytes.extend_from_slice(&chunk.data);
-            if chunk.last {
-                break;
-            }
-        }
-        let _no_appends_meanwhile = self.append_lock.lock().await;
-        let engine = self.engine.clone();
-        let installed = self
-            .env
-            .offload
-            .run(move || engine.install_snapshot(&bytes))
-            .await
-            .map_err(join_error)?
-            .map_err(|e| match e {
-                EngineError::InvalidLogOp(why) => Status::invalid_argument(why),
-                other => engine_status(other),
-            })?;
-        tracing::info!(lsn = installed, "installed the leader's snapshot");
-        Ok(pb::SnapshotAck {
-            term: self.term(),
-            success: true,
-            lsn: installed,
-            error: String::new(),
-        })
     }
 
     fn update_follower(&self, id: u64, f: impl FnOnce(&mut Follower)) {

@@ -19,6 +19,9 @@
 //! - `read_at` reads exactly `buf.len()` bytes or fails with
 //!   `UnexpectedEof`; it sees every byte written so far, durable or not.
 //! - `set_len` changes the length now; it is durable after `sync_data`.
+//! - A handle keeps reading its file after the name is removed (POSIX
+//!   unlink semantics): a snapshot being sent outlives its cleanup. A crash
+//!   ends every handle.
 //! - An error means the operation may have happened partly or not at all.
 
 mod fs;
