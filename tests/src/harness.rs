@@ -1637,13 +1637,23 @@ impl Run<'_> {
                 // cancelled wherever it is (waiting for the target to
                 // catch up, or for the answer to TimeoutNow). Half the
                 // time the target's answers to the leader are slowed, so
-                // the cancellation often lands while TimeoutNow is out.
+                // the cancellation often lands while TimeoutNow is out;
+                // a quarter of the time everyone's messages to the leader
+                // are, so it also hears late that a new term began.
                 let Some(leader) = leader else { return };
                 let target = (leader + self.extra.below(n - 1)) % n + 1;
                 let give_up = self.extra.below(401);
-                if self.extra.below(2) == 0 {
+                let slow = self.extra.below(4);
+                if slow < 3 {
                     let lat = 20 + self.extra.below(181);
-                    self.slow_oneway(target, leader, lat, give_up + 300);
+                    let from: Vec<u64> = if slow == 2 {
+                        (1..=n).filter(|m| *m != leader).collect()
+                    } else {
+                        vec![target]
+                    };
+                    for from in from {
+                        self.slow_oneway(from, leader, lat, give_up + 300);
+                    }
                 }
                 self.transfers_abandoned += 1;
                 let name = format!("abandoned{}", self.transfers_abandoned);
