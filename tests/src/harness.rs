@@ -1,15 +1,18 @@
-//! One simulated run: a 3- or 5-node cluster of the real node code (engine,
-//! replication, gRPC server) as turmoil hosts, each on its own
+//! One simulated run: a 3-, 4- or 5-node cluster of the real node code
+//! (engine, replication, gRPC server) as turmoil hosts, each on its own
 //! [`SimStorage`] disk, clients as turmoil clients, and faults — all derived
 //! from one seed.
 //!
 //! A run has two phases (see the README's Simulation section):
 //! 1. **Chaos.** Clients issue PUT/GET/DEL on a small key set with unique
 //!    values, at the `quorum` and `local` acknowledgement levels, while the
-//!    test body injects partitions (symmetric, one-way, leader isolation),
-//!    holds, latency spikes, power losses (one node or several at once),
-//!    process restarts, long cut-offs and disk I/O errors. After every step
-//!    the invariants are checked ([`Checker`]).
+//!    test body injects partitions (symmetric, one-way, leader isolation,
+//!    any subset of the members cut from the rest, the leader left with
+//!    exactly one follower), holds, latency spikes (both ways of a link,
+//!    or one direction only), power losses (one node or several at once),
+//!    process restarts, long cut-offs, disk I/O errors and leadership
+//!    transfers (some whose caller gives up midway). After every step the
+//!    invariants are checked ([`Checker`]).
 //! 2. **Recovery.** Every fault is healed. The cluster must converge (equal
 //!    applied LSN and state digest on every node) within a bounded simulated
 //!    time, a final write must succeed, and a final read of every key joins
@@ -40,7 +43,7 @@ use kv_node::storage::{SimOptions, SimStorage};
 use kv_proto::v1 as pb;
 
 use crate::linearizability::{self, Input, Operation, Output, Verdict};
-use crate::net::{SimDialer, incoming};
+use crate::net::{LinkDelays, SimDialer, incoming};
 use crate::rng::Rng;
 
 /// The port every node listens on (each host has its own address).
@@ -58,7 +61,7 @@ const DATA_DIR: &str = "/kv";
 pub struct RunOptions {
     /// Everything derives from it.
     pub seed: u64,
-    /// Cluster size (3 or 5).
+    /// Cluster size (3, 4 or 5).
     pub nodes: usize,
     /// Concurrent workload clients.
     pub clients: usize,
@@ -77,12 +80,35 @@ pub struct RunOptions {
     /// The members elect their leader (the product's default); false: node
     /// 1 is the fixed leader.
     pub elections: bool,
+    /// Also inject the faults added later, from a random stream of their
+    /// own: any subset of the members cut from the rest (the leader left
+    /// with exactly one follower, too), one direction of one link slowed,
+    /// and leadership transfers whose caller gives up after a random
+    /// delay. False: the fault schedule the regression seeds found their
+    /// bugs with, unchanged.
+    pub extra_faults: bool,
 }
 
 impl RunOptions {
-    /// The options a seed gets in the sweep: mostly 3 nodes, every fourth
-    /// seed 5; elections, except every fifth seed (a fixed leader).
+    /// The options a seed gets in the sweep: 3 nodes in half the seeds, 4
+    /// in a quarter (`seed % 4 == 1`), 5 in a quarter (`seed % 4 == 3`);
+    /// elections, except every fifth seed (a fixed leader); every fault.
     pub fn for_seed(seed: u64) -> RunOptions {
+        RunOptions {
+            nodes: match seed % 4 {
+                1 => 4,
+                3 => 5,
+                _ => 3,
+            },
+            extra_faults: true,
+            ..RunOptions::as_found(seed)
+        }
+    }
+
+    /// The options a regression seed found its bug with: 5 nodes if
+    /// `seed % 4 == 3`, else 3, and none of the faults added since
+    /// (`extra_faults`), so the seed replays the very same run.
+    pub fn as_found(seed: u64) -> RunOptions {
         RunOptions {
             seed,
             nodes: if seed % 4 == 3 { 5 } else { 3 },
@@ -93,6 +119,7 @@ impl RunOptions {
             faults: true,
             min_successful_ops: 40,
             elections: seed % 5 != 4,
+            extra_faults: false,
         }
     }
 }
@@ -119,6 +146,9 @@ pub struct Report {
     /// Leadership transfers started, and how many of them the old leader
     /// reported done (the target campaigning, the old leader stepped down).
     pub transfers: (usize, usize),
+    /// Leadership transfers whose caller gave up before any reply (the
+    /// call dropped, cancelling the transfer on the leader).
+    pub transfers_given_up: usize,
     /// Simulated time at the end.
     pub sim_time: Duration,
     /// The last applied LSN (equal on every node).
@@ -130,6 +160,8 @@ pub struct Report {
 pub struct Failure {
     /// Its seed.
     pub seed: u64,
+    /// It ran as a regression seed runs ([`RunOptions::as_found`]).
+    pub as_found: bool,
     /// What went wrong.
     pub message: String,
     /// The recent events, readable.
@@ -143,8 +175,9 @@ impl std::fmt::Display for Failure {
         writeln!(f, "simulation seed {} failed: {}", self.seed, self.message)?;
         writeln!(
             f,
-            "replay it: SIM_SEED={} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
-            self.seed
+            "replay it: SIM_SEED={}{} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
+            self.seed,
+            if self.as_found { " SIM_AS_FOUND=1" } else { "" }
         )?;
         writeln!(f, "last events:")?;
         for line in &self.trace_tail {
@@ -184,6 +217,10 @@ struct Slot {
     /// last check saw, if the log was legitimately cut back since, e.g. a
     /// snapshot install replaced conflicting records).
     stopped_durable: Option<u64>,
+    /// The engine of the incarnation that was last stopped, while the node
+    /// is down: its records up to `stopped_durable` are what its disk
+    /// holds (the checker reads their terms).
+    stopped_engine: Option<Arc<Engine>>,
 }
 
 type Slots = Arc<Mutex<Vec<Slot>>>;
@@ -289,7 +326,11 @@ fn sim_client(nodes: usize) -> Client {
 fn sim_client_from(nodes: usize, first: usize) -> Client {
     let mut list = endpoints(nodes);
     list.rotate_left(first % nodes.max(1));
-    Client::with_dialer(list, Duration::from_millis(1500), Arc::new(SimDialer))
+    Client::with_dialer(
+        list,
+        Duration::from_millis(1500),
+        Arc::new(SimDialer::default()),
+    )
 }
 
 /// The client ids of the batch-stream workload loops (after the unary
@@ -337,7 +378,7 @@ impl SharedStream {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unreachable(e.to_string()))?;
         let opened = tokio::time::timeout(BATCH_CALL_TIMEOUT, async {
-            let channel = SimDialer
+            let channel = SimDialer::default()
                 .dial(endpoint)
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
@@ -746,6 +787,8 @@ enum Heal {
     PowerOff(u64, u64),
     /// Every node's clock back to its own rate.
     ClockRates,
+    /// The extra one-way delay from the first node to the second ends.
+    Delay(u64, u64),
     /// Arm a crash point: the disk stops this many operations after its
     /// next snapshot rename (`None`: at the first directory sync after
     /// it), and the power goes at once.
@@ -763,8 +806,10 @@ struct Checker {
     /// Per node: the term and vote (0: none) it last showed. Both were
     /// durable before it showed them, so a restart must bring them back.
     last_vote: Vec<(u64, u64)>,
-    /// The highest commit LSN any node ever reported.
+    /// The highest commit LSN any node ever reported, and the term of its
+    /// record there (`None`: that node no longer knew it).
     commit_high: u64,
+    commit_high_term: Option<u64>,
     /// Leaders seen per term.
     leaders: BTreeMap<u64, BTreeSet<u64>>,
     /// Committed records seen so far: LSN -> (term, hash of the operation,
@@ -795,6 +840,7 @@ impl Checker {
             last_durable: vec![0; nodes],
             last_vote: vec![(0, 0); nodes],
             commit_high: 0,
+            commit_high_term: None,
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
             compared_through: vec![0; nodes],
@@ -852,7 +898,12 @@ impl Checker {
             if let Some(term) = engine.term_at(commit).filter(|_| commit > 0) {
                 self.first_commit_ns.entry(term).or_insert(now_ns);
             }
-            self.commit_high = self.commit_high.max(commit);
+            if commit > self.commit_high
+                || (commit == self.commit_high && self.commit_high_term.is_none())
+            {
+                self.commit_high = commit;
+                self.commit_high_term = engine.term_at(commit);
+            }
             let status = node.status();
             self.last_vote[i] = (status.term, status.voted_for);
             if status.role == "leader" {
@@ -879,21 +930,66 @@ impl Checker {
                 }
             }
         }
-        // Every committed record is durable on a majority (a node that is
-        // down counts with what it had made durable).
-        let holders = self
-            .last_durable
-            .iter()
-            .filter(|d| **d >= self.commit_high)
-            .count();
-        if holders < self.majority() {
-            return Err(format!(
-                "LSN {} is committed but durable on only {holders} of {} nodes (durable: {:?})",
-                self.commit_high, self.nodes, self.last_durable
-            ));
-        }
+        self.check_commit_high_held(slots)?;
         if deep {
             self.compare_records(slots)?;
+        }
+        Ok(())
+    }
+
+    /// The highest committed record is durable on a majority: the record
+    /// itself (the same LSN with the same term), not only a log that
+    /// reaches its position, since a minority may hold another term's
+    /// record there. A node that is down counts with what it had made
+    /// durable (its stopped engine's records up to there). Where a node
+    /// no longer knows the term at that LSN (folded into a snapshot), or
+    /// the term of the committed record is unknown, its position counts.
+    fn check_commit_high_held(&self, slots: &[Slot]) -> Result<(), String> {
+        let high = self.commit_high;
+        if high == 0 {
+            return Ok(());
+        }
+        let views: Vec<(u64, Option<u64>, bool)> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let durable = self.last_durable[i];
+                let engine = slot
+                    .node
+                    .as_ref()
+                    .map(|n| n.engine())
+                    .or(slot.stopped_engine.as_ref());
+                let term = engine.and_then(|e| e.term_at(high));
+                let holds = durable >= high
+                    && match (self.commit_high_term, term) {
+                        (Some(want), Some(got)) => want == got,
+                        _ => true,
+                    };
+                (durable, term, holds)
+            })
+            .collect();
+        let holders = views.iter().filter(|v| v.2).count();
+        if holders < self.majority() {
+            let seen: Vec<String> = views
+                .iter()
+                .zip(slots)
+                .enumerate()
+                .map(|(i, ((durable, term, _), slot))| {
+                    format!(
+                        "n{}: durable {durable}, term {} at LSN {high}{}",
+                        i + 1,
+                        term.map_or("?".into(), |t| t.to_string()),
+                        if slot.node.is_none() { " (down)" } else { "" }
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "LSN {high} is committed (term {}) but that record is durable on only {holders} of {} nodes ({} needed): {}",
+                self.commit_high_term.map_or("?".into(), |t| t.to_string()),
+                self.nodes,
+                self.majority(),
+                seen.join("; ")
+            ));
         }
         Ok(())
     }
@@ -974,6 +1070,7 @@ pub fn run(options: &RunOptions) -> Result<Report, Failure> {
         Ok(report) => Ok(report),
         Err((message, with_history)) => Err(Failure {
             seed: options.seed,
+            as_found: !options.extra_faults,
             message,
             trace_tail,
             history: if with_history {
@@ -1013,6 +1110,15 @@ struct Run<'a> {
     /// those reported done.
     transfers_started: usize,
     transfers_done: Arc<AtomicU64>,
+    /// Transfers whose caller gives up after a random delay (each from a
+    /// client of its own), and how many gave up before any reply.
+    transfers_abandoned: usize,
+    transfers_given_up: Arc<AtomicU64>,
+    /// The random stream of the faults added later (`extra_faults`): the
+    /// schedule of the others stays what it was.
+    extra: Rng,
+    /// One-way extra delays, read by every node's streams.
+    delays: LinkDelays,
     step: u64,
 }
 
@@ -1036,6 +1142,7 @@ impl Run<'_> {
         let mut clocks = Rng::new(options.seed ^ 0xC10C_0000_0000_0000);
         let mut clock_rates = Vec::new();
         let mut rate_handles = Vec::new();
+        let delays = LinkDelays::default();
         for id in 1..=options.nodes as u64 {
             let disk = SimStorage::new(SimOptions {
                 seed: rng.next_u64(),
@@ -1044,6 +1151,7 @@ impl Run<'_> {
             });
             disks.push(disk.clone());
             let slots = slots.clone();
+            let delays = delays.clone();
             let nodes = options.nodes;
             let elections = options.elections;
             let node_seed = rng.next_u64();
@@ -1057,6 +1165,7 @@ impl Run<'_> {
                 let disk = disk.clone();
                 let slots = slots.clone();
                 let rate = rate.clone();
+                let delays = delays.clone();
                 async move {
                     let config = node_config(id, nodes, elections);
                     let engine = match Engine::open(Arc::new(disk), config.engine_config()) {
@@ -1068,7 +1177,7 @@ impl Run<'_> {
                     };
                     let recovered_last = engine.last_lsn();
                     let env = NodeEnv {
-                        dialer: Arc::new(SimDialer),
+                        dialer: Arc::new(SimDialer::with_delays(delays.clone())),
                         offload: Offload::Inline,
                         clock: Clock::drifting(rate.clone()),
                         // A round's records sit written but not yet durable
@@ -1087,6 +1196,7 @@ impl Run<'_> {
                         let mut slots = lock(&slots);
                         let slot = &mut slots[id as usize - 1];
                         slot.node = Some(node.clone());
+                        slot.stopped_engine = None;
                         slot.incarnation += 1;
                         slot.recovered_last = recovered_last;
                         let status = node.status();
@@ -1095,7 +1205,8 @@ impl Run<'_> {
                     let listener =
                         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT))
                             .await?;
-                    serve_incoming(node, incoming(listener), std::future::pending()).await?;
+                    serve_incoming(node, incoming(listener, delays), std::future::pending())
+                        .await?;
                     Ok(())
                 }
             });
@@ -1186,6 +1297,10 @@ impl Run<'_> {
             faults: 0,
             transfers_started: 0,
             transfers_done: Arc::default(),
+            transfers_abandoned: 0,
+            transfers_given_up: Arc::default(),
+            extra: Rng::new(options.seed ^ 0xFA17_0000_0000_0000),
+            delays,
             step: 0,
         }
     }
@@ -1215,6 +1330,7 @@ impl Run<'_> {
         let slot = &mut slots[id as usize - 1];
         if let Some(node) = slot.node.take() {
             slot.stopped_durable = Some(node.engine().durable_lsn());
+            slot.stopped_engine = Some(node.engine().clone());
         }
     }
 
@@ -1420,6 +1536,153 @@ impl Run<'_> {
         }
     }
 
+    fn ip(&self, id: u64) -> IpAddr {
+        self.sim.lookup(node_name(id))
+    }
+
+    /// Cuts every link between `side` and the other members (`oneway`:
+    /// only the direction from `side` to the rest), for `ms`.
+    fn cut_off(&mut self, side: &[u64], oneway: bool, ms: u64) {
+        let rest: Vec<u64> = (1..=self.options.nodes as u64)
+            .filter(|m| !side.contains(m))
+            .collect();
+        self.event(format!(
+            "partition {side:?} {} {rest:?} for {ms} ms",
+            if oneway { "->" } else { "<->" }
+        ));
+        for &a in side {
+            for &b in &rest {
+                let (a, b) = (node_name(a), node_name(b));
+                if oneway {
+                    self.sim.partition_oneway(a.clone(), b.clone());
+                    self.heal_at(ms, Heal::RepairOneway(a, b));
+                } else {
+                    self.sim.partition(a.clone(), b.clone());
+                    self.heal_at(ms, Heal::Repair(a, b));
+                }
+            }
+        }
+    }
+
+    /// Slows the direction `from -> to` by `lat` ms, for `ms`.
+    fn slow_oneway(&mut self, from: u64, to: u64, lat: u64, ms: u64) {
+        self.event(format!(
+            "one-way latency {lat} ms on n{from} -> n{to} for {ms} ms"
+        ));
+        let (a, b) = (self.ip(from), self.ip(to));
+        self.delays.set(a, b, Duration::from_millis(lat));
+        self.heal_at(ms, Heal::Delay(from, to));
+    }
+
+    /// The faults added later (`RunOptions::extra_faults`), drawn from
+    /// their own random stream.
+    fn inject_extra_fault(&mut self) {
+        let n = self.options.nodes as u64;
+        let leader = self.leader();
+        self.faults += 1;
+        match self.extra.below(100) {
+            0..=34 => {
+                // Any proper subset of the members cut from the rest: with
+                // 4 or 5 members, a side of two has no majority either way
+                // (4: both sides of a 2-2 split).
+                let size = 1 + self.extra.below(n - 1);
+                let mut ids: Vec<u64> = (1..=n).collect();
+                self.extra.shuffle(&mut ids);
+                ids.truncate(size as usize);
+                ids.sort_unstable();
+                let oneway = self.extra.below(4) == 0;
+                let ms = 200 + self.extra.below(1800);
+                self.cut_off(&ids, oneway, ms);
+            }
+            35..=49 => {
+                // The leader keeps exactly one follower: of four or five,
+                // a minority that must stop acknowledging writes and
+                // serving reads, while the rest elect a new leader.
+                let Some(leader) = leader else { return };
+                let follower = (leader + self.extra.below(n - 1)) % n + 1;
+                let ms = 300 + self.extra.below(1700);
+                let mut side = vec![leader, follower];
+                side.sort_unstable();
+                self.event(format!(
+                    "the leader n{leader} keeps only follower n{follower}"
+                ));
+                self.cut_off(&side, false, ms);
+            }
+            50..=74 => {
+                // One direction of one link slowed (the other way stays
+                // fast): mostly between the leader and a follower, either
+                // way, so a lease that counts from when an answer arrived
+                // rather than when its request left is overstated by it.
+                let (from, to) = match leader {
+                    Some(leader) if self.extra.below(4) != 0 => {
+                        let follower = (leader + self.extra.below(n - 1)) % n + 1;
+                        if self.extra.below(2) == 0 {
+                            (leader, follower)
+                        } else {
+                            (follower, leader)
+                        }
+                    }
+                    _ => {
+                        let a = self.extra.below(n) + 1;
+                        (a, (a + self.extra.below(n - 1)) % n + 1)
+                    }
+                };
+                let lat = 20 + self.extra.below(181);
+                let ms = 200 + self.extra.below(1300);
+                self.slow_oneway(from, to, lat, ms);
+            }
+            _ => {
+                // A leadership transfer whose caller gives up after 0-400
+                // ms: the call is dropped, so the leader's transfer is
+                // cancelled wherever it is (waiting for the target to
+                // catch up, or for the answer to TimeoutNow). Half the
+                // time the target's answers to the leader are slowed, so
+                // the cancellation often lands while TimeoutNow is out;
+                // a quarter of the time everyone's messages to the leader
+                // are, so it also hears late that a new term began.
+                let Some(leader) = leader else { return };
+                let target = (leader + self.extra.below(n - 1)) % n + 1;
+                let give_up = self.extra.below(401);
+                let slow = self.extra.below(4);
+                if slow < 3 {
+                    let lat = 20 + self.extra.below(181);
+                    let from: Vec<u64> = if slow == 2 {
+                        (1..=n).filter(|m| *m != leader).collect()
+                    } else {
+                        vec![target]
+                    };
+                    for from in from {
+                        self.slow_oneway(from, leader, lat, give_up + 300);
+                    }
+                }
+                self.transfers_abandoned += 1;
+                let name = format!("abandoned{}", self.transfers_abandoned);
+                self.event(format!(
+                    "{name}: hand leadership n{leader} -> n{target}, giving up after {give_up} ms"
+                ));
+                let nodes = self.options.nodes;
+                let (done, given_up) =
+                    (self.transfers_done.clone(), self.transfers_given_up.clone());
+                self.sim.client(name, async move {
+                    let client = sim_client_from(nodes, leader as usize - 1);
+                    let call = client.transfer_leader(target);
+                    match tokio::time::timeout(Duration::from_millis(give_up), call).await {
+                        Ok(outcome) => {
+                            tracing::debug!(?outcome, target, "leadership transfer");
+                            if outcome.is_ok() {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            given_up.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+
     fn apply_heals(&mut self, all: bool) {
         let now = self.step;
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.heals)
@@ -1476,6 +1739,10 @@ impl Run<'_> {
                         });
                         self.trapped.insert(id);
                     }
+                }
+                Heal::Delay(from, to) => {
+                    let (from, to) = (self.ip(from), self.ip(to));
+                    self.delays.set(from, to, Duration::ZERO);
                 }
                 Heal::ClockRates => {
                     for (handle, rate) in self.rate_handles.iter().zip(&self.clock_rates) {
@@ -1579,10 +1846,15 @@ impl Run<'_> {
         }
         // Chaos.
         let mut next_fault = 200 + self.rng.below(400);
+        let mut next_extra = 300 + self.extra.below(600);
         while self.step < chaos_ms {
             if self.options.faults && self.step >= next_fault {
                 self.inject_fault();
                 next_fault = self.step + 100 + self.rng.below(900);
+            }
+            if self.options.faults && self.options.extra_faults && self.step >= next_extra {
+                self.inject_extra_fault();
+                next_extra = self.step + 400 + self.extra.below(1200);
             }
             self.spring_traps();
             self.apply_heals(false);
@@ -1595,6 +1867,7 @@ impl Run<'_> {
         // Recovery: heal everything, restart whoever is down.
         self.event("chaos ends: heal every fault".into());
         self.apply_heals(true);
+        self.delays.clear();
         for d in &self.disks {
             d.clear_faults();
         }
@@ -1687,9 +1960,10 @@ impl Run<'_> {
             batch_ops_ok,
             faults: self.faults,
             transfers: (
-                self.transfers_started,
+                self.transfers_started + self.transfers_abandoned,
                 self.transfers_done.load(Ordering::Relaxed) as usize,
             ),
+            transfers_given_up: self.transfers_given_up.load(Ordering::Relaxed) as usize,
             sim_time: Duration::from_millis(self.step),
             applied_lsn,
         })

@@ -5,6 +5,12 @@
 //! - `SIM_SEED=<seed>`: `replay` runs exactly that seed (`SIM_VERBOSE=1`
 //!   prints every fault as it fires, `RUST_LOG=kv_node=debug` the nodes'
 //!   logs).
+//! - `SIM_KEEP_GOING=1`: the sweep runs every seed even after failures,
+//!   lists the failing seeds with their first line, then fails (for a
+//!   planted-bug campaign: how many seeds catch it).
+//! - `SIM_AS_FOUND=1`: `replay` and the sweep run seeds as the regression
+//!   seeds run (the fault schedule before the extra faults,
+//!   `RunOptions::as_found`).
 //! - `SIM_SEEDS=<n>`: the sweep runs `n` seeds (default 200) with no time
 //!   cap; `SIM_SEED_BASE=<b>` moves its first seed (default 1000).
 
@@ -36,14 +42,16 @@ fn run_options(options: &RunOptions) -> Report {
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic");
             panic!(
-                "simulation seed {} panicked: {what}\nreplay it: SIM_SEED={} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
-                options.seed, options.seed
+                "simulation seed {} panicked: {what}\nreplay it: SIM_SEED={}{} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
+                options.seed,
+                options.seed,
+                if options.extra_faults { "" } else { " SIM_AS_FOUND=1" }
             )
         });
     match outcome {
         Ok(report) => {
             eprintln!(
-                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads ({} ops by batch streams), {} unknown, {} faults ({} of {} leadership transfers done), applied LSN {}, simulated {:?}",
+                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads ({} ops by batch streams), {} unknown, {} faults ({} of {} leadership transfers done, {} given up by their caller), applied LSN {}, simulated {:?}",
                 options.seed,
                 started.elapsed().as_secs_f64(),
                 options.nodes,
@@ -55,6 +63,7 @@ fn run_options(options: &RunOptions) -> Report {
                 report.faults,
                 report.transfers.1,
                 report.transfers.0,
+                report.transfers_given_up,
                 report.applied_lsn,
                 report.sim_time
             );
@@ -64,8 +73,14 @@ fn run_options(options: &RunOptions) -> Report {
     }
 }
 
+/// A seed with every fault on, or (`SIM_AS_FOUND=1`, for `replay` and the
+/// sweep) as the regression seeds run.
 fn run_seed(seed: u64) -> Report {
-    run_options(&RunOptions::for_seed(seed))
+    if std::env::var_os("SIM_AS_FOUND").is_some() {
+        run_options(&RunOptions::as_found(seed))
+    } else {
+        run_options(&RunOptions::for_seed(seed))
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -73,7 +88,10 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// Seeds that once found a bug (see the comments), plus a few of each
-/// cluster size. Keep adding: a seed that failed stays here for good.
+/// cluster size. Keep adding: a seed that failed stays here for good. Each
+/// runs with the options it was found with ([`RunOptions::as_found`]: no
+/// fault added since, so it replays the very run that found its bug); a
+/// seed found by the full sweep goes in [`REGRESSION_SEEDS_FULL`].
 const REGRESSION_SEEDS: &[u64] = &[
     1, 2, 3,     // 5 nodes
     7,     // 5 nodes
@@ -88,14 +106,21 @@ const REGRESSION_SEEDS: &[u64] = &[
     50656, // a snapshot install that failed midway (a sync error) left the engine calling durable records the disk no longer held
 ];
 
+/// Seeds that found a bug with every fault on ([`RunOptions::for_seed`]).
+const REGRESSION_SEEDS_FULL: &[u64] = &[];
+
 #[test]
 fn regression_seeds() {
     for &seed in REGRESSION_SEEDS {
+        run_options(&RunOptions::as_found(seed));
+    }
+    for &seed in REGRESSION_SEEDS_FULL {
         run_seed(seed);
     }
 }
 
-/// `SIM_SEED=<seed>` replays one seed exactly (seed 1 without it).
+/// `SIM_SEED=<seed>` replays one seed exactly (seed 1 without it);
+/// `SIM_AS_FOUND=1` runs it as the regression seeds run.
 #[test]
 fn replay() {
     run_seed(env_u64("SIM_SEED").unwrap_or(1));
@@ -113,8 +138,10 @@ fn sweep(part: u64) {
     } else {
         Duration::from_secs(300)
     };
+    let keep_going = std::env::var_os("SIM_KEEP_GOING").is_some();
     let started = Instant::now();
     let mut ran = 0;
+    let mut failed = Vec::new();
     let mut seed = base + part;
     while seed < base + count {
         if started.elapsed() > cap {
@@ -124,7 +151,20 @@ fn sweep(part: u64) {
             );
             break;
         }
-        run_seed(seed);
+        if keep_going {
+            let outcome = std::panic::catch_unwind(|| run_seed(seed));
+            if let Err(payload) = outcome {
+                let what = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .unwrap_or("a panic");
+                let first = what.lines().next().unwrap_or_default().to_owned();
+                eprintln!("FAILED {first}");
+                failed.push(first);
+            }
+        } else {
+            run_seed(seed);
+        }
         ran += 1;
         seed += 2;
     }
@@ -134,6 +174,12 @@ fn sweep(part: u64) {
     );
     // The cap may trim a slow run, but never silently by much: coverage
     // below 60% of the half's seeds fails.
+    assert!(
+        failed.is_empty(),
+        "{} of {ran} seeds failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
     let half = (count - part).div_ceil(2);
     assert!(
         ran * 10 >= half * 6,
@@ -155,7 +201,7 @@ fn sweep_odd_seeds() {
 /// the workload and the checks themselves function.
 #[test]
 fn a_calm_cluster_answers_everything() {
-    for nodes in [3, 5] {
+    for nodes in [3, 4, 5] {
         let options = RunOptions {
             faults: false,
             nodes,
