@@ -6,7 +6,9 @@
 //! live in `engine::log_buffer`), syncs, rolls segments, reads records back
 //! from a given LSN, durably truncates after an LSN, and deletes segments
 //! covered by a snapshot. It never applies records to the map and holds no
-//! lock of its own: the engine serialises access to it.
+//! lock of its own: the engine serialises access to it. Reading records for
+//! shipping is split in two: [`Wal::plan_read`] (under the engine's lock,
+//! cheap) and [`ReadPlan::read`] (the file reads, without it).
 //!
 //! Recovery is the case table of `node/DESIGN.md` ("The case table"), written out in
 //! [`Wal::open`]; every row has a test in `node/tests/recovery.rs`.
