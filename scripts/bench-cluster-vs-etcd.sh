@@ -48,6 +48,9 @@ Options:
       --kv-api LIST    kv client APIs to run, comma-separated (default
                        batch,unary)
       --no-kv          run etcd only (e.g. before `kv bench cluster` exists)
+      --kv PATH        the kv binary to run (default: target/release/kv,
+                       built first); for an A/B, run the script once per
+                       binary, alternating
   -h, --help           this text
 
 Needs: python3, etcd and etcdctl (apt-get install -y etcd-server etcd-client).
@@ -69,6 +72,7 @@ PARENT="$ROOT/kv-bench-data"
 PLOT="$ROOT/bench-results/cluster-vs-etcd.svg"
 USE_KV=1
 KV_APIS=batch,unary
+KV_GIVEN=""
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -81,6 +85,7 @@ while [[ $# -gt 0 ]]; do
         --no-plot) PLOT=""; shift ;;
         --kv-api) KV_APIS=${2:?}; shift 2 ;;
         --no-kv) USE_KV=0; shift ;;
+        --kv) KV_GIVEN=$(abspath "${2:?}"); shift 2 ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
@@ -118,12 +123,14 @@ EOF
 done
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-KV="$TARGET_DIR/release/kv"
+KV="${KV_GIVEN:-$TARGET_DIR/release/kv}"
 ETCD_BENCH="$TARGET_DIR/etcd-bench/release/etcd-bench"
 
 if [[ $USE_KV == 1 ]]; then
-    echo "+ cargo build --release --bin kv"
-    cargo build --release --bin kv || die "building kv failed"
+    if [[ -z $KV_GIVEN ]]; then
+        echo "+ cargo build --release --bin kv"
+        cargo build --release --bin kv || die "building kv failed"
+    fi
     "$KV" bench cluster --help >/dev/null 2>&1 ||
         die "$KV has no 'bench cluster' subcommand yet; run with --no-kv to bench etcd alone"
 fi
