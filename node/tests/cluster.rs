@@ -166,6 +166,22 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
     }
 
+    /// The first LSN node `id`'s WAL holds on disk (from its segment names).
+    fn first_wal_lsn(&self, id: usize) -> u64 {
+        std::fs::read_dir(self.dir.path().join(format!("node{id}")))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("wal-")?
+                    .strip_suffix(".wal")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .min()
+            .unwrap()
+    }
+
     fn status_of(&self, id: usize) -> Option<pb::StatusReply> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -700,18 +716,7 @@ fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
         leader.snapshot_lsn > 2,
         "the leader snapshotted: {leader:?}"
     );
-    let first_wal = std::fs::read_dir(cluster.dir.path().join("node1"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_prefix("wal-")?
-                .strip_suffix(".wal")?
-                .parse::<u64>()
-                .ok()
-        })
-        .min()
-        .unwrap();
+    let first_wal = cluster.first_wal_lsn(1);
     // With those records gone from the leader's WAL and memory, catching up
     // is possible only through snapshot install.
     assert!(
@@ -763,18 +768,7 @@ fn a_snapshot_of_many_chunks_streams_to_a_follower_and_installs() {
     );
     cluster.kill(1);
     cluster.start_node(1);
-    let first_wal = std::fs::read_dir(cluster.dir.path().join("node1"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_prefix("wal-")?
-                .strip_suffix(".wal")?
-                .parse::<u64>()
-                .ok()
-        })
-        .min()
-        .unwrap();
+    let first_wal = cluster.first_wal_lsn(1);
     assert!(
         first_wal > 2,
         "the leader deleted the WAL node 3 needs (first LSN {first_wal})"

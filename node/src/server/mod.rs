@@ -1421,10 +1421,10 @@ where
         .add_service(ReplicationServer::new(ReplicationService(node.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
-    // Every task of the node ends before the final sync: those spawned
-    // with `Node::spawn` at once, the streams once they answered what they
-    // read (bounded: a client that reads no replies does not hold the stop).
-    node.stopping.send_replace(true);
+    // Every task of the node ends before the final sync (`stopping` is set
+    // by the shutdown future above): those spawned with `Node::spawn` at
+    // once, the streams once they answered what they read (bounded: a
+    // client that reads no replies does not hold the stop).
     node.tasks.close();
     let drain = Duration::from_millis(node.config.rpc_timeout_ms * 2);
     if tokio::time::timeout(drain, node.tasks.wait())
