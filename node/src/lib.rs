@@ -7,15 +7,18 @@
 //!
 //! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
 //! is [`server`]; the replication rules it follows are the `kv-cluster`
-//! crate's.
+//! crate's. [`tls`] secures its connections and [`certs`] makes a
+//! development CA and certificates (`kv certs init`).
 
 pub mod bench;
+pub mod certs;
 pub mod check;
 pub mod engine;
 pub mod repl;
 pub mod server;
 pub mod storage;
 pub mod timer;
+pub mod tls;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use storage::{FsStorage, SimOptions, SimStorage, Storage};

@@ -18,6 +18,7 @@ use kv_node::server::client::{self, Client};
 use kv_node::server::config::NodeConfig;
 use kv_node::server::{self, Node};
 use kv_node::timer::FlushTimer;
+use kv_node::tls::Transport;
 use kv_node::{Engine, EngineConfig, FsStorage};
 use kv_proto::v1 as pb;
 
@@ -32,8 +33,58 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "kv", version, about)]
 struct Cli {
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// How the client commands secure their connections (flags as etcdctl's).
+/// None given: plaintext.
+#[derive(Args, Debug, Clone, Default)]
+struct TlsArgs {
+    /// Verify the nodes' certificates against this CA (PEM): TLS on.
+    #[arg(long, global = true, env = "KV_CACERT", value_name = "PEM")]
+    cacert: Option<PathBuf>,
+    /// Present this client certificate (PEM), for nodes that demand one.
+    #[arg(
+        id = "tls_cert",
+        long = "cert",
+        global = true,
+        env = "KV_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 600).
+    #[arg(
+        id = "tls_key",
+        long = "key",
+        global = true,
+        env = "KV_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn transport(&self) -> anyhow::Result<Transport> {
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(kv_node::tls::IdentityFiles::load(cert, key)?),
+            _ => None,
+        };
+        match &self.cacert {
+            Some(ca) => Ok(Transport::tls(
+                &kv_node::tls::read_certs(ca)?,
+                identity.as_ref(),
+            )),
+            None if identity.is_some() => {
+                anyhow::bail!("--cert needs --cacert (the CA the nodes' certificates chain to)")
+            }
+            None => Ok(Transport::plaintext()),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +116,10 @@ enum Cmd {
     /// processes, logs to files; SIGINT/SIGTERM stop them all cleanly.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Certificates for TLS (`kv certs init`: a development CA and
+    /// certificates for the nodes and clients).
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Set a key on the cluster (sent to the leader; redirects are followed).
     Put {
         key: String,
@@ -128,6 +183,35 @@ enum ClusterCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Write a new CA (`ca.pem`, `ca-key.pem`), `node<N>.pem` +
+    /// `node<N>-key.pem` for nodes 1..=N and `<client>.pem` +
+    /// `<client>-key.pem` per client into a directory; keys are mode 600.
+    /// A quick start for development clusters, not a PKI.
+    Init {
+        /// Directory to write into (created on demand).
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Node certificates to make (member ids 1..=N).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Client certificates to make, by name (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "admin")]
+        clients: Vec<String>,
+        /// Host names and IP addresses the node certificates are good for
+        /// (where clients and peers dial them), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace certificates already there.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 /// Where the client commands send their requests.
 #[derive(Args, Debug, Clone)]
 struct Target {
@@ -152,11 +236,11 @@ impl Target {
         }
     }
 
-    fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(
-            self.endpoints()?,
-            Duration::from_millis(self.timeout_ms),
-        ))
+    fn client(&self, tls: &TlsArgs) -> anyhow::Result<Client> {
+        Ok(
+            Client::new(self.endpoints()?, Duration::from_millis(self.timeout_ms))
+                .with_transport(tls.transport()?),
+        )
     }
 }
 
@@ -288,6 +372,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let tls = cli.tls;
     match cli.command {
         Cmd::Repl(args) => repl(&args),
         Cmd::Check(args) => {
@@ -299,13 +384,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
-        Cmd::Bench(b) => bench_cmd(b),
+        Cmd::Bench(b) => bench_cmd(b, &tls),
         Cmd::Serve {
             config,
             exit_on_stdin_eof,
         } => serve(&config, exit_on_stdin_eof),
         Cmd::Shell { target } => {
-            let client = target.client()?;
+            let client = target.client(&tls)?;
             let rt = runtime()?;
             let stdin = std::io::stdin();
             let prompt = stdin.is_terminal();
@@ -315,6 +400,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster(ClusterCmd::Up { dir, log_dir }) => cluster_up(&dir, &log_dir),
+        Cmd::Certs(CertsCmd::Init {
+            out,
+            nodes,
+            clients,
+            hosts,
+            days,
+            force,
+        }) => {
+            let plan = kv_node::certs::InitPlan {
+                nodes,
+                clients,
+                hosts,
+                days,
+                force,
+            };
+            for path in kv_node::certs::init(&out, &plan)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Put {
             key,
             value,
@@ -327,7 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ack: client::parse_ack(&ack)? as i32,
             };
             let reply =
-                runtime()?.block_on(async { anyhow::Ok(target.client()?.put(req).await?) })?;
+                runtime()?.block_on(async { anyhow::Ok(target.client(&tls)?.put(req).await?) })?;
             println!("OK lsn={}", reply.lsn);
             Ok(ExitCode::SUCCESS)
         }
@@ -336,8 +441,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 key: key.into_bytes(),
                 ack: client::parse_ack(&ack)? as i32,
             };
-            let reply =
-                runtime()?.block_on(async { anyhow::Ok(target.client()?.delete(req).await?) })?;
+            let reply = runtime()?
+                .block_on(async { anyhow::Ok(target.client(&tls)?.delete(req).await?) })?;
             println!("OK lsn={}", reply.lsn);
             Ok(ExitCode::SUCCESS)
         }
@@ -356,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 consistency: consistency as i32,
             };
             runtime()?.block_on(async {
-                let reply = target.client()?.get(req).await?;
+                let reply = target.client(&tls)?.get(req).await?;
                 let value = if reply.found {
                     String::from_utf8_lossy(&reply.value).into_owned()
                 } else {
@@ -372,13 +477,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::TransferLeader { id, target } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
+            let transport = tls.transport()?;
             let timeout = Duration::from_millis(target.timeout_ms);
-            let reply = target.client()?.transfer_leader(id).await?;
+            let reply = target.client(&tls)?.transfer_leader(id).await?;
             // The old leader has stepped down and `id` is campaigning: wait
             // until some node reports it leading a later term.
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let leading = client::status_all(&endpoints, timeout)
+                let leading = client::status_all(&transport, &endpoints, timeout)
                     .await
                     .into_iter()
                     .filter_map(|(_, r)| r.ok())
@@ -409,8 +515,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Cmd::Status { target } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
-            let replies =
-                client::status_all(&endpoints, Duration::from_millis(target.timeout_ms)).await;
+            let replies = client::status_all(
+                &tls.transport()?,
+                &endpoints,
+                Duration::from_millis(target.timeout_ms),
+            )
+            .await;
             let lags: std::collections::BTreeMap<u64, u64> = replies
                 .iter()
                 .filter_map(|(_, r)| r.as_ref().ok())
@@ -471,7 +581,33 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
         start.elapsed().as_secs_f64() * 1000.0,
         engine.recovery()
     );
-    let listen = config.listen;
+    let (listen, peer_listen) = (config.listen, config.peer_listen);
+    let mut env = server::env::NodeEnv::default();
+    let server_tls = match &config.tls {
+        Some(settings) => {
+            let tls = kv_node::tls::NodeTls::load(settings, config.node_id)?;
+            env.peer_transport = tls.peer_transport;
+            env.peer_auth = Arc::new(server::auth::Certificates);
+            Some(tls.server)
+        }
+        None => None,
+    };
+    let security = match &config.tls {
+        Some(t) if t.client_cert_auth => "TLS, client certificates demanded",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    if config.tls.is_none()
+        && std::iter::once(listen)
+            .chain(peer_listen)
+            .any(|a| !a.ip().is_loopback())
+    {
+        tracing::warn!(
+            %listen,
+            "plaintext on an address other than loopback (allow_plaintext_non_loopback): \
+             anyone who reaches it can act as a member"
+        );
+    }
     // One thread runs all of a node's async work: a node is one core's worth
     // of request handling, and a single-threaded runtime saves the
     // cross-thread wake-ups (measured: ~15% more writes/s at 256 clients).
@@ -481,11 +617,27 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
         .build()
         .context("start the async runtime")?
         .block_on(async move {
-            let node = Node::new(config, Arc::new(engine)).context("start the flusher thread")?;
+            let node = Node::with_env(config, Arc::new(engine), env)
+                .context("start the flusher thread")?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listen on {listen}"))?;
-            eprintln!("kv: node listening on {listen}");
+            let peer_listener = match peer_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("listen on {addr} (peer_listen)"))?,
+                ),
+                None => None,
+            };
+            match peer_listen {
+                Some(peers) => {
+                    eprintln!(
+                        "kv: node listening on {listen} (clients), {peers} (peers); {security}"
+                    )
+                }
+                None => eprintln!("kv: node listening on {listen} (clients and peers); {security}"),
+            }
             let shutdown = async move {
                 match lifeline {
                     Some(eof) => tokio::select! {
@@ -497,7 +649,7 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
                     None => shutdown_signal().await,
                 }
             };
-            server::serve(node, listener, shutdown).await?;
+            server::serve(node, listener, peer_listener, server_tls, shutdown).await?;
             eprintln!("kv: node stopped cleanly");
             Ok(ExitCode::SUCCESS)
         })
@@ -679,7 +831,7 @@ fn repl(args: &EngineArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+fn bench_cmd(cmd: BenchCmd, tls: &TlsArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Engine {
             writers,
@@ -760,6 +912,7 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             json,
         } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
+            let transport = tls.transport()?;
             if !json {
                 println!("{}", client::CLUSTER_BENCH_HEADER);
             }
@@ -768,6 +921,7 @@ fn bench_cmd(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("--clients: a client count must be at least 1");
                 }
                 let row = client::bench_cluster(
+                    &transport,
                     &endpoints,
                     c,
                     ops,

@@ -286,12 +286,16 @@ fn node_config(id: u64, nodes: usize, elections: bool) -> NodeConfig {
         .map(|m| Member {
             id: m,
             addr: SocketAddr::new(turmoil::lookup(node_name(m)), PORT),
+            peer_addr: None,
         })
         .collect();
     NodeConfig {
         cluster_id: "sim".into(),
         node_id: id,
         listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT),
+        peer_listen: None,
+        tls: None,
+        allow_plaintext_non_loopback: true,
         data_dir: DATA_DIR.into(),
         leader: (!elections).then_some(1),
         members,
@@ -1184,6 +1188,7 @@ impl Run<'_> {
                         // for a tick, where a power loss can find them.
                         sync_latency: Duration::from_millis(1),
                         seed: node_seed,
+                        ..NodeEnv::default()
                     };
                     let node = match Node::with_env(config, Arc::new(engine), env) {
                         Ok(node) => node,
@@ -1205,8 +1210,14 @@ impl Run<'_> {
                     let listener =
                         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT))
                             .await?;
-                    serve_incoming(node, incoming(listener, delays), std::future::pending())
-                        .await?;
+                    serve_incoming(
+                        node,
+                        incoming(listener, delays),
+                        None,
+                        None,
+                        std::future::pending(),
+                    )
+                    .await?;
                     Ok(())
                 }
             });

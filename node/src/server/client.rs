@@ -18,6 +18,7 @@ use super::LEADER_METADATA;
 use super::batch::BatchClient;
 use super::config::NodeConfig;
 use super::env::{Dialer, TcpDialer};
+use crate::tls::Transport;
 
 /// The members' addresses from `configs/node*.toml` (in `dir`), in order.
 pub fn endpoints_from_configs(dir: &Path) -> anyhow::Result<Vec<SocketAddr>> {
@@ -44,13 +45,15 @@ pub fn endpoints_from_configs(dir: &Path) -> anyhow::Result<Vec<SocketAddr>> {
 
 async fn connect(
     dialer: &dyn Dialer,
+    transport: &Transport,
     addr: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<KvClient<Channel>> {
     // A dead or cut-off node answers no SYN: give connecting a third of the
     // call's time, so the other endpoints get their turn.
     let connect_timeout = (timeout / 3).max(Duration::from_millis(100));
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = transport
+        .endpoint(addr)?
         .connect_timeout(connect_timeout)
         .timeout(timeout);
     let channel = tokio::time::timeout(connect_timeout, dialer.dial(endpoint))
@@ -60,12 +63,29 @@ async fn connect(
     Ok(KvClient::new(channel))
 }
 
+/// What a plaintext client is told when the node spoke no HTTP/2 to it.
+const PLAINTEXT_HINT: &str =
+    "(the node may serve TLS: pass --cacert, or set KV_CACERT, to connect with TLS)";
+
+/// True if a call failed in the HTTP/2 connection itself (as when
+/// plaintext meets a TLS listener), not with a service's answer.
+fn is_h2_failure(status: &tonic::Status) -> bool {
+    let message = status.message();
+    matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+    ) && (message.contains("h2 protocol error")
+        || message == "transport error"
+        || message == "operation was canceled")
+}
+
 /// A client bound to a list of endpoints.
 #[derive(Debug, Clone)]
 pub struct Client {
     endpoints: Vec<SocketAddr>,
     timeout: Duration,
     dialer: Arc<dyn Dialer>,
+    transport: Transport,
     /// The endpoint that answered last (the leader, usually): tried first.
     last_good: Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
@@ -98,8 +118,15 @@ impl Client {
             endpoints,
             timeout,
             dialer,
+            transport: Transport::plaintext(),
             last_good: Arc::default(),
         }
+    }
+
+    /// This client, its connections secured as `transport` says.
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// Runs `call` against the endpoints, following redirects, until one
@@ -134,10 +161,14 @@ impl Client {
                     continue;
                 }
                 tried.push(addr);
-                let client = match connect(&*self.dialer, addr, self.timeout).await {
+                let client = match connect(&*self.dialer, &self.transport, addr, self.timeout).await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         last_error = format!("{e:#}");
+                        if !self.transport.is_tls() && last_error.contains("http2 error") {
+                            last_error = format!("{last_error} {PLAINTEXT_HINT}");
+                        }
                         tracing::debug!(%addr, error = %last_error, "connect failed");
                         continue;
                     }
@@ -169,6 +200,20 @@ impl Client {
                         if idempotent && !status.message().starts_with("outcome unknown") =>
                     {
                         last_error = format!("{addr}: {}", status.message());
+                        if !self.transport.is_tls() && is_h2_failure(&status) {
+                            last_error = format!("{last_error} {PLAINTEXT_HINT}");
+                        }
+                    }
+                    // Plaintext spoken to a TLS listener breaks the HTTP/2
+                    // connection; whether a request ran cannot be told
+                    // from here, so it is not retried, but the error says
+                    // what is likely wrong.
+                    Err(status) if !self.transport.is_tls() && is_h2_failure(&status) => {
+                        let message = format!("{addr}: {} {PLAINTEXT_HINT}", status.message());
+                        return Err(CallError::Status(tonic::Status::new(
+                            status.code(),
+                            message,
+                        )));
                     }
                     Err(status) => return Err(CallError::Status(status)),
                 }
@@ -267,12 +312,13 @@ pub fn status_row(s: &pb::StatusReply, lag: Option<u64>) -> String {
 
 /// `kv status`: asks every endpoint directly (no redirects).
 pub async fn status_all(
+    transport: &Transport,
     endpoints: &[SocketAddr],
     timeout: Duration,
 ) -> Vec<(SocketAddr, Result<pb::StatusReply, String>)> {
     let mut out = Vec::new();
     for addr in endpoints {
-        let reply = match connect(&TcpDialer, *addr, timeout).await {
+        let reply = match connect(&TcpDialer, transport, *addr, timeout).await {
             Ok(mut c) => c
                 .status(pb::StatusRequest {})
                 .await
@@ -353,6 +399,7 @@ const CLIENTS_PER_CONNECTION: usize = 32;
 /// acknowledgement level, before sending the next) to the leader, over one
 /// HTTP/2 connection per [`CLIENTS_PER_CONNECTION`] clients, as `api` says.
 pub async fn bench_cluster(
+    transport: &Transport,
     endpoints: &[SocketAddr],
     clients: usize,
     ops: u64,
@@ -361,7 +408,7 @@ pub async fn bench_cluster(
     api: BenchApi,
     timeout: Duration,
 ) -> anyhow::Result<ClusterBenchRow> {
-    let statuses = status_all(endpoints, timeout).await;
+    let statuses = status_all(transport, endpoints, timeout).await;
     let leader = statuses
         .iter()
         .find(|(_, s)| s.as_ref().is_ok_and(|s| s.role == "leader"))
@@ -370,7 +417,8 @@ pub async fn bench_cluster(
     let mut channels = Vec::new();
     for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
         channels.push(
-            tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
+            transport
+                .endpoint(leader)?
                 .connect_timeout(timeout)
                 .timeout(timeout)
                 .tcp_nodelay(true)

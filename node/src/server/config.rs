@@ -1,5 +1,7 @@
 //! A node's configuration file (`configs/node*.toml`): parsing, defaults,
-//! and validation. Pure: no I/O beyond reading the one file given.
+//! and validation. Pure: no I/O beyond reading the one file given (the
+//! certificate files it names are read when the node starts, by
+//! `crate::tls`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,8 +36,40 @@ impl From<Ack> for kv_cluster::AckLevel {
 pub struct Member {
     /// Its node id (unique, non-zero).
     pub id: u64,
-    /// Where its gRPC server listens.
+    /// Its client listener (the `Kv` service): where clients and
+    /// redirects go.
     pub addr: SocketAddr,
+    /// Its peer listener (the `Replication` service), where the other
+    /// members dial it. Default: `addr` (a node without `peer_listen`
+    /// serves both on one port).
+    #[serde(default)]
+    pub peer_addr: Option<SocketAddr>,
+}
+
+impl Member {
+    /// Where the other members reach its replication service.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer_addr.unwrap_or(self.addr)
+    }
+}
+
+/// TLS on both listeners (`[tls]` in a node's config). Relative paths are
+/// relative to the directory `kv serve` runs in.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The cluster CA (PEM): every peer's certificate must chain to it.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), naming `urn:kv:node:<node_id>`.
+    pub cert: PathBuf,
+    /// Its private key (PEM; refused if group or others may read it).
+    pub key: PathBuf,
+    /// Demand a client certificate on the client listener. Default false.
+    #[serde(default)]
+    pub client_cert_auth: bool,
+    /// The CA client certificates must chain to. Default: `ca`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 fn default_ack() -> Ack {
@@ -81,8 +115,22 @@ pub struct NodeConfig {
     pub cluster_id: String,
     /// This node's id (one of `members`).
     pub node_id: u64,
-    /// Address to listen on (loopback in the shipped configs).
+    /// The client listener: the `Kv` service, gRPC health and reflection
+    /// (loopback in the shipped configs).
     pub listen: SocketAddr,
+    /// The peer listener: the `Replication` service only, where the other
+    /// members dial this node. Default: none, and replication shares
+    /// `listen` (plaintext development setups only; TLS needs it).
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+    /// TLS on both listeners, mutual on the peer one. Default: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// Allow plaintext on an address other than loopback (anyone who
+    /// reaches it can then act as a member). Default false: such a node
+    /// refuses to start.
+    #[serde(default)]
+    pub allow_plaintext_non_loopback: bool,
     /// Data directory (created on demand). A relative path is relative to
     /// the directory `kv serve` runs in.
     pub data_dir: PathBuf,
@@ -196,10 +244,32 @@ impl NodeConfig {
         if self.batch_records_max == 0 {
             return Err("batch_records_max must be at least 1".into());
         }
+        if self.peer_listen == Some(self.listen) {
+            return Err("peer_listen must differ from listen".into());
+        }
+        if self.tls.is_some() && self.peer_listen.is_none() {
+            return Err("tls needs peer_listen: replication gets a listener of its own".into());
+        }
+        if self.tls.is_none() && !self.allow_plaintext_non_loopback {
+            for addr in std::iter::once(self.listen).chain(self.peer_listen) {
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "plaintext on {addr}, which is not loopback, lets anyone who reaches it \
+                         act as a member: configure [tls], or set \
+                         allow_plaintext_non_loopback = true"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The address of member `id`.
+    /// Where member `id`'s replication service listens.
+    pub fn peer_addr_of(&self, id: u64) -> Option<SocketAddr> {
+        self.members.iter().find(|m| m.id == id).map(Member::peer)
+    }
+
+    /// The client address of member `id`.
     pub fn addr_of(&self, id: u64) -> Option<SocketAddr> {
         self.members.iter().find(|m| m.id == id).map(|m| m.addr)
     }
@@ -270,16 +340,48 @@ mod tests {
         check(BASE.replace("id = 2\n", "id = 1\n"), "unique");
         check(format!("{BASE}\nunknown = 1"), "unknown");
         check(BASE.replace("127.0.0.1:7001", "nonsense"), "invalid");
+        check(
+            BASE.replace("listen = \"127.0.0.1:7002\"", "listen = \"0.0.0.0:7002\""),
+            "not loopback",
+        );
+        check(
+            format!("peer_listen = \"127.0.0.1:7002\"\n{BASE}"),
+            "must differ",
+        );
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"\n";
+        check(format!("{BASE}\n{tls}"), "needs peer_listen");
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_the_opt_in_and_tls_does_not() {
+        let open = BASE.replace("listen = \"127.0.0.1:7002\"", "listen = \"0.0.0.0:7002\"");
+        parse(&format!("allow_plaintext_non_loopback = true\n{open}")).unwrap();
+        let tls = format!(
+            "peer_listen = \"0.0.0.0:7102\"\n{open}\n[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"\n"
+        );
+        let c = parse(&tls).unwrap();
+        let t = c.tls.clone().unwrap();
+        assert!(!t.client_cert_auth && t.client_ca.is_none());
+        assert_eq!(
+            c.peer_addr_of(1),
+            c.addr_of(1),
+            "peer_addr defaults to addr"
+        );
     }
 
     #[test]
     fn the_shipped_configs_are_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        for i in 1..=3 {
-            let c = NodeConfig::load(&dir.join(format!("node{i}.toml"))).unwrap();
-            assert_eq!(c.node_id, i);
-            assert_eq!(c.members.len(), 3);
-            assert!(c.members.iter().all(|m| m.addr.ip().is_loopback()));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for (dir, tls) in [(root.clone(), false), (root.join("tls"), true)] {
+            for i in 1..=3 {
+                let c = NodeConfig::load(&dir.join(format!("node{i}.toml"))).unwrap();
+                assert_eq!(c.node_id, i);
+                assert_eq!(c.members.len(), 3);
+                assert!(c.members.iter().all(|m| m.addr.ip().is_loopback()));
+                assert!(c.members.iter().all(|m| m.peer_addr.is_some()));
+                assert_eq!(c.peer_listen, c.peer_addr_of(i));
+                assert_eq!(c.tls.is_some(), tls, "{}", dir.display());
+            }
         }
     }
 }

@@ -367,7 +367,8 @@ impl Node {
         }
         let (tx, mut rx) = mpsc::channel(self.config.members.len());
         for peer in self.config.members.iter().filter(|m| m.id != me) {
-            let (node, tx, request, addr) = (self.clone(), tx.clone(), request.clone(), peer.addr);
+            let (node, tx, request, addr) =
+                (self.clone(), tx.clone(), request.clone(), peer.peer());
             self.spawn(async move {
                 let _ = tx.send(node.ask_for_vote(addr, request).await).await;
             });
@@ -399,7 +400,10 @@ impl Node {
         addr: std::net::SocketAddr,
     ) -> anyhow::Result<ReplicationClient<tonic::transport::Channel>> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = self
+            .env
+            .peer_transport
+            .endpoint(addr)?
             .connect_timeout(rpc)
             .timeout(rpc);
         let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
@@ -496,7 +500,7 @@ impl Node {
         if target == self.config.node_id {
             return Ok(term);
         }
-        let Some(addr) = self.config.addr_of(target) else {
+        let Some(addr) = self.config.peer_addr_of(target) else {
             return Err(Status::invalid_argument(format!(
                 "node {target} is not a member of this cluster"
             )));
@@ -708,12 +712,16 @@ mod tests {
             .map(|id| Member {
                 id,
                 addr: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+                peer_addr: None,
             })
             .collect();
         NodeConfig {
             cluster_id: "c".into(),
             node_id: 1,
             listen: "127.0.0.1:1001".parse().unwrap(),
+            peer_listen: None,
+            tls: None,
+            allow_plaintext_non_loopback: false,
             data_dir: "/kv".into(),
             leader: None,
             members,
@@ -743,6 +751,7 @@ mod tests {
             clock: Clock::default(),
             sync_latency: Duration::ZERO,
             seed: 7,
+            ..NodeEnv::default()
         };
         Node::with_env(config, Arc::new(engine), env).unwrap()
     }
@@ -806,6 +815,7 @@ mod tests {
             clock: Clock::default(),
             sync_latency: Duration::ZERO,
             seed: 7,
+            ..NodeEnv::default()
         };
         let node = Node::with_env(config, Arc::new(engine), env).unwrap();
         // It believes it leads (as a partitioned old leader would), and its
@@ -1179,9 +1189,15 @@ mod tests {
             let node = start_with(&disk, config);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let served = tokio::spawn(super::super::serve(node.clone(), listener, async {
-                let _ = stopped.await;
-            }));
+            let served = tokio::spawn(super::super::serve(
+                node.clone(),
+                listener,
+                None,
+                None,
+                async {
+                    let _ = stopped.await;
+                },
+            ));
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert!(Arc::strong_count(&node) > 1, "nothing ran");
             stop.send(()).unwrap();
@@ -1201,6 +1217,7 @@ mod tests {
             .map(|id| Member {
                 id,
                 addr: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+                peer_addr: None,
             })
             .collect();
         config

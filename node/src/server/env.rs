@@ -1,12 +1,16 @@
 //! The node's seams to the world outside its own code: how it dials other
-//! nodes, where it runs engine work that may block on the disk, the clock
-//! its elections are timed by, and the seed of its randomized election
-//! timeouts.
+//! nodes (and secures those connections), how it tells who is calling its
+//! peer service, where it runs engine work that may block on the disk, the
+//! clock its elections are timed by, and the seed of its randomized
+//! election timeouts.
 //!
-//! `kv serve` uses the defaults ([`TcpDialer`], [`Offload::Threads`], the
-//! real monotonic [`Clock`]). A deterministic simulation swaps in its own
-//! dialer (a connector over a simulated network), [`Offload::Inline`] (no
-//! OS threads, which would escape simulated time) and clocks that drift.
+//! `kv serve` uses the defaults ([`TcpDialer`], plaintext and
+//! [`TrustClaims`], [`Offload::Threads`], the real monotonic [`Clock`]),
+//! with TLS and [`super::auth::Certificates`] when its config has `[tls]`.
+//! A deterministic simulation swaps in its own dialer (a connector over a
+//! simulated network), its own [`PeerAuth`] (by simulated address),
+//! [`Offload::Inline`] (no OS threads, which would escape simulated time)
+//! and clocks that drift.
 //! Nothing here knows about any simulator; the listening side's seam is
 //! [`super::serve_incoming`].
 
@@ -19,11 +23,14 @@ use tokio::time::Instant;
 
 use tonic::transport::{Channel, Endpoint};
 
+use super::auth::{PeerAuth, TrustClaims};
+use crate::tls::Transport;
+
 /// A boxed future, as the dialer returns one.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Opens a gRPC channel to an endpoint (its URI is `http://host:port`, its
-/// timeouts and keepalives already set by the caller).
+/// Opens a gRPC channel to an endpoint (its URI, TLS, timeouts and
+/// keepalives already set by the caller).
 pub trait Dialer: Send + Sync + std::fmt::Debug + 'static {
     /// Connects to `endpoint`.
     fn dial(
@@ -138,6 +145,11 @@ impl Clock {
 pub struct NodeEnv {
     /// How it reaches other nodes.
     pub dialer: Arc<dyn Dialer>,
+    /// How its connections to other nodes are secured (TLS with its node
+    /// certificate, or plaintext).
+    pub peer_transport: Transport,
+    /// Who is calling its peer service.
+    pub peer_auth: Arc<dyn PeerAuth>,
     /// Where blocking engine work runs.
     pub offload: Offload,
     /// What its elections are timed by.
@@ -151,13 +163,15 @@ pub struct NodeEnv {
 }
 
 impl Default for NodeEnv {
-    /// The real network, threads, and a seed from the clock.
+    /// The real network in plaintext, threads, and a seed from the clock.
     fn default() -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         NodeEnv {
             dialer: Arc::new(TcpDialer),
+            peer_transport: Transport::plaintext(),
+            peer_auth: Arc::new(TrustClaims),
             offload: Offload::Threads,
             clock: Clock::default(),
             sync_latency: std::time::Duration::ZERO,

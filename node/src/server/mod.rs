@@ -16,6 +16,7 @@
 //! leader's newest snapshot, streamed in chunks, installed durably, and then
 //! the log after it.
 
+pub mod auth;
 pub mod batch;
 pub mod client;
 pub mod config;
@@ -46,6 +47,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError, Op, Record};
+use auth::PeerConn;
 use config::{Member, NodeConfig};
 use election::{ElectionState, Role};
 use env::NodeEnv;
@@ -422,6 +424,20 @@ impl Node {
         Ok(from)
     }
 
+    /// A unary replication request, once its caller is shown to be the
+    /// sender it claims (see [`auth`]); refused with `PERMISSION_DENIED`
+    /// otherwise, before anything looks at it.
+    fn authorized<T>(
+        &self,
+        req: Request<T>,
+        sender: impl Fn(&T) -> Option<&pb::Sender>,
+    ) -> Result<T, Status> {
+        let caller = self.env.peer_auth.identify(&PeerConn::of(&req))?;
+        let req = req.into_inner();
+        caller.may_claim(sender(&req).map(|f| f.node_id))?;
+        Ok(req)
+    }
+
     fn ack_level(&self, requested: i32) -> Result<AckLevel, Status> {
         match pb::AckLevel::try_from(requested) {
             Ok(pb::AckLevel::Default) => Ok(self.config.ack.into()),
@@ -776,7 +792,10 @@ impl Node {
 
     async fn replicate_once(&self, peer: &Member, term: u64) -> anyhow::Result<()> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))?
+        let endpoint = self
+            .env
+            .peer_transport
+            .endpoint(peer.peer())?
             .connect_timeout(rpc)
             .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
             .keep_alive_timeout(rpc)
@@ -1252,6 +1271,7 @@ impl Replication for ReplicationService {
         &self,
         req: Request<Streaming<pb::AppendRequest>>,
     ) -> Result<Response<Self::AppendStream>, Status> {
+        let caller = self.0.env.peer_auth.identify(&PeerConn::of(&req))?;
         let mut inbound = req.into_inner();
         let node = self.0.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -1294,7 +1314,13 @@ impl Replication for ReplicationService {
                         break;
                     }
                 };
-                match node.accept_append(msg).await {
+                // A forged sender is refused before the message is looked at.
+                let claimed = msg.from.as_ref().map(|f| f.node_id);
+                let accepted = match caller.may_claim(claimed) {
+                    Ok(()) => node.accept_append(msg).await,
+                    Err(status) => Err(status),
+                };
+                match accepted {
                     Ok(pending) => {
                         if pending_tx.send(pending).await.is_err() {
                             break;
@@ -1316,8 +1342,9 @@ impl Replication for ReplicationService {
         &self,
         req: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SnapshotAck>, Status> {
+        let caller = self.0.env.peer_auth.identify(&PeerConn::of(&req))?;
         Ok(Response::new(
-            self.0.receive_snapshot(req.into_inner()).await?,
+            self.0.receive_snapshot(caller, req.into_inner()).await?,
         ))
     }
 
@@ -1325,16 +1352,16 @@ impl Replication for ReplicationService {
         &self,
         req: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteReply>, Status> {
-        Ok(Response::new(self.0.handle_vote(req.into_inner()).await?))
+        let req = self.0.authorized(req, |r| r.from.as_ref())?;
+        Ok(Response::new(self.0.handle_vote(req).await?))
     }
 
     async fn timeout_now(
         &self,
         req: Request<pb::TimeoutNowRequest>,
     ) -> Result<Response<pb::TimeoutNowReply>, Status> {
-        Ok(Response::new(
-            self.0.clone().handle_timeout_now(req.into_inner()).await?,
-        ))
+        let req = self.0.authorized(req, |r| r.from.as_ref())?;
+        Ok(Response::new(self.0.clone().handle_timeout_now(req).await?))
     }
 }
 
@@ -1351,22 +1378,35 @@ fn incoming_nodelay(
     })
 }
 
-/// Runs a node until `shutdown` resolves: serves on `listener` (real TCP,
-/// Nagle off), and on the leader replicates to every follower. On shutdown
-/// everything written is made durable before this returns.
+/// Runs a node until `shutdown` resolves: serves clients on `client` and
+/// the other members on `peer` (or on `client` too, without one; real TCP,
+/// Nagle off, TLS as `tls` says), and on the leader replicates to every
+/// follower. On shutdown everything written is made durable before this
+/// returns.
 pub async fn serve(
     node: Arc<Node>,
-    listener: tokio::net::TcpListener,
+    client: tokio::net::TcpListener,
+    peer: Option<tokio::net::TcpListener>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_incoming(node, incoming_nodelay(listener), shutdown).await
+    serve_incoming(
+        node,
+        incoming_nodelay(client),
+        peer.map(incoming_nodelay),
+        tls,
+        shutdown,
+    )
+    .await
 }
 
-/// [`serve`] over any stream of accepted connections (the listening seam: a
-/// simulation passes its own).
+/// [`serve`] over any streams of accepted connections (the listening seam:
+/// a simulation passes its own).
 pub async fn serve_incoming<I, IO, IE>(
     node: Arc<Node>,
-    incoming: I,
+    client: I,
+    peer: Option<I>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -1381,11 +1421,17 @@ where
 {
     // On shutdown, end the replication streams this node serves first: a
     // graceful stop waits for open requests, and the leader never ends its
-    // append stream by itself.
+    // append stream by itself. Both listeners stop on `stopping`.
     let stopping = node.clone();
     let shutdown = async move {
         shutdown.await;
         stopping.stopping.send_replace(true);
+    };
+    let stopped = |node: &Node| {
+        let mut stopping = node.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
     };
     if node.config.is_fixed_leader() && node.leads() {
         let term = node.term();
@@ -1414,13 +1460,36 @@ where
         .register_encoded_file_descriptor_set(kv_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let (client_tls, peer_tls) = match tls {
+        Some(t) => (Some(t.client), Some(t.peer)),
+        None => (None, None),
+    };
+    let builder = |tls: Option<tonic::transport::ServerTlsConfig>| match tls {
+        Some(tls) => tonic::transport::Server::builder().tls_config(tls),
+        None => Ok(tonic::transport::Server::builder()),
+    };
+    let replication = ReplicationServer::new(ReplicationService(node.clone()));
+    let clients = builder(client_tls)?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(KvServer::new(KvService(node.clone())))
-        .add_service(ReplicationServer::new(ReplicationService(node.clone())))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_optional_service(peer.is_none().then(|| replication.clone()))
+        .serve_with_incoming_shutdown(client, stopped(&node));
+    let peers = async {
+        match peer {
+            Some(peer) => {
+                builder(peer_tls)?
+                    .add_service(replication)
+                    .serve_with_incoming_shutdown(peer, stopped(&node))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(clients, peers, async {
+        shutdown.await;
+        Ok(())
+    })?;
     // Every task of the node ends before the final sync (`stopping` is set
     // by the shutdown future above): those spawned with `Node::spawn` at
     // once, the streams once they answered what they read (bounded: a

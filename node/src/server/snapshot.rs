@@ -24,6 +24,7 @@ use kv_proto::v1 as pb;
 use pb::replication_client::ReplicationClient;
 use tonic::{Status, Streaming};
 
+use super::auth::Caller;
 use super::{Node, engine_status, join_error, lock};
 use crate::engine::EngineError;
 use crate::engine::snapshot::{Receive, SnapshotFile};
@@ -108,11 +109,14 @@ impl Node {
         let (lsn, total) = (file.lsn(), file.len());
         let addr = self
             .config
-            .addr_of(peer)
+            .peer_addr_of(peer)
             .ok_or_else(|| anyhow::anyhow!("no address for node {peer}"))?;
         tracing::info!(peer, lsn, bytes = total, "sending snapshot");
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = self
+            .env
+            .peer_transport
+            .endpoint(addr)?
             .connect_timeout(rpc)
             .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
             .keep_alive_timeout(rpc);
@@ -159,12 +163,14 @@ impl Node {
 
     /// Follower: receives a snapshot stream into a temp file and installs
     /// it. On any failure the temp file is removed.
+    /// Every chunk must come from the member `caller` is (see `auth`).
     pub(super) async fn receive_snapshot(
         &self,
+        caller: Caller,
         mut chunks: Streaming<pb::SnapshotChunk>,
     ) -> Result<pb::SnapshotAck, Status> {
         let mut recv = None;
-        let received = self.receive_chunks(&mut chunks, &mut recv).await;
+        let received = self.receive_chunks(caller, &mut chunks, &mut recv).await;
         let recv = match received {
             Ok(Received::Complete(recv)) => recv,
             Ok(Received::Stale(ack)) => {
@@ -202,6 +208,7 @@ impl Node {
     /// it whatever happens here.
     async fn receive_chunks(
         &self,
+        caller: Caller,
         chunks: &mut Streaming<pb::SnapshotChunk>,
         recv: &mut Option<Receive>,
     ) -> Result<Received, Status> {
@@ -221,6 +228,7 @@ impl Node {
                 .from
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
+            caller.may_claim(Some(from.node_id))?;
             if !self.accept_leader(from).await? {
                 return Ok(Received::Stale(pb::SnapshotAck {
                     term: self.term(),

@@ -3,6 +3,7 @@
 //! in [`process`], starting real `kv` processes that cannot outlive the test.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod process;
 
 use std::collections::BTreeMap;
