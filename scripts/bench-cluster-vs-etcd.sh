@@ -13,8 +13,13 @@ Starts, on 127.0.0.1 only and with data under a fresh temporary directory:
     WAL is fsynced on every commit; client ports 23791-23793, peer ports
     23801-23803, static initial cluster), waited on with
     `etcdctl endpoint health`;
-  * a 3-node kv cluster (`kv serve`, ports 27001-27003, an elected leader, default
-    ack level quorum), waited on with `kv status`.
+  * a 3-node kv cluster (`kv serve`, client ports 27001-27003, peer ports
+    27101-27103, an elected leader, default ack level quorum), waited on
+    with `kv status`.
+With --tls, both run with TLS on every connection, from one CA that
+`kv certs init` makes: clients verify the servers' certificates, peers use
+mutual TLS (etcd: --cert-file/--key-file, --peer-cert-file/--peer-key-file,
+--peer-trusted-ca-file, --peer-client-cert-auth; kv: a [tls] table).
 Then for each client count C (the order of the runs rotates from one
 count, and run, to the next, so all see the same machine state):
   kv bench cluster --endpoints 127.0.0.1:27001,... --clients C --ops N
@@ -27,8 +32,10 @@ before sending the next, one HTTP/2 connection per 32 clients, the same keys.
 kv's clients send their writes either as messages of one `Kv.Batch` stream
 per connection (`batch`: kv's client for many callers) or as one unary
 `Kv.Put` call each (`unary`, as etcd's clients do with `Put`).
-Prints one table (ops/s, p50/p99 latency of each, ratios kv/etcd), writes an
-SVG plot of ops/s against clients, and stops every process it started.
+Prints one table (ops/s, p50/p99 latency of each, the servers' CPU time per
+write: user + system time of the three server processes over the run,
+divided by its writes; ratios kv/etcd), writes an SVG plot of ops/s against
+clients, and stops every process it started.
 
 etcd-bench (bench/etcd-bench, a standalone Cargo project outside the
 workspace) is built into target/etcd-bench; its etcd-client dependency
@@ -51,6 +58,7 @@ Options:
       --kv PATH        the kv binary to run (default: target/release/kv,
                        built first); for an A/B, run the script once per
                        binary, alternating
+      --tls            TLS on every connection of both systems (see above)
   -h, --help           this text
 
 Needs: python3, etcd and etcdctl (apt-get install -y etcd-server etcd-client).
@@ -73,6 +81,7 @@ PLOT="$ROOT/bench-results/cluster-vs-etcd.svg"
 USE_KV=1
 KV_APIS=batch,unary
 KV_GIVEN=""
+TLS=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -86,6 +95,7 @@ while [[ $# -gt 0 ]]; do
         --kv-api) KV_APIS=${2:?}; shift 2 ;;
         --no-kv) USE_KV=0; shift ;;
         --kv) KV_GIVEN=$(abspath "${2:?}"); shift 2 ;;
+        --tls) TLS=1; shift ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
@@ -103,6 +113,7 @@ HOST=127.0.0.1
 ETCD_CLIENT_PORTS=(23791 23792 23793)
 ETCD_PEER_PORTS=(23801 23802 23803)
 KV_PORTS=(27001 27002 27003)
+KV_PEER_PORTS=(27101 27102 27103)
 join() { local IFS=,; printf '%s\n' "$*"; }
 ETCD_ENDPOINTS=$(join "${ETCD_CLIENT_PORTS[@]/#/$HOST:}")
 KV_ENDPOINTS=$(join "${KV_PORTS[@]/#/$HOST:}")
@@ -156,7 +167,7 @@ cargo build --release --manifest-path bench/etcd-bench/Cargo.toml --target-dir "
     die "building etcd-bench failed"
 
 # Every port must be free on 127.0.0.1 (a stale cluster would be benched instead).
-python3 - "$HOST" "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}" "${KV_PORTS[@]}" <<'PY' ||
+python3 - "$HOST" "${ETCD_CLIENT_PORTS[@]}" "${ETCD_PEER_PORTS[@]}" "${KV_PORTS[@]}" "${KV_PEER_PORTS[@]}" <<'PY' ||
 import socket, sys
 host, busy = sys.argv[1], []
 for p in map(int, sys.argv[2:]):
@@ -177,8 +188,9 @@ PY
 
 # --- work directory, and stopping everything on exit ----------------------------------
 PIDS=()     # every server process this script started
+ETCD_PIDS=() KV_PIDS=()  # the same, by system (for their CPU time)
 BENCH_PID=""  # the benchmark client running now, if any
-make_work_dir "$NAME"   # RESULTS: system <TAB> clients <TAB> run <TAB> file
+make_work_dir "$NAME"   # RESULTS: system <TAB> clients <TAB> run <TAB> servers' CPU s <TAB> file
 mkdir -p "$WORK/logs"
 
 alive() { # pid: running (a zombie child counts as gone)
@@ -233,35 +245,74 @@ start_server() { # log-name command...: starts it in the background
     PIDS+=("$!")
 }
 
+cpu_ticks() { # pid...: their user + system time so far, in clock ticks
+    local pid total=0 f stat
+    for pid in "$@"; do
+        # Fields 14 and 15 of /proc/<pid>/stat (after the parenthesised name).
+        f=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+        read -r -a stat <<<"$f"
+        total=$((total + stat[11] + stat[12]))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# --- TLS: one CA for both systems -----------------------------------------------------
+SCHEME=http
+CERTS=""
+KV_TLS_ARGS=()
+ETCD_TLS_ARGS=()
+if ((TLS)); then
+    [[ -x $KV ]] || die "--tls needs the kv binary for its certificates (kv certs init): $KV"
+    SCHEME=https
+    CERTS="$WORK/certs"
+    # `kv certs init` makes them (ECDSA P-256, SAN 127.0.0.1); etcd reads the
+    # same files.
+    show_cmd "$KV" certs init --out "$CERTS" --nodes 3 --clients admin --hosts "$HOST"
+    "$KV" certs init --out "$CERTS" --nodes 3 --clients admin --hosts "$HOST" >/dev/null ||
+        die "kv certs init failed"
+    KV_TLS_ARGS=(--cacert "$CERTS/ca.pem")
+    ETCD_TLS_ARGS=(--cacert "$CERTS/ca.pem")
+fi
+
 echo
 echo "$NAME: $(etcd --version | head -n1) ($(etcd --version | grep -m1 'Go Version' || true)), $(etcdctl version | head -n1)"
 if [[ $USE_KV == 1 ]]; then echo "$NAME: $("$KV" --version)"; fi
 echo "$NAME: $("$ETCD_BENCH" --version)"
 echo_work_dir
-echo "$NAME: $(nproc) CPUs, kernel $(uname -r); clients $CLIENTS, $OPS writes per run, $RUNS run(s)"
+echo "$NAME: $(nproc) CPUs, kernel $(uname -r); clients $CLIENTS, $OPS writes per run, $RUNS run(s)$( ((TLS)) && echo ", TLS on every connection")"
 echo
 
 # --- etcd cluster -----------------------------------------------------------------------
 echo "== starting etcd (3 members on $HOST)"
 INITIAL_CLUSTER=""
 for i in 0 1 2; do
-    INITIAL_CLUSTER+="${INITIAL_CLUSTER:+,}etcd$((i + 1))=http://$HOST:${ETCD_PEER_PORTS[i]}"
+    INITIAL_CLUSTER+="${INITIAL_CLUSTER:+,}etcd$((i + 1))=$SCHEME://$HOST:${ETCD_PEER_PORTS[i]}"
 done
 for i in 0 1 2; do
     n=$((i + 1))
+    etcd_tls=()
+    if ((TLS)); then
+        etcd_tls=(--cert-file "$CERTS/node$n.pem" --key-file "$CERTS/node$n-key.pem"
+            --peer-cert-file "$CERTS/node$n.pem" --peer-key-file "$CERTS/node$n-key.pem"
+            --peer-trusted-ca-file "$CERTS/ca.pem" --peer-client-cert-auth)
+    fi
     start_server "etcd$n" etcd --name "etcd$n" --data-dir "$WORK/etcd$n" \
-        --listen-client-urls "http://$HOST:${ETCD_CLIENT_PORTS[i]}" \
-        --advertise-client-urls "http://$HOST:${ETCD_CLIENT_PORTS[i]}" \
-        --listen-peer-urls "http://$HOST:${ETCD_PEER_PORTS[i]}" \
-        --initial-advertise-peer-urls "http://$HOST:${ETCD_PEER_PORTS[i]}" \
+        --listen-client-urls "$SCHEME://$HOST:${ETCD_CLIENT_PORTS[i]}" \
+        --advertise-client-urls "$SCHEME://$HOST:${ETCD_CLIENT_PORTS[i]}" \
+        --listen-peer-urls "$SCHEME://$HOST:${ETCD_PEER_PORTS[i]}" \
+        --initial-advertise-peer-urls "$SCHEME://$HOST:${ETCD_PEER_PORTS[i]}" \
         --initial-cluster "$INITIAL_CLUSTER" \
         --initial-cluster-token "$NAME" --initial-cluster-state new \
+        "${etcd_tls[@]}" \
         --logger zap --log-outputs stderr
+    ETCD_PIDS+=("${PIDS[-1]}")
 done
-show_cmd etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health
+ETCDCTL_ENDPOINTS=$(join "${ETCD_CLIENT_PORTS[@]/#/$SCHEME://$HOST:}")
+show_cmd etcdctl --endpoints "$ETCDCTL_ENDPOINTS" "${ETCD_TLS_ARGS[@]}" endpoint health
 ok=0
 for ((i = 0; i < 60; i++)); do # up to 30 s
-    if etcdctl --endpoints "$ETCD_ENDPOINTS" --dial-timeout 1s --command-timeout 2s \
+    if etcdctl --endpoints "$ETCDCTL_ENDPOINTS" "${ETCD_TLS_ARGS[@]}" --dial-timeout 1s --command-timeout 2s \
         endpoint health >"$WORK/etcd-health.out" 2>&1; then
         ok=1
         break
@@ -282,33 +333,48 @@ if [[ $USE_KV == 1 ]]; then
     echo "== starting kv (3 nodes on $HOST, electing their leader)"
     for i in 0 1 2; do
         n=$((i + 1))
-        # Like configs/node$n.toml, on other ports and data directories.
+        # Like configs/node$n.toml (configs/tls/ with --tls), on other ports
+        # and data directories.
         cat >"$WORK/node$n.toml" <<EOF
 # Written by scripts/$NAME.sh: configs/node$n.toml on ports ${KV_PORTS[*]}.
 cluster_id = "kv-bench"
 node_id = $n
 listen = "$HOST:${KV_PORTS[i]}"
+peer_listen = "$HOST:${KV_PEER_PORTS[i]}"
 data_dir = "$WORK/kv$n"
 
 [[members]]
 id = 1
 addr = "$HOST:${KV_PORTS[0]}"
+peer_addr = "$HOST:${KV_PEER_PORTS[0]}"
 
 [[members]]
 id = 2
 addr = "$HOST:${KV_PORTS[1]}"
+peer_addr = "$HOST:${KV_PEER_PORTS[1]}"
 
 [[members]]
 id = 3
 addr = "$HOST:${KV_PORTS[2]}"
+peer_addr = "$HOST:${KV_PEER_PORTS[2]}"
 EOF
+        if ((TLS)); then
+            cat >>"$WORK/node$n.toml" <<EOF
+
+[tls]
+ca = "$CERTS/ca.pem"
+cert = "$CERTS/node$n.pem"
+key = "$CERTS/node$n-key.pem"
+EOF
+        fi
         start_server "kv$n" "$KV" serve --config "$WORK/node$n.toml"
+        KV_PIDS+=("${PIDS[-1]}")
     done
-    show_cmd "$KV" status --endpoints "$KV_ENDPOINTS"
+    show_cmd "$KV" status --endpoints "$KV_ENDPOINTS" "${KV_TLS_ARGS[@]}"
     ok=0
     for ((i = 0; i < 60; i++)); do # up to 30 s
         # Every node answers, and one of them was elected leader.
-        if "$KV" status --endpoints "$KV_ENDPOINTS" --timeout-ms 1000 >"$WORK/kv-status.out" 2>&1 &&
+        if "$KV" status --endpoints "$KV_ENDPOINTS" "${KV_TLS_ARGS[@]}" --timeout-ms 1000 >"$WORK/kv-status.out" 2>&1 &&
             awk 'NR > 1 && $2 == "leader" { found = 1 } END { exit !found }' "$WORK/kv-status.out"; then
             ok=1
             break
@@ -329,12 +395,16 @@ echo
 bench_run() { # system (kv-batch, kv-unary or etcd) clients run
     local system=$1 c=$2 run=$3
     local out="$WORK/$system-c$c-r$run.out"
-    local cmd
+    local cmd servers
     if [[ $system == kv-* ]]; then
-        cmd=("$KV" bench cluster --endpoints "$KV_ENDPOINTS" --api "${system#kv-}")
+        cmd=("$KV" bench cluster --endpoints "$KV_ENDPOINTS" --api "${system#kv-}" "${KV_TLS_ARGS[@]}")
+        servers=("${KV_PIDS[@]}")
     else
-        cmd=("$ETCD_BENCH" --endpoints "$ETCD_ENDPOINTS")
+        cmd=("$ETCD_BENCH" --endpoints "$ETCD_ENDPOINTS" "${ETCD_TLS_ARGS[@]}")
+        servers=("${ETCD_PIDS[@]}")
     fi
+    local cpu0 cpu
+    cpu0=$(cpu_ticks "${servers[@]}")
     cmd+=(--clients "$c" --ops "$OPS" --key-size 16 --value-size 100 --json)
     show_cmd "${cmd[@]}"
     # In the background, so that a signal to this script is acted on at once
@@ -344,12 +414,14 @@ bench_run() { # system (kv-batch, kv-unary or etcd) clients run
     local rc=0
     wait "$BENCH_PID" || rc=$?
     BENCH_PID=""
+    cpu=$(($(cpu_ticks "${servers[@]}") - cpu0))
     if ((rc == 0)); then
         local line
         line=$(grep '^{' "$out" | tail -n1 || true)
         if [[ -n $line ]]; then
-            echo "  $line"
-            printf '%s\t%s\t%s\t%s\n' "$system" "$c" "$run" "$out" >>"$RESULTS"
+            echo "  $line (servers' CPU: $cpu ticks of 1/$CLK_TCK s)"
+            printf '%s\t%s\t%s\t%s\t%s\n' "$system" "$c" "$run" \
+                "$(awk -v t="$cpu" -v hz="$CLK_TCK" 'BEGIN { printf "%.6f", t / hz }')" "$out" >>"$RESULTS"
             return
         fi
     fi
@@ -379,24 +451,25 @@ stop_servers
 echo
 
 # --- report ---------------------------------------------------------------------------
-python3 - "$LIB" "$RESULTS" "$CLIENTS" "$OPS" "$PLOT" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
+python3 - "$LIB" "$RESULTS" "$CLIENTS" "$OPS" "$PLOT" "$TLS" <<'PY' || { warn "could not summarise the results"; FAILED=1; }
 import json, statistics, sys
 
 sys.dont_write_bytecode = True  # no __pycache__ in scripts/lib
 sys.path.insert(0, sys.argv[1])
 from svg_plot import line_plot
 
-results, clients, ops, plot = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+results, clients, ops, plot, tls = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1"
 clients = [int(c) for c in clients.split(",")]
 rows = {}  # system -> clients -> [row per run]
 
 for raw in open(results):
-    system, c, run, path = raw.rstrip("\n").split("\t", 3)
+    system, c, run, cpu_s, path = raw.rstrip("\n").split("\t", 4)
     try:
         line = [l for l in open(path).read().splitlines() if l.startswith("{")][-1]
         r = json.loads(line)
         rows.setdefault(system, {}).setdefault(int(c), []).append(
-            dict(ops_s=float(r["ops_per_sec"]), p50=float(r["p50_us"]), p99=float(r["p99_us"])))
+            dict(ops_s=float(r["ops_per_sec"]), p50=float(r["p50_us"]), p99=float(r["p99_us"]),
+                 cpu_us=float(cpu_s) * 1e6 / max(int(r["ops"]), 1)))
     except Exception as e:  # one unreadable run is reported, never fatal
         print(f"cannot parse {path}: {e}", file=sys.stderr)
 
@@ -412,15 +485,17 @@ def ratio(a, b):
 
 systems = [s for s in ("kv-batch", "kv-unary", "etcd") if s in rows]
 kvs = [s for s in systems if s != "etcd"]
-print(f"== results ({ops} writes of 16 B key + 100 B value per run, to the leader of 3; medians over runs)")
-print(f"{'clients':>7}" + "".join(f"  {s + ' ops/s':>14} {'p50 us':>8} {'p99 us':>8}" for s in systems))
+mode = "TLS on every connection" if tls else "plaintext"
+print(f"== results ({ops} writes of 16 B key + 100 B value per run, to the leader of 3, {mode}; medians over runs)")
+print("(cpu us/w: user + system CPU time of the 3 server processes during the run, per write)")
+print(f"{'clients':>7}" + "".join(f"  {s + ' ops/s':>14} {'p50 us':>8} {'p99 us':>8} {'cpu us/w':>8}" for s in systems))
 series = {s: [] for s in systems}
 for c in clients:
     line = f"{c:>7}"
     for s in systems:
         rs = rows[s].get(c, [])
         series[s].append(med(rs, "ops_s"))
-        line += f"  {fmt(med(rs, 'ops_s')):>14} {fmt(med(rs, 'p50')):>8} {fmt(med(rs, 'p99')):>8}"
+        line += f"  {fmt(med(rs, 'ops_s')):>14} {fmt(med(rs, 'p50')):>8} {fmt(med(rs, 'p99')):>8} {fmt(med(rs, 'cpu_us'), 1):>8}"
     print(line)
 if "etcd" in rows and kvs:
     print()
@@ -436,7 +511,7 @@ if "etcd" in rows and kvs:
 
 if plot:
     # ops/s (linear y) against clients (log2 x).
-    title = f"replicated writes, 3 nodes on 127.0.0.1: ops/s vs clients ({ops} x 16 B key + 100 B value)"
+    title = f"replicated writes, 3 nodes on 127.0.0.1{', TLS' if tls else ''}: ops/s vs clients ({ops} x 16 B key + 100 B value)"
     colours = {"kv-batch": "#1f77b4", "kv-unary": "#2ca02c", "etcd": "#d62728"}
     line_plot(plot, title, clients, series, {s: colours[s] for s in systems},
               "concurrent clients (log scale)", log_x=True, margin_right=30, title_size=13)

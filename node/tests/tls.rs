@@ -114,6 +114,18 @@ fn health_answers_over_tls_and_a_plaintext_client_is_refused() {
             .into_inner();
         assert_eq!(reply.status, ServingStatus::Serving as i32);
     });
+    // The CLI's TLS settings from the environment, as etcdctl's.
+    let tls = cluster.tls.as_ref().unwrap();
+    let out = std::process::Command::new(KV)
+        .args(["put", "from-env", "1", "--endpoints"])
+        .arg(cluster.all_endpoints())
+        .env("KV_CACERT", tls.path("ca"))
+        .env("KV_CERT", tls.path("admin"))
+        .env("KV_KEY", tls.path("admin-key"))
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(cluster.get("from-env"), "1");
     // A plaintext client: no answer, nothing written.
     let before = cluster.status_of(1).unwrap().last_lsn;
     let out = std::process::Command::new(KV)

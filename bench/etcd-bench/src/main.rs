@@ -75,6 +75,10 @@ struct Args {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// TLS: verify etcd's certificates against this CA (PEM); the
+    /// endpoints are then dialed as https://.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
 }
 
 /// One line of results (field names are the JSON interface).
@@ -107,13 +111,21 @@ async fn main() -> anyhow::Result<()> {
     if args.ops == 0 {
         bail!("--ops must be at least 1");
     }
-    let timeout = Duration::from_millis(args.timeout_ms);
+    let dial = Dial {
+        timeout: Duration::from_millis(args.timeout_ms),
+        ca_pem: match &args.cacert {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("read {}", path.display()))?)
+            }
+            None => None,
+        },
+    };
     if !args.json {
         println!("{HEADER}");
     }
     for &clients in &args.clients {
-        let leader = find_leader(&args.endpoints, timeout).await?;
-        let row = bench(&leader, clients, &args, timeout).await?;
+        let leader = find_leader(&args.endpoints, &dial).await?;
+        let row = bench(&leader, clients, &args, &dial).await?;
         if args.json {
             println!("{}", serde_json::to_string(&row)?);
         } else {
@@ -123,10 +135,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn options(timeout: Duration) -> ConnectOptions {
-    ConnectOptions::new()
-        .with_timeout(timeout)
-        .with_connect_timeout(timeout)
+/// How every connection is made: deadlines, and TLS with `--cacert`.
+#[derive(Debug, Clone)]
+struct Dial {
+    timeout: Duration,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Dial {
+    fn options(&self) -> ConnectOptions {
+        let options = ConnectOptions::new()
+            .with_timeout(self.timeout)
+            .with_connect_timeout(self.timeout);
+        match &self.ca_pem {
+            Some(pem) => options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(pem)),
+            ),
+            None => options,
+        }
+    }
+
+    /// The URL to dial for `host:port`.
+    fn url(&self, endpoint: &str) -> String {
+        let scheme = if self.ca_pem.is_some() { "https" } else { "http" };
+        format!("{scheme}://{endpoint}")
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<Client, etcd_client::Error> {
+        Client::connect([self.url(endpoint)], Some(self.options())).await
+    }
 }
 
 /// Strips `http://` / `https://` and a trailing `/` from a client URL, so it
@@ -144,11 +182,11 @@ fn host_port(url: &str) -> &str {
 /// Asks each endpoint for its status until one names a leader, then maps the
 /// leader's member id to its client URLs. Only an address from `endpoints`
 /// is ever returned, so the benchmark talks to no address it wasn't given.
-async fn find_leader(endpoints: &[String], timeout: Duration) -> anyhow::Result<String> {
+async fn find_leader(endpoints: &[String], dial: &Dial) -> anyhow::Result<String> {
     let mut errors = Vec::new();
     for ep in endpoints {
         let attempt = async {
-            let mut c = Client::connect([ep.as_str()], Some(options(timeout))).await?;
+            let mut c = dial.connect(ep).await?;
             let leader_id = c.status().await?.leader();
             if leader_id == 0 {
                 bail!("{ep} knows no leader yet");
@@ -179,17 +217,13 @@ async fn find_leader(endpoints: &[String], timeout: Duration) -> anyhow::Result<
 }
 
 /// One client count: `clients` tasks doing `args.ops` puts in all on `leader`.
-async fn bench(
-    leader: &str,
-    clients: usize,
-    args: &Args,
-    timeout: Duration,
-) -> anyhow::Result<Row> {
+async fn bench(leader: &str, clients: usize, args: &Args, dial: &Dial) -> anyhow::Result<Row> {
     // The connection pool, each connection established (and its HTTP/2
     // handshake done) before the clock starts.
     let mut pool = Vec::new();
     for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
-        let mut c = Client::connect([leader], Some(options(timeout)))
+        let mut c = dial
+            .connect(leader)
             .await
             .with_context(|| format!("connect to {leader}"))?;
         c.status()
