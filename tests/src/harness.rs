@@ -23,6 +23,10 @@
 //! (`SharedStream`), so the batch API's histories are checked too. The
 //! members elect their leader, except in every fifth seed (node 1 fixed).
 //!
+//! [`Scenario`] runs the same cluster and checks scripted instead: no
+//! workload and no random faults, the test injecting each fault when it
+//! chooses (`tests/tests/scenarios.rs`).
+//!
 //! What it does not do: disk loss (a node's disk always comes back).
 
 use std::collections::{BTreeMap, BTreeSet};
