@@ -23,6 +23,10 @@
 //! (`SharedStream`), so the batch API's histories are checked too. The
 //! members elect their leader, except in every fifth seed (node 1 fixed).
 //!
+//! [`Scenario`] runs the same cluster and checks scripted instead: no
+//! workload and no random faults, the test injecting each fault when it
+//! chooses (`tests/tests/scenarios.rs`).
+//!
 //! What it does not do: disk loss (a node's disk always comes back).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,6 +59,8 @@ const KEYS: usize = 4;
 const COLD_KEYS: usize = 8;
 /// Data directory on each node's own disk.
 const DATA_DIR: &str = "/kv";
+/// Client ids of the readers pinned to one node start after this.
+const PINNED_READER_IDS: u64 = 10_000;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -168,17 +174,26 @@ pub struct Failure {
     pub trace_tail: Vec<String>,
     /// The client history, readable (empty if not yet relevant).
     pub history: String,
+    /// A scripted run ([`Scenario`]): rerun its test, not a seed.
+    pub scripted: bool,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "simulation seed {} failed: {}", self.seed, self.message)?;
-        writeln!(
-            f,
-            "replay it: SIM_SEED={}{} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
-            self.seed,
-            if self.as_found { " SIM_AS_FOUND=1" } else { "" }
-        )?;
+        if self.scripted {
+            writeln!(
+                f,
+                "a scripted scenario: rerun its test in tests/tests/scenarios.rs (SIM_VERBOSE=1 prints its events)"
+            )?;
+        } else {
+            writeln!(
+                f,
+                "replay it: SIM_SEED={}{} cargo test -p kv-sim --test simulation replay -- --exact --nocapture",
+                self.seed,
+                if self.as_found { " SIM_AS_FOUND=1" } else { "" }
+            )?;
+        }
         writeln!(f, "last events:")?;
         for line in &self.trace_tail {
             writeln!(f, "  {line}")?;
@@ -779,6 +794,70 @@ async fn final_client(
     Ok(())
 }
 
+/// Reads from node `node` alone (no redirect followed, as a client
+/// that trusts the node it talks to would), every `every` until `until`
+/// (simulated): each answered read joins the history and the checked
+/// leader reads. Aimed at a leader that may have been deposed, so the
+/// check that no deposed leader serves a read has reads to look at.
+async fn pinned_reader(
+    client_id: u64,
+    node: u64,
+    until: Duration,
+    every: Duration,
+    history: History,
+) -> turmoil::Result {
+    let addr = SocketAddr::new(turmoil::lookup(node_name(node)), PORT);
+    let mut client = None;
+    while turmoil::sim_elapsed().unwrap_or_default() < until {
+        if client.is_none() {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .timeout(Duration::from_millis(100));
+            client = tokio::time::timeout(
+                Duration::from_millis(100),
+                SimDialer::default().dial(endpoint),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(pb::kv_client::KvClient::new);
+        }
+        if let Some(kv) = client.as_mut() {
+            let key = b"k0".to_vec();
+            let call = now_ns();
+            let reply = tokio::time::timeout(
+                Duration::from_millis(100),
+                kv.get(pb::GetRequest {
+                    key: key.clone(),
+                    consistency: pb::ReadConsistency::Default as i32,
+                }),
+            )
+            .await;
+            let ret = now_ns();
+            match reply {
+                Ok(Ok(reply)) => {
+                    let reply = reply.into_inner();
+                    let mut h = lock(&history);
+                    h.reads_ok += 1;
+                    h.leader_reads.push((call, reply.node_id, reply.term));
+                    h.ops.push(Operation {
+                        client: client_id,
+                        key,
+                        input: Input::Get,
+                        output: Output::Read(reply.found.then_some(reply.value)),
+                        call,
+                        ret,
+                    });
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {}
+                // A broken or stuck connection: dial again.
+                _ => client = None,
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
 /// A fault that ends later, and how to undo it.
 #[derive(Debug, Clone)]
 enum Heal {
@@ -1082,6 +1161,7 @@ pub fn run(options: &RunOptions) -> Result<Report, Failure> {
             } else {
                 String::new()
             },
+            scripted: false,
         }),
     }
 }
@@ -1123,7 +1203,28 @@ struct Run<'a> {
     extra: Rng,
     /// One-way extra delays, read by every node's streams.
     delays: LinkDelays,
+    /// Readers pinned to one node started so far (their names and ids).
+    pinned_readers: u64,
+    /// A reconnect under a slow ack direction being set up: once the
+    /// follower has heard the leader's reconnect probe, the leader is cut
+    /// off ([`Run::check_probe_watch`]).
+    probe_watch: Option<ProbeWatch>,
     step: u64,
+}
+
+/// See [`Run::check_probe_watch`].
+#[derive(Debug, Clone)]
+struct ProbeWatch {
+    leader: u64,
+    term: u64,
+    follower: u64,
+    /// The follower's incarnation when it was restarted: the probe is the
+    /// first request its next incarnation hears.
+    incarnation: u64,
+    /// The watch is dropped at this step if the probe never came.
+    expires: u64,
+    /// How long the leader stays cut off.
+    cut_ms: u64,
 }
 
 impl Run<'_> {
@@ -1312,6 +1413,8 @@ impl Run<'_> {
             transfers_given_up: Arc::default(),
             extra: Rng::new(options.seed ^ 0xFA17_0000_0000_0000),
             delays,
+            pinned_readers: 0,
+            probe_watch: None,
             step: 0,
         }
     }
@@ -1585,6 +1688,113 @@ impl Run<'_> {
         self.heal_at(ms, Heal::Delay(from, to));
     }
 
+    /// Starts a client that reads from node `node` alone every 5 ms for
+    /// `for_ms` (see [`pinned_reader`]).
+    fn pin_reader(&mut self, node: u64, for_ms: u64) {
+        self.pinned_readers += 1;
+        let name = format!("pinned{}", self.pinned_readers);
+        self.event(format!("{name}: reads from n{node} alone for {for_ms} ms"));
+        let until = self.sim.elapsed() + Duration::from_millis(for_ms);
+        self.sim.client(
+            name,
+            pinned_reader(
+                PINNED_READER_IDS + self.pinned_readers,
+                node,
+                until,
+                Duration::from_millis(5),
+                self.history.clone(),
+            ),
+        );
+    }
+
+    /// A reconnect whose probe is answered slowly, then the leader cut
+    /// off: once the follower of [`ProbeWatch`] has heard the leader (in
+    /// its new incarnation, so the reconnect probe first), the leader's
+    /// messages to it are cut (its answers still arrive, late) and the
+    /// leader is cut from everyone else both ways; a reader pinned to the
+    /// leader keeps asking. The leader's lease may rest on that probe
+    /// alone: counted from when the probe left, it ends before the
+    /// follower will vote again; counted from when its answer arrived, it
+    /// outlasts the election of a new leader by the slow direction's delay.
+    fn check_probe_watch(&mut self) {
+        let Some(w) = self.probe_watch.clone() else {
+            return;
+        };
+        if self.step > w.expires {
+            self.probe_watch = None;
+            self.event(format!(
+                "n{} never heard n{}'s reconnect probe: no cut",
+                w.follower, w.leader
+            ));
+            return;
+        }
+        let (heard, leads) = {
+            let slots = lock(&self.slots);
+            let heard = {
+                let slot = &slots[w.follower as usize - 1];
+                slot.incarnation > w.incarnation
+                    && slot.node.as_ref().is_some_and(|n| {
+                        let st = n.status();
+                        st.leader_id == w.leader && st.term == w.term
+                    })
+            };
+            let leads = slots[w.leader as usize - 1]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.status().role == "leader");
+            (heard, leads)
+        };
+        if !heard {
+            return;
+        }
+        self.probe_watch = None;
+        if !leads {
+            return;
+        }
+        self.event(format!(
+            "n{} heard n{}'s reconnect probe: cut the leader off",
+            w.follower, w.leader
+        ));
+        self.cut_leader_after_probe(w.leader, w.follower, w.cut_ms);
+        // The worst drift the lease must survive, as in a leader
+        // isolation: the cut-off leader's clock slow, the others' fast.
+        let skew = MAX_CLOCK_DRIFT * 0.9;
+        self.event(format!(
+            "clocks skewed: n{} at {:.3}x, the others at {:.3}x, for {} ms",
+            w.leader,
+            1.0 - skew,
+            1.0 + skew,
+            w.cut_ms
+        ));
+        for (i, handle) in self.rate_handles.iter().enumerate() {
+            let rate = if i as u64 + 1 == w.leader {
+                1.0 - skew
+            } else {
+                1.0 + skew
+            };
+            handle.store(rate.to_bits(), Ordering::Relaxed);
+        }
+        self.heal_at(w.cut_ms, Heal::ClockRates);
+        self.pin_reader(w.leader, w.cut_ms.min(1000));
+    }
+
+    /// The cut of [`Run::check_probe_watch`]: `leader -> follower` one way,
+    /// `leader <-> everyone else` both ways, for `ms`.
+    fn cut_leader_after_probe(&mut self, leader: u64, follower: u64, ms: u64) {
+        let (l, f) = (node_name(leader), node_name(follower));
+        self.event(format!(
+            "one-way partition n{leader} -> n{follower}, and n{leader} <-> the rest, for {ms} ms"
+        ));
+        self.sim.partition_oneway(l.clone(), f.clone());
+        self.heal_at(ms, Heal::RepairOneway(l.clone(), f));
+        for other in self.other_nodes(leader) {
+            if other != node_name(follower) {
+                self.sim.partition(l.clone(), other.clone());
+                self.heal_at(ms, Heal::Repair(l.clone(), other));
+            }
+        }
+    }
+
     /// The faults added later (`RunOptions::extra_faults`), drawn from
     /// their own random stream.
     fn inject_extra_fault(&mut self) {
@@ -1619,7 +1829,45 @@ impl Run<'_> {
                 ));
                 self.cut_off(&side, false, ms);
             }
-            50..=74 => {
+            65..=74 => {
+                // A reconnect whose probe is answered slowly: a follower's
+                // messages to the leader slowed by 120-260 ms (less than
+                // check quorum's election timeout, so the leader waits for
+                // the answer rather than stepping down first), the follower
+                // restarted (its stream breaks, the leader reconnects and
+                // probes), and once it has heard the probe the leader is
+                // cut off (`check_probe_watch`), with a reader pinned to it.
+                let Some(leader) = leader else { return };
+                let follower = (leader + self.extra.below(n - 1)) % n + 1;
+                let lat = 120 + self.extra.below(141);
+                let cut_ms = 800 + self.extra.below(700);
+                let term = lock(&self.slots)[leader as usize - 1]
+                    .node
+                    .as_ref()
+                    .map(|l| l.status().term);
+                // (With a fixed leader there is no lease, and the restarted
+                // follower knows its leader before hearing it.)
+                let Some(term) =
+                    term.filter(|_| !self.down.contains(&follower) && self.options.elections)
+                else {
+                    return;
+                };
+                let incarnation = lock(&self.slots)[follower as usize - 1].incarnation;
+                self.slow_oneway(follower, leader, lat, 800 + lat + 200);
+                self.event(format!(
+                    "process restart of n{follower}: n{leader} reconnects with its acks slowed"
+                ));
+                self.restart(follower);
+                self.probe_watch = Some(ProbeWatch {
+                    leader,
+                    term,
+                    follower,
+                    incarnation,
+                    expires: self.step + 800,
+                    cut_ms,
+                });
+            }
+            50..=64 => {
                 // One direction of one link slowed (the other way stays
                 // fast): mostly between the leader and a follower, either
                 // way, so a lease that counts from when an answer arrived
@@ -1651,21 +1899,40 @@ impl Run<'_> {
                 // the cancellation often lands while TimeoutNow is out;
                 // a quarter of the time everyone's messages to the leader
                 // are, so it also hears late that a new term began.
+                // Three times in four, everyone's messages to the leader
+                // are slowed by 60-120 ms and the caller gives up between
+                // half that and twice it: the target catches up (its acks
+                // are late), `TimeoutNow` goes out, and its answer is due
+                // about one delay later, so the cancellation mostly lands
+                // while it is out; the leader hears late that a new term
+                // began. A reader pinned to the leader meanwhile asks it
+                // for reads (clients have been sent to the target).
                 let Some(leader) = leader else { return };
                 let target = (leader + self.extra.below(n - 1)) % n + 1;
-                let give_up = self.extra.below(401);
-                let slow = self.extra.below(4);
-                if slow < 3 {
-                    let lat = 20 + self.extra.below(181);
-                    let from: Vec<u64> = if slow == 2 {
-                        (1..=n).filter(|m| *m != leader).collect()
-                    } else {
-                        vec![target]
-                    };
-                    for from in from {
-                        self.slow_oneway(from, leader, lat, give_up + 300);
+                let (give_up, pin_ms) = if self.extra.below(4) < 3 {
+                    let lat = 60 + self.extra.below(61);
+                    let give_up = lat / 2 + self.extra.below(lat * 3 / 2 + 1);
+                    for from in (1..=n).filter(|m| *m != leader) {
+                        self.slow_oneway(from, leader, lat, give_up + 2 * lat + 200);
                     }
-                }
+                    (give_up, give_up + 2 * lat + 300)
+                } else {
+                    let give_up = self.extra.below(401);
+                    let slow = self.extra.below(4);
+                    if slow < 3 {
+                        let lat = 20 + self.extra.below(181);
+                        let from: Vec<u64> = if slow == 2 {
+                            (1..=n).filter(|m| *m != leader).collect()
+                        } else {
+                            vec![target]
+                        };
+                        for from in from {
+                            self.slow_oneway(from, leader, lat, give_up + 300);
+                        }
+                    }
+                    (give_up, give_up + 300)
+                };
+                self.pin_reader(leader, pin_ms);
                 self.transfers_abandoned += 1;
                 let name = format!("abandoned{}", self.transfers_abandoned);
                 self.event(format!(
@@ -1868,12 +2135,20 @@ impl Run<'_> {
                 next_extra = self.step + 400 + self.extra.below(1200);
             }
             self.spring_traps();
+            self.check_probe_watch();
             self.apply_heals(false);
             if self.step.is_multiple_of(50) {
                 self.restart_poisoned();
             }
             self.step_once()?;
         }
+        self.recover()
+    }
+
+    /// The recovery phase and the final checks: every fault healed, every
+    /// node started, convergence, the final write and reads, every
+    /// acknowledged write kept, a linearizable history.
+    fn recover(&mut self) -> Result<Report, (String, bool)> {
         self.trapped.clear();
         // Recovery: heal everything, restart whoever is down.
         self.event("chaos ends: heal every fault".into());
@@ -1930,10 +2205,10 @@ impl Run<'_> {
         let acked = recorded.acked.clone();
         let (writes_acked, reads_ok, unknown) =
             (recorded.writes_acked, recorded.reads_ok, recorded.unknown);
-        let first_batch_id = batch_client_ids(&self.options).start;
+        let batch_ids = batch_client_ids(&self.options);
         let batch_ops_ok = ops
             .iter()
-            .filter(|op| op.client >= first_batch_id && op.output != Output::Unknown)
+            .filter(|op| batch_ids.contains(&op.client) && op.output != Output::Unknown)
             .count();
         drop(recorded);
         self.check_acked_writes(&acked)?;
@@ -2098,5 +2373,288 @@ impl Run<'_> {
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+}
+
+/// A scripted run: the real cluster under turmoil with no workload and no
+/// random faults, driven step by step by a test that injects the faults
+/// it needs at the moments it chooses. Every step runs the same checks as
+/// a random run ([`Checker`], the leader-read check), and [`Scenario::finish`]
+/// runs the recovery phase and the final checks.
+pub struct Scenario<'a> {
+    run: Run<'a>,
+}
+
+impl Scenario<'_> {
+    /// A cluster of `nodes` members (elections on) whose clocks run at true
+    /// time, seeded by `seed`; the script must be done by `length` (the
+    /// final write and reads start a second later).
+    pub fn new(seed: u64, nodes: usize, length: Duration) -> Self {
+        let options = RunOptions {
+            seed,
+            nodes,
+            clients: 0,
+            readers: 0,
+            batch_clients: 0,
+            chaos: length,
+            faults: false,
+            min_successful_ops: 1,
+            elections: true,
+            extra_faults: false,
+        };
+        let mut run = Run::new(&options);
+        for id in 1..=nodes as u64 {
+            run.clock_rates[id as usize - 1] = 1.0;
+            run.rate_handles[id as usize - 1].store(1.0f64.to_bits(), Ordering::Relaxed);
+        }
+        Scenario { run }
+    }
+
+    fn failure(&self, (message, with_history): (String, bool)) -> Failure {
+        Failure {
+            seed: self.run.options.seed,
+            as_found: false,
+            message,
+            trace_tail: self.run.trace.tail.iter().cloned().collect(),
+            history: if with_history {
+                linearizability::format_history(&lock(&self.run.history).ops)
+            } else {
+                String::new()
+            },
+            scripted: true,
+        }
+    }
+
+    /// Simulated time now, in ms.
+    pub fn now_ms(&self) -> u64 {
+        self.run.step
+    }
+
+    /// Notes `what` in the trace (printed with `SIM_VERBOSE=1`, and in a
+    /// failure's last events).
+    pub fn note(&mut self, what: &str) {
+        self.run.event(what.to_owned());
+    }
+
+    /// Runs `ms` of simulated time, every check after every step.
+    pub fn run_for(&mut self, ms: u64) -> Result<(), Failure> {
+        self.run_until(ms, |_| false).map(|_| ())
+    }
+
+    /// Runs until `done` holds (checked before each step), for at most
+    /// `max_ms`; returns whether it held.
+    pub fn run_until(
+        &mut self,
+        max_ms: u64,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> Result<bool, Failure> {
+        let end = self.run.step + max_ms;
+        while self.run.step < end {
+            if done(self) {
+                return Ok(true);
+            }
+            self.run.apply_heals(false);
+            if let Err(e) = self.run.step_once() {
+                return Err(self.failure(e));
+            }
+        }
+        Ok(done(self))
+    }
+
+    /// The node that leads the highest term now, if any runs.
+    pub fn leader(&self) -> Option<u64> {
+        self.run.leader()
+    }
+
+    /// Node `id`'s status, if it runs.
+    pub fn status(&self, id: u64) -> Option<pb::StatusReply> {
+        lock(&self.run.slots)[id as usize - 1]
+            .node
+            .as_ref()
+            .map(|n| n.status())
+    }
+
+    /// The highest commit LSN any node shows now.
+    pub fn max_commit(&self) -> u64 {
+        (1..=self.run.options.nodes as u64)
+            .filter_map(|id| self.status(id))
+            .map(|s| s.commit_lsn)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Leader reads answered so far: (called at ms, node, term).
+    pub fn leader_reads(&self) -> Vec<(f64, u64, u64)> {
+        lock(&self.run.history)
+            .leader_reads
+            .iter()
+            .map(|&(call, node, term)| (call as f64 / 1e6, node, term))
+            .collect()
+    }
+
+    /// Pins node `id`'s clock to `rate` times true time (for the rest of
+    /// the run).
+    pub fn set_clock_rate(&mut self, id: u64, rate: f64) {
+        self.run
+            .event(format!("n{id}'s clock runs at {rate:.3}x true time"));
+        self.run.clock_rates[id as usize - 1] = rate;
+        self.run.rate_handles[id as usize - 1].store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The direction `from -> to` slowed by `lat` ms, for `ms`.
+    pub fn slow_oneway(&mut self, from: u64, to: u64, lat: u64, ms: u64) {
+        self.run.slow_oneway(from, to, lat, ms);
+    }
+
+    /// Every link between `side` and the other members cut both ways, for
+    /// `ms`.
+    pub fn cut_off(&mut self, side: &[u64], ms: u64) {
+        self.run.cut_off(side, false, ms);
+    }
+
+    /// `a <-> b` cut both ways, for `ms`.
+    pub fn partition(&mut self, a: u64, b: u64, ms: u64) {
+        self.run
+            .event(format!("partition n{a} <-> n{b} for {ms} ms"));
+        let (a, b) = (node_name(a), node_name(b));
+        self.run.sim.partition(a.clone(), b.clone());
+        self.run.heal_at(ms, Heal::Repair(a, b));
+    }
+
+    /// `from -> to` cut (one way), for `ms`.
+    pub fn partition_oneway(&mut self, from: u64, to: u64, ms: u64) {
+        self.run
+            .event(format!("one-way partition n{from} -> n{to} for {ms} ms"));
+        let (a, b) = (node_name(from), node_name(to));
+        self.run.sim.partition_oneway(a.clone(), b.clone());
+        self.run.heal_at(ms, Heal::RepairOneway(a, b));
+    }
+
+    /// Node `id`'s process restarted (its page cache kept): its streams
+    /// break at once. Returns the incarnation it had.
+    pub fn restart(&mut self, id: u64) -> u64 {
+        let incarnation = lock(&self.run.slots)[id as usize - 1].incarnation;
+        self.run.event(format!("process restart of n{id}"));
+        self.run.restart(id);
+        incarnation
+    }
+
+    /// Node `id` runs an incarnation after `incarnation` and follows
+    /// `leader` in `term` (it has accepted a request from it).
+    pub fn follows(&self, id: u64, incarnation: u64, leader: u64, term: u64) -> bool {
+        let slots = lock(&self.run.slots);
+        let slot = &slots[id as usize - 1];
+        slot.incarnation > incarnation
+            && slot.node.as_ref().is_some_and(|n| {
+                let st = n.status();
+                st.leader_id == leader && st.term == term
+            })
+    }
+
+    /// A client reading from node `id` alone every `every_ms`, for `ms`.
+    pub fn pin_reader(&mut self, id: u64, ms: u64, every_ms: u64) {
+        self.run.pinned_readers += 1;
+        let n = self.run.pinned_readers;
+        let until = self.run.sim.elapsed() + Duration::from_millis(ms);
+        self.run
+            .event(format!("pinned{n}: reads from n{id} alone for {ms} ms"));
+        self.run.sim.client(
+            format!("pinned{n}"),
+            pinned_reader(
+                PINNED_READER_IDS + n,
+                id,
+                until,
+                Duration::from_millis(every_ms),
+                self.run.history.clone(),
+            ),
+        );
+    }
+
+    /// A quorum write of `key` = `value` from a client of its own (it joins
+    /// the history).
+    pub fn write(&mut self, key: &str, value: &str) {
+        let (nodes, history) = (self.run.options.nodes, self.run.history.clone());
+        let (key, value) = (key.as_bytes().to_vec(), value.as_bytes().to_vec());
+        self.run.pinned_readers += 1;
+        let n = self.run.pinned_readers;
+        self.run.event(format!("writer{n}: one quorum write"));
+        self.run.sim.client(format!("writer{n}"), async move {
+            let client = sim_client(nodes);
+            let call = now_ns();
+            let resp = client
+                .put(pb::PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ack: pb::AckLevel::Quorum as i32,
+                })
+                .await;
+            let ret = now_ns();
+            let mut h = lock(&history);
+            let output = match write_outcome(&resp) {
+                None => return Ok(()),
+                Some(Ok(lsn)) => {
+                    h.writes_acked += 1;
+                    h.acked.push(AckedWrite {
+                        key: key.clone(),
+                        value: Some(value.clone()),
+                        call,
+                        lsn,
+                        local: false,
+                    });
+                    Output::Written
+                }
+                Some(Err(())) => {
+                    h.unknown += 1;
+                    Output::Unknown
+                }
+            };
+            h.ops.push(Operation {
+                client: PINNED_READER_IDS + n,
+                key,
+                input: Input::Put(value),
+                output,
+                call,
+                ret,
+            });
+            Ok(())
+        });
+    }
+
+    /// `TransferLeader` from `from` to `target`, from a client of its own
+    /// that gives up (drops the call) after `give_up_ms`.
+    pub fn transfer_given_up(&mut self, from: u64, target: u64, give_up_ms: u64) {
+        self.run.transfers_abandoned += 1;
+        let name = format!("abandoned{}", self.run.transfers_abandoned);
+        self.run.event(format!(
+            "{name}: hand leadership n{from} -> n{target}, giving up after {give_up_ms} ms"
+        ));
+        let nodes = self.run.options.nodes;
+        let given_up = self.run.transfers_given_up.clone();
+        self.run.sim.client(name, async move {
+            let client = sim_client_from(nodes, from as usize - 1);
+            let call = client.transfer_leader(target);
+            if tokio::time::timeout(Duration::from_millis(give_up_ms), call)
+                .await
+                .is_err()
+            {
+                given_up.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+    }
+
+    /// Transfers given up by their caller so far.
+    pub fn transfers_given_up(&self) -> u64 {
+        self.run.transfers_given_up.load(Ordering::Relaxed)
+    }
+
+    /// The rest of the script's time, then recovery and the final checks
+    /// of a random run.
+    pub fn finish(mut self) -> Result<Report, Failure> {
+        let chaos_ms = self.run.options.chaos.as_millis() as u64;
+        let rest = chaos_ms.saturating_sub(self.run.step);
+        self.run_for(rest)?;
+        let outcome = self.run.recover();
+        outcome.map_err(|e| self.failure(e))
     }
 }
