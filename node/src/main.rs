@@ -920,14 +920,17 @@ fn bench_cmd(cmd: BenchCmd, tls: &TlsArgs) -> anyhow::Result<ExitCode> {
                 if c == 0 {
                     anyhow::bail!("--clients: a client count must be at least 1");
                 }
-                let row = client::bench_cluster(
-                    &transport,
-                    &endpoints,
-                    c,
+                let load = client::BenchLoad {
                     ops,
                     key_size,
                     value_size,
                     api,
+                };
+                let row = client::bench_cluster(
+                    &transport,
+                    &endpoints,
+                    c,
+                    load,
                     Duration::from_millis(target.timeout_ms),
                 )
                 .await?;

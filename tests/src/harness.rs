@@ -11,8 +11,10 @@
 //!    exactly one follower), holds, latency spikes (both ways of a link,
 //!    or one direction only), power losses (one node or several at once),
 //!    process restarts, long cut-offs, disk I/O errors and leadership
-//!    transfers (some whose caller gives up midway). After every step the
-//!    invariants are checked ([`Checker`]).
+//!    transfers (some whose caller gives up midway), while a stranger host
+//!    sends forged replication messages ([`crate::stranger`]). After every
+//!    step the invariants are checked ([`Checker`]), among them that no
+//!    forged message was heard and no node reached the forged term.
 //! 2. **Recovery.** Every fault is healed. The cluster must converge (equal
 //!    applied LSN and state digest on every node) within a bounded simulated
 //!    time, a final write must succeed, and a final read of every key joins
@@ -49,6 +51,7 @@ use kv_proto::v1 as pb;
 use crate::linearizability::{self, Input, Operation, Output, Verdict};
 use crate::net::{LinkDelays, SimDialer, incoming};
 use crate::rng::Rng;
+use crate::stranger::{FORGED_TERM, SimPeerAuth, StrangerTally, stranger};
 
 /// The port every node listens on (each host has its own address).
 const PORT: u16 = 7000;
@@ -155,6 +158,9 @@ pub struct Report {
     /// Leadership transfers whose caller gave up before any reply (the
     /// call dropped, cancelling the transfer on the leader).
     pub transfers_given_up: usize,
+    /// A stranger's forged replication messages refused with
+    /// `PERMISSION_DENIED` (none answered: that fails the run).
+    pub forged_refused: usize,
     /// Simulated time at the end.
     pub sim_time: Duration,
     /// The last applied LSN (equal on every node).
@@ -945,6 +951,12 @@ impl Checker {
             let st = engine.stats();
             let commit = engine.commit_lsn();
             let (applied, durable, last) = (st.applied_lsn, st.durable_lsn, st.last_lsn);
+            if node.term() >= FORGED_TERM {
+                return Err(format!(
+                    "node {id} is in term {}, a stranger's forged term",
+                    node.term()
+                ));
+            }
             if !(applied <= commit && commit <= durable && durable <= last) {
                 return Err(format!(
                     "node {id}: positions out of order: applied {applied}, commit {commit}, durable {durable}, last {last}"
@@ -1167,6 +1179,8 @@ pub fn run(options: &RunOptions) -> Result<Report, Failure> {
 }
 
 struct Run<'a> {
+    /// What the stranger's forged messages met.
+    strangers: Arc<StrangerTally>,
     options: RunOptions,
     sim: turmoil::Sim<'a>,
     rng: Rng,
@@ -1289,6 +1303,13 @@ impl Run<'_> {
                         // for a tick, where a power loss can find them.
                         sync_latency: Duration::from_millis(1),
                         seed: node_seed,
+                        // Who calls its peer service: the member whose
+                        // address the connection comes from, else nobody.
+                        peer_auth: Arc::new(SimPeerAuth::new(
+                            (1..=nodes as u64)
+                                .map(|m| turmoil::lookup(node_name(m)))
+                                .collect(),
+                        )),
                         ..NodeEnv::default()
                     };
                     let node = match Node::with_env(config, Arc::new(engine), env) {
@@ -1385,6 +1406,21 @@ impl Run<'_> {
             "ccold",
             cold_writer(options.clients as u64 + 1, options.nodes, history.clone()),
         );
+        // A stranger forging replication messages through the chaos phase
+        // (not in the regression seeds' schedule, which predates it).
+        let strangers = Arc::new(StrangerTally::default());
+        if options.faults && options.extra_faults {
+            sim.client(
+                "stranger",
+                stranger(
+                    options.seed ^ 0x57A4_0000_0000_0000,
+                    options.nodes,
+                    PORT,
+                    options.chaos,
+                    strangers.clone(),
+                ),
+            );
+        }
         let final_start = options.chaos + Duration::from_secs(1);
         sim.client(
             "cfinal",
@@ -1416,6 +1452,7 @@ impl Run<'_> {
             pinned_readers: 0,
             probe_watch: None,
             step: 0,
+            strangers,
         }
     }
 
@@ -2100,6 +2137,9 @@ impl Run<'_> {
         let checked = self.checker.check(&slots, deep, now);
         drop(slots);
         checked.map_err(|e| (format!("invariant violated: {e}"), true))?;
+        if let Some(heard) = self.strangers.violation() {
+            return Err((format!("invariant violated: {heard}"), true));
+        }
         // Reads answered since the last step (a record of a later term
         // seen committed from now on is later than their call, so each
         // read needs checking once).
@@ -2250,6 +2290,7 @@ impl Run<'_> {
                 self.transfers_done.load(Ordering::Relaxed) as usize,
             ),
             transfers_given_up: self.transfers_given_up.load(Ordering::Relaxed) as usize,
+            forged_refused: self.strangers.refused.load(Ordering::Relaxed) as usize,
             sim_time: Duration::from_millis(self.step),
             applied_lsn,
         })

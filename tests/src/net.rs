@@ -11,7 +11,7 @@
 //! corrupt bytes (partitions and holds stay turmoil's).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -234,13 +234,20 @@ impl Dialer for SimDialer {
 }
 
 /// An accepted turmoil connection, as tonic's server wants one (tonic's
-/// `Connected` cannot be implemented on turmoil's type directly).
+/// `Connected` cannot be implemented on turmoil's type directly), with the
+/// caller's simulated address (what the simulation's peer identity check
+/// goes by).
 #[derive(Debug)]
-pub struct Accepted(SimStream);
+pub struct Accepted(SimStream, SocketAddr);
 
 impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some(self.1),
+        }
+    }
 }
 
 impl AsyncRead for Accepted {
@@ -282,7 +289,7 @@ pub fn incoming(
             let accepted = listener
                 .accept()
                 .await
-                .map(|(s, _)| Accepted(SimStream::new(s, delays.clone())));
+                .map(|(s, from)| Accepted(SimStream::new(s, delays.clone()), from));
             if tx.send(accepted).await.is_err() {
                 return;
             }

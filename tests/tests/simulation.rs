@@ -51,7 +51,7 @@ fn run_options(options: &RunOptions) -> Report {
     match outcome {
         Ok(report) => {
             eprintln!(
-                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads ({} ops by batch streams), {} unknown, {} faults ({} of {} leadership transfers done, {} given up by their caller), applied LSN {}, simulated {:?}",
+                "seed {}: ok in {:.1} s ({} nodes, trace {:016x}): {} writes acked, {} reads ({} ops by batch streams), {} unknown, {} faults ({} of {} leadership transfers done, {} given up by their caller), {} forged messages refused, applied LSN {}, simulated {:?}",
                 options.seed,
                 started.elapsed().as_secs_f64(),
                 options.nodes,
@@ -64,6 +64,7 @@ fn run_options(options: &RunOptions) -> Report {
                 report.transfers.1,
                 report.transfers.0,
                 report.transfers_given_up,
+                report.forged_refused,
                 report.applied_lsn,
                 report.sim_time
             );

@@ -394,6 +394,16 @@ impl Writer {
 /// Clients per HTTP/2 connection in the benchmark (streams multiplex).
 const CLIENTS_PER_CONNECTION: usize = 32;
 
+/// What each client count of `kv bench cluster` writes, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchLoad {
+    /// Writes in all.
+    pub ops: u64,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub api: BenchApi,
+}
+
 /// `kv bench cluster`: `clients` concurrent clients write `ops` random keys
 /// in all (each waits for its write, at the cluster's default
 /// acknowledgement level, before sending the next) to the leader, over one
@@ -402,12 +412,15 @@ pub async fn bench_cluster(
     transport: &Transport,
     endpoints: &[SocketAddr],
     clients: usize,
-    ops: u64,
-    key_size: usize,
-    value_size: usize,
-    api: BenchApi,
+    load: BenchLoad,
     timeout: Duration,
 ) -> anyhow::Result<ClusterBenchRow> {
+    let BenchLoad {
+        ops,
+        key_size,
+        value_size,
+        api,
+    } = load;
     let statuses = status_all(transport, endpoints, timeout).await;
     let leader = statuses
         .iter()
