@@ -59,6 +59,9 @@ Options:
                        built first); for an A/B, run the script once per
                        binary, alternating
       --tls            TLS on every connection of both systems (see above)
+      --single-port    kv nodes without a peer listener (replication on the
+                       client port), as kv binaries before peer_listen
+                       need for an A/B
   -h, --help           this text
 
 Needs: python3, etcd and etcdctl (apt-get install -y etcd-server etcd-client).
@@ -82,6 +85,7 @@ USE_KV=1
 KV_APIS=batch,unary
 KV_GIVEN=""
 TLS=0
+SINGLE_PORT=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -96,6 +100,7 @@ while [[ $# -gt 0 ]]; do
         --no-kv) USE_KV=0; shift ;;
         --kv) KV_GIVEN=$(abspath "${2:?}"); shift 2 ;;
         --tls) TLS=1; shift ;;
+        --single-port) SINGLE_PORT=1; shift ;;
         *) usage >&2; die "unknown argument '$1'" ;;
     esac
 done
@@ -262,6 +267,7 @@ SCHEME=http
 CERTS=""
 KV_TLS_ARGS=()
 ETCD_TLS_ARGS=()
+((TLS && SINGLE_PORT)) && die "--tls needs a peer listener: it cannot go with --single-port"
 if ((TLS)); then
     [[ -x $KV ]] || die "--tls needs the kv binary for its certificates (kv certs init): $KV"
     SCHEME=https
@@ -358,6 +364,9 @@ id = 3
 addr = "$HOST:${KV_PORTS[2]}"
 peer_addr = "$HOST:${KV_PEER_PORTS[2]}"
 EOF
+        if ((SINGLE_PORT)); then
+            sed -i -e '/^peer_listen = /d' -e '/^peer_addr = /d' "$WORK/node$n.toml"
+        fi
         if ((TLS)); then
             cat >>"$WORK/node$n.toml" <<EOF
 

@@ -227,6 +227,10 @@ def measure(name, cluster, leader, write, read, rounds):
 
 
 def main():
+    # SIGTERM (and SIGHUP) unwind like Ctrl-C does, so the `finally` below
+    # stops every server this script started.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--dir", default=os.path.join(ROOT, "kv-bench-data"))

@@ -7,7 +7,7 @@
 //!
 //! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
 //! is [`server`]; the replication rules it follows are the `kv-cluster`
-//! crate's. [`tls`] secures its connections and [`certs`] makes a
+//! crate's; [`supervisor`] runs a directory's nodes (`kv cluster up`). [`tls`] secures its connections and [`certs`] makes a
 //! development CA and certificates (`kv certs init`).
 
 pub mod bench;
@@ -17,6 +17,7 @@ pub mod engine;
 pub mod repl;
 pub mod server;
 pub mod storage;
+pub mod supervisor;
 pub mod timer;
 pub mod tls;
 

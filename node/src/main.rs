@@ -172,7 +172,9 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
-    /// `kv cluster up configs/`: run `kv serve` for each config file.
+    /// `kv cluster up configs/`: run `kv serve` for each config file and
+    /// supervise them: a node that exits is reported (and, with
+    /// `--restart`, started again); the others keep serving.
     Up {
         /// Directory of node configuration files.
         #[arg(default_value = "configs")]
@@ -180,6 +182,11 @@ enum ClusterCmd {
         /// Where each node's log goes (`<log-dir>/node<id>.log`).
         #[arg(long, default_value = "logs")]
         log_dir: PathBuf,
+        /// Start a node again when it exits (after 1 s, doubling up to
+        /// 30 s while it keeps dying within 10 s). Without it, a node that
+        /// exits stays down and the others keep serving.
+        #[arg(long)]
+        restart: bool,
     },
 }
 
@@ -399,7 +406,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("shell I/O")?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Cluster(ClusterCmd::Up { dir, log_dir }) => cluster_up(&dir, &log_dir),
+        Cmd::Cluster(ClusterCmd::Up {
+            dir,
+            log_dir,
+            restart,
+        }) => cluster_up(&dir, &log_dir, restart),
         Cmd::Certs(CertsCmd::Init {
             out,
             nodes,
@@ -655,96 +666,24 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
         })
 }
 
-fn cluster_up(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let mut configs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    configs.sort();
-    if configs.is_empty() {
-        anyhow::bail!("no *.toml node configurations in {}", dir.display());
-    }
-    std::fs::create_dir_all(log_dir).with_context(|| format!("create {}", log_dir.display()))?;
+fn cluster_up(
+    dir: &std::path::Path,
+    log_dir: &std::path::Path,
+    restart: bool,
+) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("find own executable")?;
-    runtime()?.block_on(async move {
-        let mut children = Vec::new();
-        for path in &configs {
-            let config = NodeConfig::load(path)?;
-            let log_path = log_dir.join(format!("node{}.log", config.node_id));
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("create {}", log_path.display()))?;
-            // The lifeline (see `stdin_eof`): if this process dies, even by
-            // SIGKILL, every node sees its stdin close and stops cleanly.
-            let child = tokio::process::Command::new(&exe)
-                .arg("serve")
-                .arg("--config")
-                .arg(path)
-                .arg("--exit-on-stdin-eof")
-                .stdin(std::process::Stdio::piped())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("start node {}", config.node_id))?;
-            eprintln!(
-                "kv: node {} on {} (pid {}), log {}",
-                config.node_id,
-                config.listen,
-                child.id().unwrap_or(0),
-                log_path.display()
-            );
-            children.push(child);
-        }
-        // Held apart from the children: `Child::wait` closes a child's
-        // stdin first, which would cut every lifeline at once.
-        let lifelines: Vec<tokio::process::ChildStdin> =
-            children.iter_mut().filter_map(|c| c.stdin.take()).collect();
-        eprintln!("kv: cluster up; Ctrl-C or SIGTERM stops it");
-        let first_exit = async {
-            let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
-            futures_select_first(waits).await
-        };
-        let stopped_early = tokio::select! {
-            _ = shutdown_signal() => false,
-            _ = first_exit => true,
-        };
-        // Stop every node cleanly: SIGTERM makes each one sync and exit.
-        for child in &children {
-            if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-            }
-        }
-        let mut clean = !stopped_early;
-        for child in &mut children {
-            match child.wait().await {
-                Ok(status) if status.success() => {}
-                _ => clean = false,
-            }
-        }
-        drop(lifelines);
-        eprintln!("kv: cluster stopped");
-        Ok(if clean {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+    let clean = runtime()?.block_on(kv_node::supervisor::cluster_up(
+        &exe,
+        dir,
+        log_dir,
+        restart,
+        shutdown_signal(),
+    ))?;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
-}
-
-/// Resolves when the first of `futures` does.
-async fn futures_select_first<F: std::future::Future + Unpin>(futures: impl Iterator<Item = F>) {
-    let mut futures: Vec<F> = futures.collect();
-    std::future::poll_fn(|cx| {
-        for f in &mut futures {
-            if std::pin::Pin::new(f).poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 /// The lifeline of `kv serve --exit-on-stdin-eof`: resolves once standard

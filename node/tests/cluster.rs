@@ -1526,3 +1526,176 @@ fn sigkill_of_the_leader_of_five_under_load_loses_no_quorum_write() {
     cluster.wait_converged();
     assert_every_node_has(&cluster, &acked);
 }
+
+#[test]
+fn sigterm_of_the_leader_hands_over_so_writes_resume_before_an_election_timeout() {
+    // A long election timeout: without the hand-over the others would wait
+    // it out (3-6 s) before one of them campaigns.
+    let mut cluster = Cluster::start_elected("election_timeout_ms = 3000");
+    let old = cluster.wait_leader();
+    cluster.put("before", "1").unwrap();
+    cluster.wait_converged();
+    let old_term = cluster.status_of(old).unwrap().term;
+    let mut child = cluster.nodes[old - 1].take().unwrap();
+    let started = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exit = child.wait().unwrap();
+    let stopped = started.elapsed();
+    assert!(exit.success(), "the old leader exited with {exit:?}");
+    let others: Vec<String> = cluster
+        .ids()
+        .filter(|id| *id != old)
+        .map(|id| cluster.endpoint(id))
+        .collect();
+    let out = cluster.kv(&["put", "after", "2"], &others.join(","));
+    let resumed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = cluster.wait_leader();
+    assert_ne!(new, old);
+    assert!(cluster.status_of(new).unwrap().term > old_term);
+    eprintln!(
+        "SIGTERM of leader {old}: it stopped after {stopped:?}; a write succeeded at node {new} {resumed:?} after the signal"
+    );
+    assert!(
+        resumed < Duration::from_millis(1500),
+        "writes resumed only {resumed:?} after SIGTERM: no hand-over (the election timeout is 3 s)"
+    );
+    assert_eq!(cluster.get("before"), "1");
+}
+
+/// `kv cluster up` over `cluster`'s configs, stderr to `<dir>/up-<tag>.err`.
+fn cluster_up(
+    cluster: &Cluster,
+    tag: &str,
+    extra: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let configs = cluster.dir.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    for id in cluster.ids() {
+        std::fs::copy(cluster.config(id), configs.join(format!("node{id}.toml"))).unwrap();
+    }
+    let err = cluster.dir.path().join(format!("up-{tag}.err"));
+    let up = Command::new(KV)
+        .args(["cluster", "up"])
+        .arg(&configs)
+        .arg("--log-dir")
+        .arg(cluster.dir.path().join(format!("logs-{tag}")))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    (up, err)
+}
+
+/// The pid `kv cluster up` reported for node `id` most recently.
+fn reported_pid(err: &std::path::Path, id: usize) -> u32 {
+    let text = std::fs::read_to_string(err).unwrap();
+    let prefix = format!("kv: node {id} on ");
+    let line = text.lines().rev().find(|l| l.starts_with(&prefix)).unwrap();
+    let pid = line
+        .split("(pid ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    pid.parse().unwrap()
+}
+
+fn wait_for_line(cluster: &Cluster, err: &std::path::Path, line: &str) {
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("cluster up says {line:?}"),
+        |_| std::fs::read_to_string(err).unwrap().contains(line),
+    );
+}
+
+#[test]
+fn kv_cluster_up_keeps_the_others_serving_and_can_restart_a_node_that_died() {
+    let mut cluster = Cluster::start_elected("");
+    for id in cluster.ids() {
+        cluster.kill(id);
+    }
+    // Without --restart: node 3 is killed, said so, and stays down; the
+    // others keep serving.
+    let (mut up, err) = cluster_up(&cluster, "plain", &[]);
+    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
+        c.ids().all(|id| c.status_of(id).is_some())
+    });
+    cluster.wait_leader();
+    let pid = reported_pid(&err, 3);
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for_line(
+        &cluster,
+        &err,
+        "kv: node 3 was killed by signal 9 (SIGKILL); the others keep serving",
+    );
+    cluster.put("with-two", "1").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        cluster.status_of(3).is_none(),
+        "node 3 came back without --restart"
+    );
+    assert!(up.try_wait().unwrap().is_none(), "kv cluster up exited");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &up.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(up.wait().unwrap().success(), "the two left stop cleanly");
+    // With --restart: node 2 killed is started again and catches up.
+    let (mut up, err) = cluster_up(&cluster, "restart", &["--restart"]);
+    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
+        c.ids().all(|id| c.status_of(id).is_some())
+    });
+    cluster.wait_leader();
+    let pid = reported_pid(&err, 2);
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for_line(
+        &cluster,
+        &err,
+        "kv: node 2 was killed by signal 9 (SIGKILL); restarting it in 1 s",
+    );
+    cluster.put("while-restarting", "1").unwrap();
+    wait_for_line(&cluster, &err, "kv: restarting node 2");
+    assert_ne!(reported_pid(&err, 2), pid);
+    cluster.wait_converged();
+    assert_eq!(cluster.status_of(2).unwrap().keys, 2);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &up.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        up.wait().unwrap().success(),
+        "Ctrl-C still stops all cleanly"
+    );
+    for id in cluster.ids() {
+        assert!(cluster.status_of(id).is_none(), "node {id} still answers");
+    }
+}

@@ -582,6 +582,38 @@ impl Node {
         }
     }
 
+    /// Before a graceful stop (SIGTERM): a leader with elections on hands
+    /// leadership to its most caught-up connected follower, so the cluster
+    /// need not wait out an election timeout (a rolling restart costs a
+    /// transfer, not an election). Bounded by the transfer's own limits
+    /// (`write_timeout_ms` for the catch-up, one RPC for `TimeoutNow`);
+    /// on failure the node stops anyway. Returns the member it handed to.
+    pub(super) async fn hand_over_before_stop(&self) -> Option<u64> {
+        if !self.config.elections() || !self.leads() {
+            return None;
+        }
+        let target = lock(&self.followers)
+            .iter()
+            .filter(|(_, f)| f.connected)
+            .max_by_key(|(id, f)| (f.progress.match_lsn, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)?;
+        tracing::info!(target, "stopping: handing leadership over first");
+        match self.transfer_leadership(target).await {
+            Ok(term) => {
+                tracing::info!(target, term, "stopping: node {target} campaigns");
+                Some(target)
+            }
+            Err(status) => {
+                tracing::warn!(
+                    target,
+                    error = status.message(),
+                    "stopping without a hand-over"
+                );
+                None
+            }
+        }
+    }
+
     async fn send_timeout_now(
         &self,
         addr: std::net::SocketAddr,

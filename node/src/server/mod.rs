@@ -1425,6 +1425,9 @@ where
     let stopping = node.clone();
     let shutdown = async move {
         shutdown.await;
+        // A leader hands over first, while it still serves (its followers
+        // must catch up and the target must hear `TimeoutNow`).
+        stopping.hand_over_before_stop().await;
         stopping.stopping.send_replace(true);
     };
     let stopped = |node: &Node| {
