@@ -3,7 +3,8 @@
 3-member etcd cluster, both on 127.0.0.1 with default election settings,
 measured the same way in one run.
 
-Each round: find the leader, SIGKILL it, and time from the kill to the first
+Each round: find the leader, SIGKILL it (`--signal term`: SIGTERM, a
+graceful stop, as in a rolling restart), and time from the signal to the first
 write that succeeds (a fresh client process per attempt: `kv put` or
 `etcdctl put`, each with a short timeout, back to back). Then restart the
 killed node, wait until every node answers and one leads, let it settle, and
@@ -12,7 +13,7 @@ go again. At the end every key a round wrote must still be readable
 the medians.
 
 Usage: scripts/bench-failover-vs-etcd.py [--rounds 20] [--dir DIR] [--kv PATH]
-                                         [--no-etcd] [--no-kv]
+                                         [--signal kill|term] [--no-etcd] [--no-kv]
 
 Needs python3, and etcd + etcdctl for the etcd side (Debian: apt-get install
 -y etcd-server etcd-client). Data goes under DIR (default ./kv-bench-data),
@@ -88,6 +89,18 @@ class Cluster:
         p = self.procs[i]
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+    def terminate(self, i):
+        """SIGTERM: the process stops in its own time (see `reap`)."""
+        self.procs[i].send_signal(signal.SIGTERM)
+
+    def reap(self, i):
+        p = self.procs[i]
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
     def stop(self):
         for p in self.procs:
@@ -199,7 +212,7 @@ def wait_steady(leader, what, timeout=30):
     die(f"{what}: no leader with all 3 nodes answering within {timeout} s")
 
 
-def measure(name, cluster, leader, write, read, rounds):
+def measure(name, cluster, leader, write, read, rounds, sig):
     for i in range(3):
         cluster.start(i)
     wait_steady(leader, f"{name} start")
@@ -209,7 +222,10 @@ def measure(name, cluster, leader, write, read, rounds):
         lead = wait_steady(leader, f"{name} round {r}")
         key = f"failover-{r}"
         start = time.monotonic()
-        cluster.kill(lead)
+        if sig == "kill":
+            cluster.kill(lead)
+        else:
+            cluster.terminate(lead)
         while not write(key):
             if time.monotonic() - start > 30:
                 cluster.stop()
@@ -217,8 +233,9 @@ def measure(name, cluster, leader, write, read, rounds):
         elapsed = (time.monotonic() - start) * 1000
         times.append(elapsed)
         written.append(key)
-        print(f"  {name} round {r + 1:>2}: killed node {lead + 1}, first write after {elapsed:7.0f} ms",
+        print(f"  {name} round {r + 1:>2}: SIG{sig.upper()} to node {lead + 1}, first write after {elapsed:7.0f} ms",
               flush=True)
+        cluster.reap(lead)
         cluster.start(lead)
     wait_steady(leader, f"{name} end")
     lost = [k for k in written if not read(k)]
@@ -235,6 +252,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--dir", default=os.path.join(ROOT, "kv-bench-data"))
     ap.add_argument("--kv", default=os.path.join(ROOT, "target", "release", "kv"))
+    ap.add_argument("--signal", choices=["kill", "term"], default="kill",
+                    help="how the leader is stopped: SIGKILL (a crash) or SIGTERM (a graceful stop)")
     ap.add_argument("--no-etcd", action="store_true")
     ap.add_argument("--no-kv", action="store_true")
     args = ap.parse_args()
@@ -262,7 +281,7 @@ def main():
         for name, cluster, leader, write, read in systems:
             clusters.append(cluster)
             print(f"== {name}: {args.rounds} rounds", flush=True)
-            results[name] = measure(name, cluster, leader, write, read, args.rounds)
+            results[name] = measure(name, cluster, leader, write, read, args.rounds, args.signal)
     finally:
         for c in clusters:
             c.stop()
@@ -273,7 +292,7 @@ def main():
             except OSError:
                 pass
     print()
-    print(f"failover: SIGKILL of the leader -> first successful write, {args.rounds} rounds, 3 nodes on {HOST}")
+    print(f"failover: SIG{args.signal.upper()} of the leader -> first successful write, {args.rounds} rounds, 3 nodes on {HOST}")
     print(f"{'system':<6} {'median ms':>10} {'max ms':>8} {'min ms':>8} {'lost writes':>12}")
     for name, (times, lost) in results.items():
         print(f"{name:<6} {statistics.median(times):>10.0f} {max(times):>8.0f} {min(times):>8.0f} {len(lost):>12}")
