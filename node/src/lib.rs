@@ -13,7 +13,9 @@
 pub mod bench;
 pub mod certs;
 pub mod check;
+pub mod cli;
 pub mod engine;
+pub mod lineedit;
 pub mod repl;
 pub mod server;
 pub mod storage;

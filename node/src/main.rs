@@ -1,18 +1,21 @@
-//! The `kv` binary: `kv repl`, `kv check`, `kv bench ...`.
+//! The `kv` binary: `kv repl`, `kv check`, `kv bench ...`, the cluster
+//! client commands and `kv completion`.
 //!
 //! Only argument parsing, logging set-up and wiring live here; every command
 //! is a library function so tests can call it directly.
 
-use std::io::IsTerminal;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use kv_node::bench::{self, ENGINE_BENCH_HEADER, EngineBenchArgs, RecoveryBenchArgs};
+use kv_node::cli::{self, Bytes, WriteOut};
 use kv_node::repl::Repl;
 use kv_node::server::client::{self, Client};
 use kv_node::server::config::NodeConfig;
@@ -29,9 +32,22 @@ use kv_proto::v1 as pb;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The exit codes, as `kv --help` prints them (README: "Exit codes").
+const EXIT_CODES: &str = "\
+Exit codes of the client commands (put, get, del, status, transfer-leader, shell):
+  0  success (a key not found is a success: `(nil)`, or \"found\": false)
+  1  local failure (a config or certificate file, I/O)
+  2  usage error (bad flag or value, malformed --hex input)
+  3  refused: the cluster answered with an error; nothing was done
+  4  unreachable: no node answered, or none led, within 2 x --timeout-ms
+     (kv status: some endpoint did not answer)
+  5  outcome unknown: a write may or may not take effect (kv transfer-leader:
+     the target was not seen leading)
+`kv check` exits 2 when recovery would refuse the directory.";
+
 /// kv: a crash-consistent key-value node.
 #[derive(Parser, Debug)]
-#[command(name = "kv", version, about)]
+#[command(name = "kv", version, about, after_help = EXIT_CODES)]
 struct Cli {
     #[command(flatten)]
     tls: TlsArgs,
@@ -121,32 +137,44 @@ enum Cmd {
     #[command(subcommand)]
     Certs(CertsCmd),
     /// Set a key on the cluster (sent to the leader; redirects are followed).
+    /// Prints `OK lsn=N`, or `{"lsn":N,"term":T}` with `-w json`.
     Put {
-        key: String,
-        value: String,
+        /// The key (its bytes as given; hex digits with --hex).
+        key: OsString,
+        /// The value (its bytes as given; hex digits with --hex).
+        value: OsString,
         #[command(flatten)]
         target: Target,
         /// Acknowledgement level: local, quorum or all (default: the cluster's).
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = ["default", "local", "quorum", "all"])]
         ack: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
-    /// Read a key from the cluster.
+    /// Read a key from the cluster. Prints the value's bytes as they are, or
+    /// `(nil)`; with `-w json` one object (`found`, `value_base64`, ...).
     Get {
-        key: String,
+        /// The key (its bytes as given; hex digits with --hex).
+        key: OsString,
         #[command(flatten)]
         target: Target,
         /// `stale`: read from the first endpoint that answers, whatever its
         /// role, and print the applied LSN the value reflects.
-        #[arg(long, default_value = "leader")]
+        #[arg(long, default_value = "leader", value_parser = ["leader", "stale"])]
         consistency: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Remove a key from the cluster.
     Del {
-        key: String,
+        /// The key (its bytes as given; hex digits with --hex).
+        key: OsString,
         #[command(flatten)]
         target: Target,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = ["default", "local", "quorum", "all"])]
         ack: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The REPL's commands (PUT/GET/DEL/SIZE/FLUSH/HELP/EXIT) against the
     /// cluster instead of a local data directory.
@@ -154,10 +182,13 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// One row per node: role, term, leader, LSNs, lag, state digest.
+    /// One row per node: role, term, leader, LSNs, lag, state digest
+    /// (`-w json`: `{"nodes":[...]}`). Exits 4 if an endpoint did not answer.
     Status {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Hand leadership over to node ID (planned maintenance): the leader
     /// stops taking requests, waits until ID's log has caught up, tells it to
@@ -167,7 +198,44 @@ enum Cmd {
         id: u64,
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        out: OutputArgs,
     },
+    /// Print a shell completion script: `kv completion bash > /etc/bash_completion.d/kv`,
+    /// `kv completion zsh > ~/.zfunc/_kv`, `kv completion fish > ~/.config/fish/completions/kv.fish`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How a client command prints its answer.
+#[derive(Args, Debug, Clone)]
+struct OutputArgs {
+    /// Output format: `table` (text) or `json` (one object per line; field
+    /// names in README).
+    #[arg(short = 'w', long, value_enum, default_value_t = WriteOut::Table, env = "KV_WRITE_OUT")]
+    write_out: WriteOut,
+    /// Keys and values on the command line are hex digits, and values are
+    /// printed as hex (in JSON: `key_hex`/`value_hex` instead of base64).
+    #[arg(long)]
+    hex: bool,
+}
+
+impl OutputArgs {
+    fn bytes(&self) -> Bytes {
+        if self.hex { Bytes::Hex } else { Bytes::Raw }
+    }
+
+    fn json(&self) -> bool {
+        self.write_out == WriteOut::Json
+    }
+}
+
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,13 +291,13 @@ enum CertsCmd {
 #[derive(Args, Debug, Clone)]
 struct Target {
     /// host:port,... (default: the members listed in configs/*.toml).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "KV_ENDPOINTS")]
     endpoints: Vec<std::net::SocketAddr>,
     /// Directory of node configs to take endpoints from.
-    #[arg(long, default_value = "configs")]
+    #[arg(long, default_value = "configs", env = "KV_CONFIGS")]
     configs: PathBuf,
     /// Per-request deadline in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "KV_TIMEOUT_MS")]
     timeout_ms: u64,
 }
 
@@ -373,7 +441,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kv: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::exit_code(&e))
         }
     }
 }
@@ -400,10 +468,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = target.client(&tls)?;
             let rt = runtime()?;
             let stdin = std::io::stdin();
-            let prompt = stdin.is_terminal();
             let mut out = std::io::stdout().lock();
-            kv_node::server::shell::run(&client, &rt, stdin.lock(), &mut out, prompt)
-                .context("shell I/O")?;
+            if stdin.is_terminal() {
+                kv_node::lineedit::run("kv> ", |line| {
+                    kv_node::server::shell::run_line(&client, &rt, line, &mut out)
+                })?;
+            } else {
+                kv_node::server::shell::run(&client, &rt, stdin.lock(), &mut out, false)
+                    .context("shell I/O")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completion { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut Cli::command(), "kv", &mut out);
+            out.flush().context("write the completion script")?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster(ClusterCmd::Up {
@@ -436,57 +515,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             value,
             target,
             ack,
+            out,
         } => {
             let req = pb::PutRequest {
-                key: key.into_bytes(),
-                value: value.into_bytes(),
+                key: cli::decode_arg(key, out.hex)?,
+                value: cli::decode_arg(value, out.hex)?,
                 ack: client::parse_ack(&ack)? as i32,
             };
             let reply =
                 runtime()?.block_on(async { anyhow::Ok(target.client(&tls)?.put(req).await?) })?;
-            println!("OK lsn={}", reply.lsn);
+            print_write(&reply, &out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Del { key, target, ack } => {
+        Cmd::Del {
+            key,
+            target,
+            ack,
+            out,
+        } => {
             let req = pb::DeleteRequest {
-                key: key.into_bytes(),
+                key: cli::decode_arg(key, out.hex)?,
                 ack: client::parse_ack(&ack)? as i32,
             };
             let reply = runtime()?
                 .block_on(async { anyhow::Ok(target.client(&tls)?.delete(req).await?) })?;
-            println!("OK lsn={}", reply.lsn);
+            print_write(&reply, &out)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Get {
             key,
             target,
             consistency,
+            out,
         } => {
             let consistency = match consistency.as_str() {
-                "leader" => pb::ReadConsistency::Default,
                 "stale" => pb::ReadConsistency::Stale,
-                other => anyhow::bail!("--consistency {other}: expected leader or stale"),
+                _ => pb::ReadConsistency::Default,
             };
+            let key = cli::decode_arg(key, out.hex)?;
             let req = pb::GetRequest {
-                key: key.into_bytes(),
+                key: key.clone(),
                 consistency: consistency as i32,
             };
             runtime()?.block_on(async {
                 let reply = target.client(&tls)?.get(req).await?;
-                let value = if reply.found {
-                    String::from_utf8_lossy(&reply.value).into_owned()
+                if out.json() {
+                    print_json(&cli::get_json(&key, &reply, out.bytes()))?;
                 } else {
-                    "(nil)".to_owned()
-                };
-                if consistency == pb::ReadConsistency::Stale {
-                    println!("{value}\t(applied LSN {})", reply.applied_lsn);
-                } else {
-                    println!("{value}");
+                    let stale = consistency == pb::ReadConsistency::Stale;
+                    let mut stdout = std::io::stdout().lock();
+                    stdout.write_all(&cli::get_text(&reply, out.bytes(), stale))?;
+                    stdout.flush()?;
                 }
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Cmd::TransferLeader { id, target } => runtime()?.block_on(async {
+        Cmd::TransferLeader { id, target, out } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
             let transport = tls.transport()?;
             let timeout = Duration::from_millis(target.timeout_ms);
@@ -500,31 +584,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .into_iter()
                     .filter_map(|(_, r)| r.ok())
                     .find(|s| s.role == "leader" && s.term > reply.term);
-                match leading {
-                    Some(s) if s.node_id == id => {
-                        println!("OK node {id} leads term {}", s.term);
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    Some(s) => {
-                        println!(
+                let timed_out = tokio::time::Instant::now() >= deadline;
+                if leading.is_none() && !timed_out {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                let transferred = leading.as_ref().is_some_and(|s| s.node_id == id);
+                if out.json() {
+                    print_json(&cli::TransferJson {
+                        transferred,
+                        target: id,
+                        from_term: reply.term,
+                        leader_id: leading.as_ref().map(|s| s.node_id),
+                        term: leading.as_ref().map(|s| s.term),
+                    })?;
+                } else {
+                    match &leading {
+                        Some(s) if transferred => println!("OK node {id} leads term {}", s.term),
+                        Some(s) => println!(
                             "node {} leads term {} (node {id} campaigned but lost)",
                             s.node_id, s.term
-                        );
-                        return Ok(ExitCode::from(2));
-                    }
-                    None if tokio::time::Instant::now() >= deadline => {
-                        println!(
+                        ),
+                        None => println!(
                             "node {id} was told to campaign, but no leader of a term after {} \
                              was seen within {} ms",
                             reply.term, target.timeout_ms
-                        );
-                        return Ok(ExitCode::from(2));
+                        ),
                     }
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
+                return Ok(ExitCode::from(if transferred {
+                    cli::exit::OK
+                } else {
+                    cli::exit::UNKNOWN
+                }));
             }
         }),
-        Cmd::Status { target } => runtime()?.block_on(async {
+        Cmd::Status { target, out } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
             let replies = client::status_all(
                 &tls.transport()?,
@@ -538,30 +633,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .filter(|r| r.role == "leader")
                 .flat_map(|r| r.followers.iter().map(|f| (f.node_id, f.lag)))
                 .collect();
-            println!("{}", client::status_header());
-            let mut all_ok = true;
-            for (addr, reply) in replies {
-                match reply {
-                    Ok(s) => {
-                        let lag = if s.role == "leader" {
-                            Some(0)
-                        } else {
-                            lags.get(&s.node_id).copied()
-                        };
-                        println!("{}", client::status_row(&s, lag));
-                    }
-                    Err(e) => {
-                        all_ok = false;
-                        println!("{addr}: unreachable: {e}");
+            let all_ok = replies.iter().all(|(_, r)| r.is_ok());
+            let lag_of = |s: &pb::StatusReply| {
+                if s.role == "leader" {
+                    Some(0)
+                } else {
+                    lags.get(&s.node_id).copied()
+                }
+            };
+            if out.json() {
+                let nodes = replies
+                    .into_iter()
+                    .map(|(addr, reply)| match reply {
+                        Ok(s) => cli::NodeJson {
+                            endpoint: addr.to_string(),
+                            reachable: true,
+                            status: Some(cli::NodeStatusJson::new(&s, lag_of(&s))),
+                            error: None,
+                        },
+                        Err(e) => cli::NodeJson {
+                            endpoint: addr.to_string(),
+                            reachable: false,
+                            status: None,
+                            error: Some(e),
+                        },
+                    })
+                    .collect();
+                print_json(&cli::StatusJson { nodes })?;
+            } else {
+                println!("{}", client::status_header());
+                for (addr, reply) in replies {
+                    match reply {
+                        Ok(s) => println!("{}", client::status_row(&s, lag_of(&s))),
+                        Err(e) => println!("{addr}: unreachable: {e}"),
                     }
                 }
             }
-            Ok(if all_ok {
-                ExitCode::SUCCESS
+            Ok(ExitCode::from(if all_ok {
+                cli::exit::OK
             } else {
-                ExitCode::from(2)
-            })
+                cli::exit::UNREACHABLE
+            }))
         }),
+    }
+}
+
+/// `kv put`/`kv del`'s answer.
+fn print_write(reply: &pb::WriteReply, out: &OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        print_json(&cli::WriteJson::from(reply))
+    } else {
+        println!("OK lsn={}", reply.lsn);
+        Ok(())
     }
 }
 
@@ -762,11 +885,23 @@ fn repl(args: &EngineArgs) -> anyhow::Result<ExitCode> {
         Duration::from_millis(config.flush_interval_ms.max(1)),
     );
     let stdin = std::io::stdin();
-    let prompt = stdin.is_terminal();
     let mut out = std::io::stdout().lock();
-    Repl::new(engine)
-        .run(stdin.lock(), &mut out, prompt)
-        .context("REPL I/O")?;
+    let repl = Repl::new(engine);
+    if stdin.is_terminal() {
+        let mut ended = false;
+        kv_node::lineedit::run("kv> ", |line| {
+            let flow = repl.run_line(line, &mut out)?;
+            out.flush()?;
+            ended = flow == kv_node::repl::Flow::Exit;
+            Ok(flow)
+        })?;
+        if !ended {
+            repl.finish(&mut out).context("REPL I/O")?;
+        }
+    } else {
+        repl.run(stdin.lock(), &mut out, false)
+            .context("REPL I/O")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,8 +8,10 @@
 //! are bytes: keys and values need not be UTF-8 (only `\n` ends a line).
 //!
 //! Parsing ([`parse`]) is pure and separate from running ([`Repl::run_line`]),
-//! so both are tested on their own. The REPL reads from any `BufRead` (a pipe
-//! or a terminal) and does no line editing of its own.
+//! so both are tested on their own. [`Repl::run`] reads from any `BufRead`
+//! (a pipe) and does no line editing of its own; on a terminal, `kv repl`
+//! feeds [`Repl::run_line`] from the line editor (`crate::lineedit`) and
+//! ends with [`Repl::finish`].
 
 use std::io::{BufRead, Read, Write};
 use std::sync::Arc;
@@ -259,6 +261,15 @@ impl Repl {
         Ok(Flow::Continue)
     }
 
+    /// End of input: flushes (makes every write durable), saying `ERR` if
+    /// that failed.
+    pub fn finish(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if let Err(e) = self.engine.flush() {
+            writeln!(out, "ERR {e}")?;
+        }
+        out.flush()
+    }
+
     /// Reads lines from `input` until `EXIT` or end of input, replying to
     /// each on `out`. With `prompt`, prints `kv> ` before each line. At the
     /// end, everything written is flushed (made durable).
@@ -290,11 +301,7 @@ impl Repl {
                 continue;
             }
             if n == 0 {
-                if let Err(e) = self.engine.flush() {
-                    writeln!(out, "ERR {e}")?;
-                }
-                out.flush()?;
-                return Ok(());
+                return self.finish(out);
             }
             while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 line.pop();

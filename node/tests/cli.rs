@@ -706,6 +706,40 @@ fn bench_prints_one_line() {
     );
 }
 
+/// `kv repl` on a pipe prints, byte for byte, what it printed before line
+/// editing came (recorded from that binary): no prompt, no escape
+/// sequences, values as their bytes (a non-UTF-8 one too).
+#[test]
+fn piped_repl_output_is_byte_identical_to_before() {
+    let tmp = tempdir();
+    let script: &[u8] = b"PUT a hello world\nGET a\nput b 2\n\nSIZE\nGET nothing\nPUT u na\xc3\xafve caf\xc3\xa9\nGET u\nPUT bin \xff\xfe\x00\x01 raw\nGET bin\nPUT c crlf\r\nGET c\nDEL a\nget a\nFROB x\nPUT k\nSETBATCH 0\nFLUSH\nSNAP\nHELP\nSIZE now\nEXIT\nGET b\n";
+    let mut want = b"OK\nhello world\nOK\n2\n(nil)\nOK\nna\xc3\xafve caf\xc3\xa9\nOK\n\xff\xfe\x00\x01 raw\nOK\ncrlf\nOK\n(nil)\nERR unknown command 'FROB' (try HELP)\nERR usage: PUT key value\nERR SETBATCH: n must be at least 1\nOK\nOK snapshot at LSN 6 (4 keys, 115 bytes, 0 WAL segments removed)\n".to_vec();
+    want.extend_from_slice(kv_node::repl::HELP.as_bytes());
+    want.extend_from_slice(b"\nERR SIZE takes no arguments\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["repl", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv repl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script)
+        .expect("write the script");
+    let out = child.wait_with_output().expect("wait kv repl");
+    assert!(out.status.success(), "kv repl: {out:?}");
+    assert!(
+        out.stdout == want,
+        "kv repl on a pipe:\n got {:?}\nwant {:?}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&want)
+    );
+}
+
 #[test]
 fn matches_understands_int_placeholders() {
     for (pattern, line, want) in [

@@ -93,12 +93,40 @@ pub struct Client {
 /// What a call against the cluster failed with.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The cluster answered with an error (not a redirect).
+    /// The cluster answered with an error (not a redirect): the request was
+    /// refused and took no effect.
     #[error("{}", .0.message())]
     Status(tonic::Status),
+    /// The request was sent and may or may not take effect: the node said
+    /// "outcome unknown", or a write's call broke or hit the client's
+    /// deadline after it was sent. Never retried.
+    #[error("{}", .0.message())]
+    OutcomeUnknown(tonic::Status),
     /// No endpoint could be reached or none led.
     #[error("{0}")]
     Unreachable(String),
+}
+
+/// True if a node answered "outcome unknown" (a write it appended but
+/// could not get acknowledged in time; it may still commit).
+fn says_outcome_unknown(status: &tonic::Status) -> bool {
+    status.message().starts_with("outcome unknown")
+}
+
+impl CallError {
+    /// The failure a call ended with once `status` came back and is not
+    /// retried: unknown if the node said so, or if a write (`idempotent`
+    /// false) lost its call after sending it — tonic's own codes for that
+    /// are CANCELLED (the client's deadline) and UNKNOWN (a broken
+    /// connection), which a node never answers with; else a refusal.
+    fn from_status(status: tonic::Status, idempotent: bool) -> CallError {
+        let lost = matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown);
+        if says_outcome_unknown(&status) || (!idempotent && lost) {
+            CallError::OutcomeUnknown(status)
+        } else {
+            CallError::Status(status)
+        }
+    }
 }
 
 impl Client {
@@ -185,7 +213,14 @@ impl Client {
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(addr);
                         return Ok(reply.into_inner());
                     }
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    // "Not leader" (FAILED_PRECONDITION saying so): try the
+                    // leader it names, else the next endpoint. Another
+                    // failed precondition (a fixed leader refusing a
+                    // transfer) is a refusal like any other.
+                    Err(status)
+                        if status.code() == tonic::Code::FailedPrecondition
+                            && status.message().starts_with("not leader") =>
+                    {
                         let leader = status
                             .metadata()
                             .get(LEADER_METADATA)
@@ -196,9 +231,7 @@ impl Client {
                             queue.insert(0, leader);
                         }
                     }
-                    Err(status)
-                        if idempotent && !status.message().starts_with("outcome unknown") =>
-                    {
+                    Err(status) if idempotent && !says_outcome_unknown(&status) => {
                         last_error = format!("{addr}: {}", status.message());
                         if !self.transport.is_tls() && is_h2_failure(&status) {
                             last_error = format!("{last_error} {PLAINTEXT_HINT}");
@@ -215,7 +248,7 @@ impl Client {
                             message,
                         )));
                     }
-                    Err(status) => return Err(CallError::Status(status)),
+                    Err(status) => return Err(CallError::from_status(status, idempotent)),
                 }
             }
             if tokio::time::Instant::now() + pause > deadline {
@@ -248,12 +281,21 @@ impl Client {
 
     /// `TransferLeader`, sent to the leader (redirects followed). Returns
     /// once the target campaigns and the old leader has stepped down.
+    /// UNAVAILABLE is an unknown outcome here: the leader could not
+    /// confirm that the target campaigns, and stepped down anyway.
     pub async fn transfer_leader(&self, target: u64) -> Result<pb::TransferLeaderReply, CallError> {
-        self.call(false, |mut c| async move {
-            c.transfer_leader(pb::TransferLeaderRequest { target })
-                .await
-        })
-        .await
+        let reply = self
+            .call(false, |mut c| async move {
+                c.transfer_leader(pb::TransferLeaderRequest { target })
+                    .await
+            })
+            .await;
+        match reply {
+            Err(CallError::Status(s)) if s.code() == tonic::Code::Unavailable => {
+                Err(CallError::OutcomeUnknown(s))
+            }
+            other => other,
+        }
     }
 
     /// `Get`, with redirects followed.
@@ -473,7 +515,7 @@ pub async fn bench_cluster(
                 state ^= state << 17;
                 state
             };
-            let mut lat = Vec::with_capacity(per_client as usize);
+            let mut lat = crate::bench::Latencies::new()?;
             for _ in 0..per_client {
                 let key: Vec<u8> = (0..key_size).map(|_| b'a' + (next() % 26) as u8).collect();
                 let value = vec![b'v'; value_size];
@@ -486,24 +528,23 @@ pub async fn bench_cluster(
                     })
                     .await
                     .map_err(|s| anyhow::anyhow!("put: {}", s.message()))?;
-                lat.push(t.elapsed().as_micros() as u64);
+                lat.record(t.elapsed().as_micros() as u64);
             }
             Ok::<_, anyhow::Error>(lat)
         }));
     }
-    let mut latencies = Vec::new();
+    let mut latencies = crate::bench::Latencies::new()?;
     for t in tasks {
-        latencies.extend(t.await??);
+        latencies.merge(&t.await??)?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    latencies.sort_unstable();
     Ok(ClusterBenchRow {
         api,
         clients,
-        ops: latencies.len() as u64,
+        ops: latencies.len(),
         seconds,
         ops_per_sec: latencies.len() as f64 / seconds,
-        p50_us: crate::bench::percentile(&latencies, 50.0),
-        p99_us: crate::bench::percentile(&latencies, 99.0),
+        p50_us: latencies.percentile(50.0),
+        p99_us: latencies.percentile(99.0),
     })
 }

@@ -6,13 +6,17 @@
 //! status. FLUSH answers OK at once: a cluster acknowledges a write only
 //! once it is durable at its acknowledgement level, so there is nothing to
 //! flush. SNAP, SETBATCH and BENCH are local-engine commands and say so.
+//! A value is printed as its bytes, like the REPL's `GET`.
+//!
+//! Reading lines is the caller's: [`run`] reads a pipe (or any `BufRead`),
+//! [`run_line`] serves the line editor on a terminal (`crate::lineedit`).
 
 use std::io::{BufRead, Write};
 
 use kv_proto::v1 as pb;
 
 use super::client::{CallError, Client};
-use crate::repl::{Command, HELP, parse};
+use crate::repl::{Command, Flow, HELP, parse};
 
 /// Runs the shell until EXIT or end of input.
 pub fn run(
@@ -31,25 +35,41 @@ pub fn run(
         let Some(line) = lines.next() else {
             return Ok(());
         };
-        let mut line = line?;
-        while line.last().is_some_and(|b| *b == b'\r') {
-            line.pop();
+        if run_line(client, runtime, &line?, out)? == Flow::Exit {
+            return Ok(());
         }
-        let reply = match parse(&line) {
-            Err(msg) => format!("ERR {msg}"),
-            Ok(Command::Empty) => continue,
-            Ok(Command::Exit) => return Ok(()),
-            Ok(cmd) => runtime.block_on(run_command(client, cmd)),
-        };
-        writeln!(out, "{reply}")?;
     }
 }
 
-fn err(e: CallError) -> String {
-    format!("ERR {e}")
+/// Runs one line (a trailing `\r` is dropped) and writes its reply, if
+/// any, to `out`.
+pub fn run_line(
+    client: &Client,
+    runtime: &tokio::runtime::Runtime,
+    line: &[u8],
+    out: &mut impl Write,
+) -> std::io::Result<Flow> {
+    let mut line = line;
+    while let [rest @ .., b'\r'] = line {
+        line = rest;
+    }
+    let reply = match parse(line) {
+        Err(msg) => format!("ERR {msg}").into_bytes(),
+        Ok(Command::Empty) => return Ok(Flow::Continue),
+        Ok(Command::Exit) => return Ok(Flow::Exit),
+        Ok(cmd) => runtime.block_on(run_command(client, cmd)),
+    };
+    out.write_all(&reply)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(Flow::Continue)
 }
 
-async fn run_command(client: &Client, cmd: Command) -> String {
+fn err(e: CallError) -> Vec<u8> {
+    format!("ERR {e}").into_bytes()
+}
+
+async fn run_command(client: &Client, cmd: Command) -> Vec<u8> {
     match cmd {
         Command::Put { key, value } => {
             let req = pb::PutRequest {
@@ -78,7 +98,7 @@ async fn run_command(client: &Client, cmd: Command) -> String {
                 consistency: pb::ReadConsistency::Default as i32,
             };
             match client.get(req).await {
-                Ok(r) if r.found => String::from_utf8_lossy(&r.value).into_owned(),
+                Ok(r) if r.found => r.value,
                 Ok(_) => "(nil)".into(),
                 Err(e) => err(e),
             }
@@ -99,17 +119,18 @@ async fn run_command(client: &Client, cmd: Command) -> String {
                 })
                 .await;
             match reply {
-                Ok(s) => s.keys.to_string(),
+                Ok(s) => s.keys.to_string().into_bytes(),
                 Err(e) => err(e),
             }
         }
         Command::Flush => "OK".into(),
         Command::Help => format!(
             "{HELP}\n(kv shell: FLUSH is implicit, SNAP, SETBATCH and BENCH act on a local engine: use kv repl)"
-        ),
+        )
+        .into_bytes(),
         Command::Snap | Command::SetBatch(_) | Command::Bench(_) => {
-            "ERR this command acts on a local engine; use kv repl on a data directory".into()
+            b"ERR this command acts on a local engine; use kv repl on a data directory".to_vec()
         }
-        Command::Empty | Command::Exit => String::new(),
+        Command::Empty | Command::Exit => Vec::new(),
     }
 }
