@@ -34,7 +34,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The exit codes, as `kv --help` prints them (README: "Exit codes").
 const EXIT_CODES: &str = "\
-Exit codes of the client commands (put, get, del, status, transfer-leader, shell):
+Exit codes of the client commands (put, get, del, status, transfer-leader):
   0  success (a key not found is a success: `(nil)`, or \"found\": false)
   1  local failure (a config or certificate file, I/O)
   2  usage error (bad flag or value, malformed --hex input)
@@ -138,6 +138,7 @@ enum Cmd {
     Certs(CertsCmd),
     /// Set a key on the cluster (sent to the leader; redirects are followed).
     /// Prints `OK lsn=N`, or `{"lsn":N,"term":T}` with `-w json`.
+    #[command(after_help = EXIT_CODES)]
     Put {
         /// The key (its bytes as given; hex digits with --hex).
         key: OsString,
@@ -153,6 +154,7 @@ enum Cmd {
     },
     /// Read a key from the cluster. Prints the value's bytes as they are, or
     /// `(nil)`; with `-w json` one object (`found`, `value_base64`, ...).
+    #[command(after_help = EXIT_CODES)]
     Get {
         /// The key (its bytes as given; hex digits with --hex).
         key: OsString,
@@ -166,6 +168,7 @@ enum Cmd {
         out: OutputArgs,
     },
     /// Remove a key from the cluster.
+    #[command(after_help = EXIT_CODES)]
     Del {
         /// The key (its bytes as given; hex digits with --hex).
         key: OsString,
@@ -184,6 +187,7 @@ enum Cmd {
     },
     /// One row per node: role, term, leader, LSNs, lag, state digest
     /// (`-w json`: `{"nodes":[...]}`). Exits 4 if an endpoint did not answer.
+    #[command(after_help = EXIT_CODES)]
     Status {
         #[command(flatten)]
         target: Target,
@@ -193,6 +197,7 @@ enum Cmd {
     /// Hand leadership over to node ID (planned maintenance): the leader
     /// stops taking requests, waits until ID's log has caught up, tells it to
     /// campaign, and steps down. Waits until ID is seen leading.
+    #[command(after_help = EXIT_CODES)]
     TransferLeader {
         /// The member to lead next.
         id: u64,
