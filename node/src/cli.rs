@@ -211,6 +211,9 @@ pub struct NodeStatusJson {
     pub keys: u64,
     /// The leader's view of its followers (empty on a follower).
     pub followers: Vec<FollowerJson>,
+    /// `null`, or why this replica's state is known to differ from the
+    /// leader's (it serves no reads).
+    pub alarm: Option<String>,
 }
 
 fn nonzero(v: u64) -> Option<u64> {
@@ -248,6 +251,7 @@ impl NodeStatusJson {
                     connected: f.connected,
                 })
                 .collect(),
+            alarm: (!s.alarm.is_empty()).then(|| s.alarm.clone()),
         }
     }
 }

@@ -667,11 +667,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&cli::StatusJson { nodes })?;
             } else {
                 println!("{}", client::status_header());
+                let mut alarms = Vec::new();
                 for (addr, reply) in replies {
                     match reply {
-                        Ok(s) => println!("{}", client::status_row(&s, lag_of(&s))),
+                        Ok(s) => {
+                            println!("{}", client::status_row(&s, lag_of(&s)));
+                            if !s.alarm.is_empty() {
+                                alarms.push(format!("ALARM node {}: {}", s.node_id, s.alarm));
+                            }
+                        }
                         Err(e) => println!("{addr}: unreachable: {e}"),
                     }
+                }
+                // After the table, so scripts reading its columns are unaffected.
+                for alarm in alarms {
+                    println!("{alarm}");
                 }
             }
             Ok(ExitCode::from(if all_ok {

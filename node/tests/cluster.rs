@@ -195,6 +195,7 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
         prev_term: 0,
         records: vec![record.clone()],
         commit_lsn: 0,
+        ..Default::default()
     };
     // A wrong cluster id, a non-member, a sender that is not the leader.
     check(
@@ -1698,4 +1699,88 @@ fn kv_cluster_up_keeps_the_others_serving_and_can_restart_a_node_that_died() {
     for id in cluster.ids() {
         assert!(cluster.status_of(id).is_none(), "node {id} still answers");
     }
+}
+
+/// Rewrites, in node `id`'s stopped WAL, the record that puts `key` with
+/// `value` as a put of `key` with `lie` (same length, valid CRC): a disk
+/// that returns other bytes than were written, undetectably.
+fn lie_in_wal(cluster: &Cluster, id: usize, key: &[u8], value: &[u8], lie: &[u8]) {
+    use kv_node::engine::record::{
+        RECORD_PAYLOAD_BYTES_MAX, SEGMENT_HEADER_BYTES, SegmentHeader, decode_record, encode_record,
+    };
+    use kv_node::engine::{Op, Record};
+    assert_eq!(value.len(), lie.len());
+    let dir = cluster.dir.path().join(format!("node{id}"));
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "wal") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let salt = SegmentHeader::decode(&bytes[..SEGMENT_HEADER_BYTES])
+            .unwrap()
+            .salt;
+        let mut at = SEGMENT_HEADER_BYTES;
+        while let Ok((Record { lsn, term, op }, used)) =
+            decode_record(&bytes[at..], salt, RECORD_PAYLOAD_BYTES_MAX)
+        {
+            if let Op::Put { key: k, value: v } = &op
+                && k == key
+                && v == value
+            {
+                let mut forged = Vec::new();
+                let op = Op::Put {
+                    key: key.to_vec(),
+                    value: lie.to_vec(),
+                };
+                encode_record(&mut forged, salt, lsn, term, &op);
+                assert_eq!(forged.len(), used);
+                bytes[at..at + used].copy_from_slice(&forged);
+                std::fs::write(&path, &bytes).unwrap();
+                return;
+            }
+            at += used;
+        }
+    }
+    panic!("no record puts {key:?} in node {id}'s WAL");
+}
+
+#[test]
+fn a_replica_whose_disk_lied_raises_the_divergence_alarm_and_serves_no_reads() {
+    let mut cluster = Cluster::start();
+    for i in 0..10 {
+        cluster
+            .put(&format!("k{i}"), &format!("value-{i}"))
+            .unwrap();
+    }
+    cluster.wait_converged();
+    cluster.kill(3);
+    lie_in_wal(&cluster, 3, b"k5", b"value-5", b"VALUE-5");
+    let started = Instant::now();
+    cluster.start_node(3);
+    cluster.wait_until(Duration::from_secs(10), "node 3 raises the alarm", |c| {
+        c.status_of(3).is_some_and(|s| !s.alarm.is_empty())
+    });
+    let alarm = cluster.status_of(3).unwrap().alarm;
+    eprintln!("alarm {:?} after restart: {alarm}", started.elapsed());
+    assert!(alarm.contains("diverged at LSN"), "{alarm}");
+    // It serves no read, not even a stale one: the lie never reaches a client.
+    let out = cluster.kv(
+        &["get", "k5", "--consistency", "stale"],
+        &cluster.endpoint(3),
+    );
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("VALUE"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("diverged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The others still agree and serve; `kv status` shows the alarm.
+    assert!(cluster.status_of(1).unwrap().alarm.is_empty());
+    assert!(cluster.status_of(2).unwrap().alarm.is_empty());
+    assert_eq!(cluster.get("k5"), "value-5");
+    let out = cluster.kv(&["status"], &cluster.all_endpoints());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ALARM node 3: state diverged"), "{text}");
 }

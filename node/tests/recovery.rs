@@ -2074,3 +2074,29 @@ fn a_snapshot_being_sent_survives_the_cleanup_of_two_newer_snapshots() {
         assert_eq!(f.digest(), digest_at_200);
     }
 }
+
+#[test]
+fn a_digest_checkpoint_is_compared_at_its_lsn_and_a_mismatch_is_kept() {
+    let sim = common::sim();
+    let engine = common::open(&sim, &common::config()).unwrap();
+    put_range(&engine, 1..=3);
+    let (digest, applied) = engine.digest();
+    assert_eq!(applied, 3);
+    // At the applied LSN: compared at once.
+    engine.expect_digest(3, digest);
+    assert_eq!(engine.divergence(), None);
+    // Past it: nothing to compare with, ignored.
+    engine.expect_digest(2, digest ^ 1);
+    assert_eq!(engine.divergence(), None);
+    // Ahead: compared when LSN 5 is applied, not at 4.
+    engine.expect_digest(5, 0xdead);
+    put_range(&engine, 4..=4);
+    assert_eq!(engine.divergence(), None);
+    put_range(&engine, 5..=6);
+    let divergence = engine.divergence().expect("LSN 5's digest differs");
+    assert_eq!((divergence.lsn, divergence.theirs), (5, 0xdead));
+    assert_ne!(divergence.ours, 0xdead);
+    // The first mismatch is kept.
+    engine.expect_digest(6, 0xbeef);
+    assert_eq!(engine.divergence(), Some(divergence));
+}

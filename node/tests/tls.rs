@@ -201,6 +201,7 @@ async fn forged_append(
         prev_term: 0,
         records: Vec::new(),
         commit_lsn: 0,
+        ..Default::default()
     };
     let call = async {
         let mut acks = client

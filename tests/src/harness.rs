@@ -951,6 +951,9 @@ impl Checker {
             let st = engine.stats();
             let commit = engine.commit_lsn();
             let (applied, durable, last) = (st.applied_lsn, st.durable_lsn, st.last_lsn);
+            if let Some(divergence) = engine.divergence() {
+                return Err(format!("node {id}: divergence alarm: {divergence}"));
+            }
             if node.term() >= FORGED_TERM {
                 return Err(format!(
                     "node {id} is in term {}, a stranger's forged term",

@@ -135,6 +135,7 @@ async fn send_one(target: SocketAddr, claimed: u64, kind: u64) -> Result<String,
                 prev_term: 0,
                 records: vec![kv_node::server::convert::to_proto(&record)],
                 commit_lsn: 1,
+                ..Default::default()
             };
             let mut acks = client
                 .append(tokio_stream::iter(vec![request]))

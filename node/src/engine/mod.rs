@@ -184,6 +184,32 @@ impl std::fmt::Display for RecoverySummary {
     }
 }
 
+/// A replica's state that differs from another's at the same applied LSN
+/// (the same records were applied, so one of the two states is wrong: a
+/// disk that returned other bytes with a valid CRC, a bug, memory damage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Divergence {
+    /// The LSN both had applied.
+    pub lsn: u64,
+    /// This engine's digest there.
+    pub ours: u64,
+    /// The other replica's.
+    pub theirs: u64,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "state diverged at LSN {}: digest {:016x} here, {:016x} on the leader",
+            self.lsn, self.ours, self.theirs
+        )
+    }
+}
+
+/// Checkpoints waiting for their LSN at most (older ones are dropped).
+const CHECKPOINTS_MAX: usize = 64;
+
 /// A point-in-time view of the engine's positions and counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineStats {
@@ -273,6 +299,12 @@ struct State {
     pending_apply: VecDeque<Pending>,
     /// Mirror of the map's applied LSN (readable without the map lock).
     applied_lsn: u64,
+    /// Digests another replica had at LSNs not yet applied here, in LSN
+    /// order: when this engine applies that LSN it compares its own
+    /// ([`Engine::expect_digest`]).
+    checkpoints: VecDeque<(u64, u64)>,
+    /// The first checkpoint this state failed, if one did.
+    divergence: Option<Divergence>,
     /// The term of every LSN the log holds.
     terms: TermRuns,
     /// Bumped by every truncation, so a waiter for a truncated LSN fails
@@ -306,6 +338,16 @@ struct State {
     term: u64,
     wal_bytes_since_snapshot: u64,
     snapshot_lsn: u64,
+}
+
+impl State {
+    /// Compares this state's digest at `lsn` with another replica's; the
+    /// first mismatch is kept.
+    fn check_digest(&mut self, lsn: u64, ours: u64, theirs: u64) {
+        if ours != theirs && self.divergence.is_none() {
+            self.divergence = Some(Divergence { lsn, ours, theirs });
+        }
+    }
 }
 
 /// `COMMIT` and the LSN last written to it.
@@ -496,6 +538,8 @@ impl Engine {
             written_lsn: last,
             durable_lsn: last,
             applied_lsn: map.applied_lsn(),
+            checkpoints: VecDeque::new(),
+            divergence: None,
             pending_apply: deferred,
             commit_lsn: config.replicated.then(|| map.applied_lsn()),
             terms,
@@ -931,6 +975,15 @@ impl Engine {
             let map = map.get_or_insert_with(|| write(&self.map));
             map.apply(p.record.lsn, p.record.term, p.record.op);
             st.applied_lsn = map.applied_lsn();
+            while let Some(&(lsn, theirs)) = st.checkpoints.front() {
+                if lsn > st.applied_lsn {
+                    break;
+                }
+                st.checkpoints.pop_front();
+                if lsn == st.applied_lsn {
+                    st.check_digest(lsn, map.digest(), theirs);
+                }
+            }
         }
         assert!(st.applied_lsn <= st.written_lsn, "applied <= written");
         if st.commit_lsn.is_some() {
@@ -939,6 +992,35 @@ impl Engine {
                 "applied <= durable (replicated)"
             );
         }
+    }
+
+    /// Another replica (the leader) had `digest` once it applied `lsn`:
+    /// this engine compares its own when it has applied exactly `lsn` (now,
+    /// if it is there; later, as it applies; never, if it is already past
+    /// it). A mismatch is kept as [`Engine::divergence`]; it changes
+    /// nothing else here, the caller decides what to refuse.
+    pub fn expect_digest(&self, lsn: u64, digest: u64) {
+        let mut st = lock(&self.state);
+        if lsn < st.applied_lsn {
+            return;
+        }
+        if lsn == st.applied_lsn {
+            let ours = read(&self.map).digest();
+            st.check_digest(lsn, ours, digest);
+            return;
+        }
+        if st.checkpoints.back().is_some_and(|&(last, _)| last >= lsn) {
+            return;
+        }
+        if st.checkpoints.len() >= CHECKPOINTS_MAX {
+            st.checkpoints.pop_front();
+        }
+        st.checkpoints.push_back((lsn, digest));
+    }
+
+    /// The first checkpoint this replica's state failed, if one did.
+    pub fn divergence(&self) -> Option<Divergence> {
+        lock(&self.state).divergence
     }
 
     /// LSN of the last record appended.

@@ -533,6 +533,14 @@ impl Node {
         if !stale {
             self.confirm_read().await?;
         }
+        // A replica whose state failed the leader's checkpoint may hold
+        // wrong values: it answers no read (the client tries another).
+        if let Some(divergence) = self.engine.divergence() {
+            return Err(Status::data_loss(format!(
+                "node {}: {divergence}; it serves no reads",
+                self.config.node_id
+            )));
+        }
         self.engine
             .validate(&req.key, None)
             .map_err(engine_status)?;
@@ -882,12 +890,17 @@ impl Node {
         prev_term: u64,
         records: Vec<pb::LogRecord>,
     ) -> anyhow::Result<()> {
+        // A checkpoint of our applied state, for the follower to compare
+        // its own against when it has applied the same LSN.
+        let (checkpoint_digest, checkpoint_lsn) = self.engine.digest();
         let req = pb::AppendRequest {
             from: Some(self.sender_in(term)),
             prev_lsn,
             prev_term,
             records,
             commit_lsn: self.commit(),
+            checkpoint_lsn,
+            checkpoint_digest,
         };
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         tokio::time::timeout(rpc, tx.send(req))
@@ -1108,6 +1121,15 @@ impl Node {
         if !new.is_empty() {
             self.engine.append_records(new).map_err(engine_status)?;
         }
+        if req.checkpoint_lsn > 0 {
+            // The leader's state at an LSN it applied (so committed): ours
+            // must be the same once we applied it.
+            self.engine
+                .expect_digest(req.checkpoint_lsn, req.checkpoint_digest);
+            if let Some(divergence) = self.engine.divergence() {
+                tracing::error!(%divergence, "divergence alarm: this replica serves no reads");
+            }
+        }
         Ok(PendingAck::WhenDurable {
             batch_last: meta.prev_lsn + meta.records.len() as u64,
             commit_lsn: req.commit_lsn,
@@ -1200,6 +1222,10 @@ impl Node {
                 .unwrap_or_default(),
             voted_for: voted_for.unwrap_or(0),
             elections: self.config.elections(),
+            alarm: self
+                .engine
+                .divergence()
+                .map_or_else(String::new, |d| d.to_string()),
         }
     }
 }
