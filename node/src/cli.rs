@@ -33,6 +33,10 @@ pub mod exit {
     /// The request was sent and may or may not take effect: a write
     /// "outcome unknown", or a transfer whose target was not seen leading.
     pub const UNKNOWN: u8 = 5;
+    /// `kv verify` found a violation (a history that is not linearizable,
+    /// or an acknowledged write missing from a node's log), or could not
+    /// decide (the checker ran out of time).
+    pub const VIOLATION: u8 = 6;
 }
 
 /// A command line clap accepted but the command cannot use (malformed

@@ -15,6 +15,7 @@ pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod engine;
+pub mod linearizability;
 pub mod lineedit;
 pub mod repl;
 pub mod server;
@@ -22,6 +23,7 @@ pub mod storage;
 pub mod supervisor;
 pub mod timer;
 pub mod tls;
+pub mod verify;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use storage::{FsStorage, SimOptions, SimStorage, Storage};

@@ -7,7 +7,8 @@
 //! refuse ([`stranger`]).
 
 pub mod harness;
-pub mod linearizability;
+/// The checker, shared with `kv verify`.
+pub use kv_node::linearizability;
 pub mod net;
 pub mod rng;
 pub mod stranger;

@@ -1276,6 +1276,38 @@ impl Kv for KvService {
         Ok(Response::new(self.0.status()))
     }
 
+    async fn record(
+        &self,
+        req: Request<pb::RecordRequest>,
+    ) -> Result<Response<pb::RecordReply>, Status> {
+        let lsn = req.into_inner().lsn;
+        let engine = self.0.engine.clone();
+        if lsn == 0 || lsn < engine.wal_first_lsn() {
+            return Ok(Response::new(pb::RecordReply {
+                found: false,
+                compacted: lsn != 0,
+                record: None,
+            }));
+        }
+        if lsn > engine.durable_lsn() {
+            return Ok(Response::new(pb::RecordReply::default()));
+        }
+        let records = self
+            .0
+            .env
+            .offload
+            .run(move || engine.read_from(lsn, 1))
+            .await
+            .map_err(join_error)?
+            .map_err(engine_status)?;
+        let record = records.into_iter().find(|r| r.lsn == lsn);
+        Ok(Response::new(pb::RecordReply {
+            found: record.is_some(),
+            compacted: false,
+            record: record.as_ref().map(convert::to_proto),
+        }))
+    }
+
     async fn transfer_leader(
         &self,
         req: Request<pb::TransferLeaderRequest>,

@@ -1,7 +1,7 @@
 //! A linearizability checker for single-key register histories.
 //!
-//! The simulation records every client operation with its invocation (`call`)
-//! and completion (`ret`) time and its result. This module decides whether
+//! The simulation and `kv verify` record every client operation with its
+//! invocation (`call`) and completion (`ret`) time and its result. This module decides whether
 //! that history is linearizable: whether every operation can be given a
 //! single point in time between its call and its return such that, executed
 //! in that order, a plain register would produce exactly the observed results.
@@ -75,7 +75,8 @@ pub struct Operation {
     pub key: Vec<u8>,
     pub input: Input,
     pub output: Output,
-    /// Invocation time (ns of simulated time).
+    /// Invocation time (ns since the history began: simulated time in the
+    /// simulation, monotonic time in `kv verify`).
     pub call: u64,
     /// Completion time; must be `>= call`. Ignored (treated as +infinity) when
     /// `output` is [`Output::Unknown`]. Op A precedes op B iff `A.ret < B.call`;
