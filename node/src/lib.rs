@@ -8,12 +8,14 @@
 //! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
 //! is [`server`]; the replication rules it follows are the `kv-cluster`
 //! crate's. [`tls`] secures its connections and [`certs`] makes a
-//! development CA and certificates (`kv certs init`).
+//! development CA and certificates (`kv certs init`); [`metrics`] exports
+//! Prometheus metrics (`metrics_listen`).
 
 pub mod bench;
 pub mod certs;
 pub mod check;
 pub mod engine;
+pub mod metrics;
 pub mod repl;
 pub mod server;
 pub mod storage;
