@@ -54,7 +54,9 @@ fn sample(m: &BTreeMap<String, f64>, name: &str) -> f64 {
 /// match what `Status` says at the same moment.
 #[test]
 fn metrics_after_known_traffic_match_status() {
-    let cluster = Cluster::start_elected("metrics_listen = {metrics_listen}\n");
+    // Small enough that these writes trigger an automatic snapshot.
+    let cluster =
+        Cluster::start_elected("metrics_listen = {metrics_listen}\nsnapshot_wal_bytes = 256\n");
     let leader = cluster.wait_leader();
     let endpoint = cluster.endpoint(leader);
     for i in 0..5 {
@@ -66,6 +68,25 @@ fn metrics_after_known_traffic_match_status() {
         assert!(out.status.success(), "{out:?}");
     }
     assert_eq!(cluster.get("k1"), "v");
+    // Batch-stream writes: as many as the bench reports it made.
+    let bench = cluster.kv(
+        &[
+            "bench",
+            "cluster",
+            "--api",
+            "batch",
+            "--clients",
+            "4",
+            "--ops",
+            "40",
+        ],
+        &endpoint,
+    );
+    assert!(bench.status.success(), "{bench:?}");
+    let table = String::from_utf8_lossy(&bench.stdout);
+    let row = table.lines().last().unwrap();
+    let batch_ops: f64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(batch_ops > 0.0, "{table}");
     cluster.wait_converged();
     let addr = cluster.metrics_addrs[leader - 1];
     // Followers' lag reaches 0 with their next acknowledgement.
@@ -92,13 +113,20 @@ fn metrics_after_known_traffic_match_status() {
     assert_eq!(sample(&m, all), 2.0);
     let read = "kv_read_duration_seconds_count{api=\"unary\",consistency=\"leader\"}";
     assert_eq!(sample(&m, read), 1.0);
+    let batch = "kv_write_duration_seconds_count{api=\"batch\",ack=\"quorum\"}";
+    assert_eq!(sample(&m, batch), batch_ops);
     assert_eq!(sample(&m, "kv_commit_lsn"), status.commit_lsn as f64);
     assert_eq!(sample(&m, "kv_last_lsn"), status.last_lsn as f64);
     assert_eq!(sample(&m, "kv_durable_lsn"), status.durable_lsn as f64);
     assert_eq!(sample(&m, "kv_applied_lsn"), status.applied_lsn as f64);
     assert_eq!(sample(&m, "kv_term"), status.term as f64);
     assert_eq!(sample(&m, "kv_leader_id"), leader as f64);
-    assert_eq!(sample(&m, "kv_keys"), 7.0);
+    assert_eq!(sample(&m, "kv_keys"), status.keys as f64);
+    assert_eq!(sample(&m, "kv_snapshot_lsn"), status.snapshot_lsn as f64);
+    assert!(status.snapshot_lsn > 0, "no snapshot was taken: {status:?}");
+    assert!(sample(&m, "kv_snapshots_total") >= 1.0);
+    assert!(sample(&m, "kv_snapshot_bytes") > 0.0);
+    assert!(sample(&m, "kv_snapshot_duration_seconds_count") >= 1.0);
     assert_eq!(sample(&m, "kv_role{role=\"leader\"}"), 1.0);
     assert_eq!(sample(&m, "kv_role{role=\"follower\"}"), 0.0);
     assert_eq!(sample(&m, "kv_engine_poisoned"), 0.0);
@@ -106,10 +134,10 @@ fn metrics_after_known_traffic_match_status() {
     assert!(sample(&m, "kv_leader_changes_total") >= 1.0);
     assert!(sample(&m, "kv_wal_bytes") > 0.0);
     assert!(sample(&m, "kv_wal_written_bytes_total") > 0.0);
-    // At least one fsync per acknowledged write round; every record of
-    // this term (its first entry and the 7 writes) passed through one.
+    // Every record of this term (its first entry and the writes) was made
+    // durable by some fsync.
     assert!(sample(&m, "kv_wal_fsync_duration_seconds_count") >= 1.0);
-    assert!(sample(&m, "kv_wal_fsync_records_sum") >= 8.0);
+    assert!(sample(&m, "kv_wal_fsync_records_sum") >= 8.0 + batch_ops);
     for id in (1..=3).filter(|id| *id != leader) {
         let connected = format!("kv_follower_connected{{follower=\"{id}\"}}");
         assert_eq!(sample(&m, &connected), 1.0);
@@ -188,24 +216,33 @@ fn health_follows_whether_a_leader_is_known() {
     }
     let survivor = cluster.ids().find(|id| *id != leader).unwrap();
     let others: Vec<usize> = cluster.ids().filter(|id| *id != survivor).collect();
+    // The survivor follows the leader right now (no election under way).
+    cluster.wait_until(Duration::from_secs(10), "the survivor follows", |c| {
+        let (s, l) = (c.status_of(survivor), c.status_of(leader));
+        matches!((s, l), (Some(s), Some(l))
+            if s.role == "follower" && s.leader_id == leader as u64 && s.term == l.term
+                && l.role == "leader")
+    });
     for id in &others {
         cluster.kill(*id);
     }
     let addr = cluster.addrs[survivor - 1];
     let took = wait_health(addr, ServingStatus::NotServing, Duration::from_secs(10));
+    let log_path = cluster.dir.path().join(format!("node{survivor}.log"));
+    let log = || std::fs::read_to_string(&log_path).unwrap();
     // It heard the leader just before the kill, so it counts a leader as
     // known for another election timeout, then twice that without one.
     assert!(
         took >= Duration::from_millis(600),
-        "NOT_SERVING {took:?} after its peers died: sooner than 2 x election timeout"
+        "NOT_SERVING {took:?} after its peers died: sooner than 2 x election timeout; node {survivor}: {}",
+        log()
     );
     for id in &others {
         cluster.start_node(*id);
     }
     cluster.wait_leader();
     wait_health(addr, ServingStatus::Serving, Duration::from_secs(10));
-    let log =
-        std::fs::read_to_string(cluster.dir.path().join(format!("node{survivor}.log"))).unwrap();
+    let log = log();
     assert!(
         log.contains("health: NOT_SERVING") && log.contains("health: SERVING again"),
         "{log}"
