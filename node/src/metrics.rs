@@ -120,7 +120,7 @@ pub enum MetricsError {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error("start the metrics thread: {0}")]
+    #[error("start the metrics thread or its runtime: {0}")]
     Thread(std::io::Error),
 }
 
@@ -178,10 +178,9 @@ pub fn serve(
     handle: PrometheusHandle,
     refresh: impl Fn() + Send + Sync + 'static,
 ) -> Result<(), MetricsError> {
-    let addr = listener.local_addr().map_err(MetricsError::Thread)?;
     listener
         .set_nonblocking(true)
-        .map_err(|error| MetricsError::Listen { addr, error })?;
+        .map_err(MetricsError::Thread)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -230,7 +229,10 @@ async fn run(
                 async move { Ok::<_, std::convert::Infallible>(reply) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
+            // With a timer, a client that sends no request headers within
+            // hyper's header-read timeout (30 s) is dropped.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(io, service)
                 .await
             {
