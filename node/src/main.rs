@@ -570,9 +570,11 @@ fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
-/// `kv serve`'s default log filter: warnings, and the node's own start,
-/// stop and health lines.
-const SERVE_LOG: &str = "warn,kv=info,kv_node::server::observe=info";
+/// `kv serve`'s default log filter: info from kv's own crates (start and
+/// stop, elections, transfers, snapshots shipped, health changes: rare
+/// events, none per request), warnings from the rest. `kv` matches every
+/// target that starts with it (`kv_node` too).
+const SERVE_LOG: &str = "warn,kv=info";
 
 fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Result<ExitCode> {
     // Watch stdin from the start: a parent that dies while the engine
