@@ -7,8 +7,10 @@
 //!
 //! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
 //! is [`server`]; the replication rules it follows are the `kv-cluster`
-//! crate's; [`supervisor`] runs a directory's nodes (`kv cluster up`). [`tls`] secures its connections and [`certs`] makes a
-//! development CA and certificates (`kv certs init`).
+//! crate's; [`supervisor`] runs a directory's nodes (`kv cluster up`).
+//! [`tls`] secures its connections and [`certs`] makes a development CA
+//! and certificates (`kv certs init`); [`metrics`] exports Prometheus
+//! metrics (`metrics_listen`); [`verify`] is `kv verify`.
 
 pub mod bench;
 pub mod certs;
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod engine;
 pub mod linearizability;
 pub mod lineedit;
+pub mod metrics;
 pub mod repl;
 pub mod server;
 pub mod storage;

@@ -18,7 +18,7 @@ use kv_node::bench::{self, ENGINE_BENCH_HEADER, EngineBenchArgs, RecoveryBenchAr
 use kv_node::cli::{self, Bytes, WriteOut};
 use kv_node::repl::Repl;
 use kv_node::server::client::{self, Client};
-use kv_node::server::config::NodeConfig;
+use kv_node::server::config::{LogFormat, NodeConfig};
 use kv_node::server::{self, Node};
 use kv_node::timer::FlushTimer;
 use kv_node::tls::Transport;
@@ -460,15 +460,11 @@ enum BenchCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    // `kv serve` sets up its logging once its configuration says how.
+    if !matches!(cli.command, Cmd::Serve { .. }) {
+        init_logging(LogFormat::Text, "warn");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -774,6 +770,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
+/// Logging to stderr with `tracing`: `RUST_LOG` if set, else `default`.
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `kv serve`'s default log filter: info from kv's own crates (start and
+/// stop, elections, transfers, snapshots shipped, health changes: rare
+/// events, none per request), warnings from the rest. `kv` matches every
+/// target that starts with it (`kv_node` too).
+const SERVE_LOG: &str = "warn,kv=info";
+
 fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Result<ExitCode> {
     // Watch stdin from the start: a parent that dies while the engine
     // recovers still stops the node as soon as it can serve (an EOF stays
@@ -784,11 +799,17 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
         None
     };
     let config = NodeConfig::load(config_path)?;
+    init_logging(config.log_format, SERVE_LOG);
+    // The recorder first: the engine and the node take their handles from it.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some((kv_node::metrics::bind(addr)?, kv_node::metrics::install()?)),
+        None => None,
+    };
     let start = Instant::now();
     let engine = Engine::open(Arc::new(FsStorage), config.engine_config())
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
-    eprintln!(
-        "kv: node {} opened {} in {:.1} ms: {}",
+    tracing::info!(
+        "node {} opened {} in {:.1} ms: {}",
         config.node_id,
         config.data_dir.display(),
         start.elapsed().as_secs_f64() * 1000.0,
@@ -832,6 +853,12 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
         .block_on(async move {
             let node = Node::with_env(config, Arc::new(engine), env)
                 .context("start the flusher thread")?;
+            if let Some((listener, handle)) = metrics {
+                let addr = listener.local_addr()?;
+                let scraped = node.clone();
+                kv_node::metrics::serve(listener, handle, move || scraped.publish_gauges())?;
+                tracing::info!("metrics on http://{addr}/metrics");
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listen on {listen}"))?;
@@ -845,25 +872,27 @@ fn serve(config_path: &std::path::Path, exit_on_stdin_eof: bool) -> anyhow::Resu
             };
             match peer_listen {
                 Some(peers) => {
-                    eprintln!(
-                        "kv: node listening on {listen} (clients), {peers} (peers); {security}"
+                    tracing::info!(
+                        "node listening on {listen} (clients), {peers} (peers); {security}"
                     )
                 }
-                None => eprintln!("kv: node listening on {listen} (clients and peers); {security}"),
+                None => {
+                    tracing::info!("node listening on {listen} (clients and peers); {security}")
+                }
             }
             let shutdown = async move {
                 match lifeline {
                     Some(eof) => tokio::select! {
                         () = shutdown_signal() => {}
-                        _ = eof => eprintln!(
-                            "kv: standard input closed (--exit-on-stdin-eof): stopping"
+                        _ = eof => tracing::info!(
+                            "standard input closed (--exit-on-stdin-eof): stopping"
                         ),
                     },
                     None => shutdown_signal().await,
                 }
             };
             server::serve(node, listener, peer_listener, server_tls, shutdown).await?;
-            eprintln!("kv: node stopped cleanly");
+            tracing::info!("node stopped cleanly");
             Ok(ExitCode::SUCCESS)
         })
 }
@@ -921,7 +950,7 @@ fn stdin_eof() -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        eprintln!("kv: reading standard input: {e}; treating it as closed");
+                        tracing::warn!("reading standard input: {e}; treating it as closed");
                         break;
                     }
                 }

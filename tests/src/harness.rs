@@ -333,6 +333,8 @@ fn node_config(id: u64, nodes: usize, elections: bool) -> NodeConfig {
         // and a cut-off follower needs a snapshot install.
         snapshot_wal_bytes: 6 << 10,
         segment_bytes_max: 4096,
+        metrics_listen: None,
+        log_format: Default::default(),
     }
 }
 

@@ -381,6 +381,8 @@ pub struct Engine {
     snapshot_lock: Mutex<()>,
     snapshot_running: AtomicBool,
     fsyncs: AtomicU64,
+    /// Metric handles (no-ops unless `kv serve` installed a recorder).
+    metrics: crate::metrics::EngineMetrics,
     recovery: RecoverySummary,
     _dir_lock: Box<dyn Any + Send + Sync>,
 }
@@ -568,6 +570,7 @@ impl Engine {
             snapshot_lock: Mutex::new(()),
             snapshot_running: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            metrics: crate::metrics::EngineMetrics::new(),
             recovery: summary,
             _dir_lock: dir_lock,
         })
@@ -895,9 +898,16 @@ impl Engine {
             let mut wal = lock(&self.wal);
             for chunk in &chunks {
                 wal.write_chunk(chunk)?;
+                self.metrics
+                    .wal_written_bytes
+                    .increment(chunk.bytes.len() as u64);
             }
             if sync {
+                let start = std::time::Instant::now();
                 wal.sync()?;
+                self.metrics
+                    .fsync_seconds
+                    .record(start.elapsed().as_secs_f64());
             }
             Ok::<(), EngineError>(())
         })();
@@ -906,6 +916,9 @@ impl Engine {
             Ok(()) => {
                 st.written_lsn = target;
                 if sync {
+                    self.metrics
+                        .fsync_records
+                        .record(target.saturating_sub(st.durable_lsn) as f64);
                     st.durable_lsn = target;
                     self.fsyncs.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1063,11 +1076,30 @@ impl Engine {
     pub fn snapshot(&self) -> Result<SnapshotInfo> {
         let _one_at_a_time = lock(&self.snapshot_lock);
         self.check_writable(&lock(&self.state))?;
-        self.snapshot_locked().inspect_err(|e| {
+        let start = std::time::Instant::now();
+        let info = self.snapshot_locked().inspect_err(|e| {
             if matches!(e, EngineError::Io { .. }) {
                 self.poison(e);
             }
-        })
+        })?;
+        self.metrics.snapshots.increment(1);
+        self.metrics
+            .snapshot_seconds
+            .record(start.elapsed().as_secs_f64());
+        self.metrics.snapshot_bytes.set(info.bytes as f64);
+        Ok(info)
+    }
+
+    /// True once a failed write or sync poisoned the engine.
+    pub fn poisoned(&self) -> bool {
+        lock(&self.state).poisoned.is_some()
+    }
+
+    /// Bytes the WAL's segment files hold (records and headers, not
+    /// preallocated space). Waits for a flush round's I/O (it takes the
+    /// WAL lock): for scrapes, not the write path.
+    pub fn wal_bytes(&self) -> u64 {
+        lock(&self.wal).segments().iter().map(|s| s.bytes).sum()
     }
 
     /// Records a fatal error and wakes every waiter so they see it.

@@ -47,6 +47,7 @@ use tonic::{Code, Status, Streaming};
 
 use super::{AckLevel, LEADER_METADATA, Node};
 use crate::engine::Op;
+use crate::metrics::Api;
 
 /// Commands one stream may have in flight at the node. Beyond it the node
 /// stops reading the stream until some are answered (back-pressure through
@@ -149,7 +150,11 @@ fn start(node: &Arc<Node>, command: pb::Command) -> BoxFuture<'static, pb::Outco
         Some(CommandOp::Delete(req)) => write(node, id, node.delete_op(req)),
         Some(CommandOp::Get(req)) => {
             let node = node.clone();
-            async move { outcome(id, node.get(req).await.map(OutcomeResult::Get)) }.boxed()
+            async move {
+                let reply = node.timed_get(Api::Batch, req).await;
+                outcome(id, reply.map(OutcomeResult::Get))
+            }
+            .boxed()
         }
         None => ready(outcome(
             id,
@@ -166,13 +171,19 @@ fn write(
     id: u64,
     op: Result<(Op, AckLevel), Status>,
 ) -> BoxFuture<'static, pb::Outcome> {
-    let appended = op.and_then(|(op, level)| Ok((node.append_write(op)?, level)));
+    let start = std::time::Instant::now();
+    let appended = op.and_then(|(op, level)| {
+        node.append_write(op)
+            .map(|appended| (appended, level))
+            .inspect_err(|status| node.metrics.write_failed(Api::Batch, status))
+    });
     match appended {
         Err(status) => ready(outcome(id, Err(status))).boxed(),
         Ok((appended, level)) => {
             let node = node.clone();
             async move {
                 let acked = node.acknowledged(appended, level).await;
+                node.metrics.write_done(Api::Batch, level, start, &acked);
                 outcome(
                     id,
                     acked.map(|lsn| OutcomeResult::Write(node.write_reply(lsn))),

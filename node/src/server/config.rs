@@ -72,6 +72,18 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How `kv serve` writes its log lines (stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// tracing's human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log
+    /// shippers.
+    Json,
+}
+
 fn default_ack() -> Ack {
     Ack::Quorum
 }
@@ -178,6 +190,13 @@ pub struct NodeConfig {
     /// WAL segment size bound. Default 64 MiB.
     #[serde(default = "default_segment_bytes_max")]
     pub segment_bytes_max: u64,
+    /// Where Prometheus scrapes this node (plain HTTP, `GET /metrics`;
+    /// read-only). Default: none, and no metrics endpoint.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `text` (default) or `json`: one JSON object per log line.
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 /// Why a configuration cannot be used.
@@ -246,6 +265,11 @@ impl NodeConfig {
         }
         if self.peer_listen == Some(self.listen) {
             return Err("peer_listen must differ from listen".into());
+        }
+        if let Some(m) = self.metrics_listen
+            && (m == self.listen || Some(m) == self.peer_listen)
+        {
+            return Err("metrics_listen must differ from listen and peer_listen".into());
         }
         if self.tls.is_some() && self.peer_listen.is_none() {
             return Err("tls needs peer_listen: replication gets a listener of its own".into());
@@ -325,6 +349,7 @@ mod tests {
         let c = parse(BASE).unwrap();
         assert_eq!(c.ack, Ack::Quorum);
         assert_eq!(c.write_timeout_ms, 5000);
+        assert_eq!((c.metrics_listen, c.log_format), (None, LogFormat::Text));
         assert!(!c.is_fixed_leader() && !c.elections());
         assert_eq!(c.addr_of(1), Some("127.0.0.1:7001".parse().unwrap()));
     }
@@ -348,6 +373,11 @@ mod tests {
             format!("peer_listen = \"127.0.0.1:7002\"\n{BASE}"),
             "must differ",
         );
+        check(
+            format!("metrics_listen = \"127.0.0.1:7002\"\n{BASE}"),
+            "metrics_listen must differ",
+        );
+        check(format!("log_format = \"xml\"\n{BASE}"), "unknown variant");
         let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"\n";
         check(format!("{BASE}\n{tls}"), "needs peer_listen");
     }
@@ -381,6 +411,8 @@ mod tests {
                 assert!(c.members.iter().all(|m| m.peer_addr.is_some()));
                 assert_eq!(c.peer_listen, c.peer_addr_of(i));
                 assert_eq!(c.tls.is_some(), tls, "{}", dir.display());
+                let metrics = format!("127.0.0.1:910{i}").parse().ok();
+                assert_eq!(c.metrics_listen, metrics, "{}", dir.display());
             }
         }
     }

@@ -431,6 +431,7 @@ impl Node {
                 return;
             }
             e.role = Role::Leader;
+            self.metrics.leader_changes.increment(1);
             e.leader = Some(self.config.node_id);
             e.leading_since = self.env.clock.now();
             // Records cached while leading an earlier term may since have
@@ -768,6 +769,8 @@ mod tests {
             value_bytes_max: 64,
             snapshot_wal_bytes: 0,
             segment_bytes_max: 1 << 20,
+            metrics_listen: None,
+            log_format: Default::default(),
         }
     }
 

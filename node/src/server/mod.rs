@@ -25,6 +25,7 @@ pub mod election;
 pub mod env;
 pub mod flusher;
 pub mod notify;
+pub mod observe;
 pub mod shell;
 mod snapshot;
 pub mod term;
@@ -47,6 +48,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError, Op, Record};
+use crate::metrics::Api;
 use auth::PeerConn;
 use config::{Member, NodeConfig};
 use election::{ElectionState, Role};
@@ -166,6 +168,8 @@ pub struct Node {
     /// Leader only: the member leadership is being handed to (0: none).
     /// While set, the leader takes no writes and serves no reads.
     transferring_to: AtomicU64,
+    /// Request latency and event counters (see [`crate::metrics`]).
+    metrics: crate::metrics::NodeMetrics,
 }
 
 impl std::fmt::Debug for Node {
@@ -288,6 +292,7 @@ impl Node {
             env,
             read_barrier: AtomicU64::new(last),
             transferring_to: AtomicU64::new(0),
+            metrics: crate::metrics::NodeMetrics::new(),
         }))
     }
 
@@ -559,6 +564,24 @@ impl Node {
     async fn write(&self, op: Op, level: AckLevel) -> Result<u64, Status> {
         let appended = self.append_write(op)?;
         self.acknowledged(appended, level).await
+    }
+
+    /// [`Node::write`], its latency or error counted under `api`.
+    async fn timed_write(&self, api: Api, op: Op, level: AckLevel) -> Result<u64, Status> {
+        let start = std::time::Instant::now();
+        let result = self.write(op, level).await;
+        self.metrics.write_done(api, level, start, &result);
+        result
+    }
+
+    /// [`Node::get`], its latency or error counted under `api`.
+    async fn timed_get(&self, api: Api, req: pb::GetRequest) -> Result<pb::GetReply, Status> {
+        let start = std::time::Instant::now();
+        let stale =
+            pb::ReadConsistency::try_from(req.consistency) == Ok(pb::ReadConsistency::Stale);
+        let result = self.get(req).await;
+        self.metrics.read_done(api, stale, start, &result);
+        result
     }
 
     /// Leader: the part of a write that does not wait: checks `op` and
@@ -1049,6 +1072,9 @@ impl Node {
             )));
         }
         e.role = Role::Follower;
+        if e.leader != Some(from.node_id) {
+            self.metrics.leader_changes.increment(1);
+        }
         e.leader = Some(from.node_id);
         let now = self.env.clock.now();
         e.heard = now;
@@ -1238,9 +1264,8 @@ pub struct KvService(pub Arc<Node>);
 impl Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
         let (op, level) = self.0.put_op(req.into_inner())?;
-        Ok(Response::new(
-            self.0.write_reply(self.0.write(op, level).await?),
-        ))
+        let lsn = self.0.timed_write(Api::Unary, op, level).await?;
+        Ok(Response::new(self.0.write_reply(lsn)))
     }
 
     async fn delete(
@@ -1248,13 +1273,14 @@ impl Kv for KvService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let (op, level) = self.0.delete_op(req.into_inner())?;
-        Ok(Response::new(
-            self.0.write_reply(self.0.write(op, level).await?),
-        ))
+        let lsn = self.0.timed_write(Api::Unary, op, level).await?;
+        Ok(Response::new(self.0.write_reply(lsn)))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
-        Ok(Response::new(self.0.get(req.into_inner()).await?))
+        Ok(Response::new(
+            self.0.timed_get(Api::Unary, req.into_inner()).await?,
+        ))
     }
 
     type BatchStream = ReceiverStream<Result<pb::BatchReply, Status>>;
@@ -1517,6 +1543,8 @@ where
     health
         .set_serving::<ReplicationServer<ReplicationService>>()
         .await;
+    // From here on the verdict follows the node (see `observe`).
+    node.spawn(node.clone().watch_health(health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kv_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -23,6 +23,9 @@ pub struct Cluster {
     pub nodes: Vec<Option<Child>>,
     /// The cluster's CA and certificates, for a TLS cluster.
     pub tls: Option<ClusterTls>,
+    /// Free ports, one per member, that a test's `extra` configuration
+    /// names as `{metrics_listen}` (replaced by `"127.0.0.1:<port>"`).
+    pub metrics_addrs: Vec<SocketAddr>,
 }
 
 /// A TLS cluster's certificates: a CA, `node<N>.pem` per member and a
@@ -122,8 +125,9 @@ impl Cluster {
 
     fn build_with(members: usize, extra: &str, leader: &str, tls: Option<&str>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(2 * members);
-        let (addrs, peers) = ports.split_at(members);
+        let ports = free_ports(3 * members);
+        let (addrs, rest) = ports.split_at(members);
+        let (peers, metrics_addrs) = rest.split_at(members);
         let certs = tls.map(|_| ClusterTls::make(dir.path().join("certs"), members));
         for id in 1..=members as u64 {
             let members: String = addrs
@@ -151,6 +155,10 @@ impl Cluster {
                 ),
                 _ => (String::new(), String::new()),
             };
+            let extra = extra.replace(
+                "{metrics_listen}",
+                &format!("\"{}\"", metrics_addrs[id as usize - 1]),
+            );
             let config = format!(
                 "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\n{peer_listen}data_dir = \"{}\"\n{leader}write_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}{tls_table}",
                 addrs[id as usize - 1],
@@ -168,6 +176,7 @@ impl Cluster {
             },
             nodes: (0..members).map(|_| None).collect(),
             tls: certs,
+            metrics_addrs: metrics_addrs.to_vec(),
         };
         for id in cluster.ids() {
             cluster.start_node(id);
