@@ -91,6 +91,10 @@ pub const GAUGES: &[(&str, &str)] = &[
         "1 once a failed write or sync poisoned the engine (it takes no more writes)",
     ),
     (
+        "kv_divergence_alarm",
+        "1 once this replica's state failed the leader's digest checkpoint (it serves no reads)",
+    ),
+    (
         "kv_healthy",
         "1 while the gRPC health service reports SERVING",
     ),

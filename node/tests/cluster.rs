@@ -1783,4 +1783,25 @@ fn a_replica_whose_disk_lied_raises_the_divergence_alarm_and_serves_no_reads() {
     let out = cluster.kv(&["status"], &cluster.all_endpoints());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ALARM node 3: state diverged"), "{text}");
+    // Its health says so too (the others' does not).
+    let health = |id: usize| {
+        use tonic_health::pb::health_client::HealthClient;
+        runtime().block_on(async {
+            let mut h = HealthClient::new(connect(cluster.addrs[id - 1]).await);
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: "kv.v1.Kv".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+        })
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    cluster.wait_until(
+        Duration::from_secs(5),
+        "node 3's health is NOT_SERVING",
+        |_| health(3) == ServingStatus::NotServing as i32,
+    );
+    assert_eq!(health(1), ServingStatus::Serving as i32);
 }

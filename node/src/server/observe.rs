@@ -3,8 +3,9 @@
 //! a Prometheus scrape reads (see [`crate::metrics`]).
 //!
 //! Health rules: NOT_SERVING while the engine is poisoned (it takes no more
-//! writes), or once no leader has been known for more than twice the
-//! election timeout; SERVING otherwise. A leader is known while this node
+//! writes), while its state has diverged from the leader's (the divergence
+//! alarm: it serves no reads), or once no leader has been known for more
+//! than twice the election timeout; SERVING otherwise. A leader is known while this node
 //! leads, or follows a leader it heard from within the election timeout.
 //! The verdict applies to the overall service (`""`) and to `kv.v1.Kv`;
 //! `kv.v1.Replication` stays SERVING (its peers judge it by its answers).
@@ -29,15 +30,25 @@ pub enum Health {
     Serving,
     /// The engine is poisoned.
     Poisoned,
+    /// The state failed the leader's digest checkpoint.
+    Diverged,
     /// No leader known for this long (more than twice the election timeout).
     NoLeader(Duration),
 }
 
 impl Health {
-    /// The rule: poisoned, or no leader for more than `2 * election_timeout`.
-    pub fn judge(poisoned: bool, without_leader: Duration, election_timeout: Duration) -> Health {
+    /// The rule: poisoned, diverged, or no leader for more than
+    /// `2 * election_timeout`.
+    pub fn judge(
+        poisoned: bool,
+        diverged: bool,
+        without_leader: Duration,
+        election_timeout: Duration,
+    ) -> Health {
         if poisoned {
             Health::Poisoned
+        } else if diverged {
+            Health::Diverged
         } else if without_leader > 2 * election_timeout {
             Health::NoLeader(without_leader)
         } else {
@@ -82,6 +93,7 @@ impl Node {
             }
             let health = Health::judge(
                 self.engine.poisoned(),
+                self.engine.divergence().is_some(),
                 now.saturating_duration_since(last_leader),
                 timeout,
             );
@@ -92,6 +104,9 @@ impl Node {
                     Health::Serving => tracing::info!("health: SERVING again"),
                     Health::Poisoned => {
                         tracing::warn!("health: NOT_SERVING (the engine is poisoned)")
+                    }
+                    Health::Diverged => {
+                        tracing::warn!("health: NOT_SERVING (divergence alarm)")
                     }
                     Health::NoLeader(d) => tracing::warn!(
                         without_leader_ms = d.as_millis() as u64,
@@ -133,6 +148,11 @@ impl Node {
             gauge!("kv_role", "role" => r.name()).set(if r == role { 1.0 } else { 0.0 });
         }
         gauge!("kv_engine_poisoned").set(if stats.poisoned.is_some() { 1.0 } else { 0.0 });
+        gauge!("kv_divergence_alarm").set(if self.engine.divergence().is_some() {
+            1.0
+        } else {
+            0.0
+        });
         gauge!(crate::metrics::WAL_BYTES).set(self.engine.wal_bytes() as f64);
         let leads = role == Role::Leader;
         let followers: Vec<(u64, u64, u64, bool)> = lock(&self.followers)
@@ -167,11 +187,21 @@ mod tests {
     #[test]
     fn the_rules() {
         let t = Duration::from_millis(300);
-        assert_eq!(Health::judge(false, Duration::ZERO, t), Health::Serving);
-        assert_eq!(Health::judge(false, 2 * t, t), Health::Serving);
+        assert_eq!(
+            Health::judge(false, false, Duration::ZERO, t),
+            Health::Serving
+        );
+        assert_eq!(Health::judge(false, false, 2 * t, t), Health::Serving);
         let long = 2 * t + Duration::from_millis(1);
-        assert_eq!(Health::judge(false, long, t), Health::NoLeader(long));
-        assert_eq!(Health::judge(true, Duration::ZERO, t), Health::Poisoned);
+        assert_eq!(Health::judge(false, false, long, t), Health::NoLeader(long));
+        assert_eq!(
+            Health::judge(true, false, Duration::ZERO, t),
+            Health::Poisoned
+        );
+        assert_eq!(
+            Health::judge(false, true, Duration::ZERO, t),
+            Health::Diverged
+        );
     }
 }
 
