@@ -335,10 +335,20 @@ pub fn render(report: &VerifyReport) -> String {
         }
     );
     if let Some(counterexample) = &report.counterexample {
+        // The explanation lists the key's whole history; the violation is
+        // just after the prefix it names, near the top.
+        const SHOWN: usize = 60;
         out.push_str("counterexample:\n");
-        out.push_str(counterexample);
-        if !counterexample.ends_with('\n') {
+        let lines: Vec<&str> = counterexample.lines().collect();
+        for line in lines.iter().take(SHOWN) {
+            out.push_str(line);
             out.push('\n');
+        }
+        if lines.len() > SHOWN {
+            out.push_str(&format!(
+                "  ... {} more ops of this key (all of them with -w json)\n",
+                lines.len() - SHOWN
+            ));
         }
     }
     for m in report.log_mismatches.iter().take(20) {

@@ -1805,3 +1805,63 @@ fn a_replica_whose_disk_lied_raises_the_divergence_alarm_and_serves_no_reads() {
     );
     assert_eq!(health(1), ServingStatus::Serving as i32);
 }
+
+#[test]
+fn kv_verify_passes_through_kills_and_stops_and_catches_stale_reads() {
+    let mut cluster = Cluster::start_elected("");
+    let leader = cluster.wait_leader();
+    let endpoints = cluster.all_endpoints();
+    let verify = |secs: &str, extra: &[&str]| {
+        Command::new(KV)
+            .args(["verify", "--secs", secs, "--clients", "6", "--keys", "3"])
+            .args(extra)
+            .args(["--endpoints", &endpoints, "--timeout-ms", "2000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let run = verify("6", &[]);
+    // Meanwhile: SIGKILL of a follower (restarted a second later), then
+    // SIGSTOP of the leader for 1.5 s (an election happens behind its back).
+    std::thread::sleep(Duration::from_millis(1000));
+    let follower = if leader == 3 { 2 } else { 3 };
+    cluster.kill(follower);
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.start_node(follower);
+    let pid = cluster.nodes[leader - 1].as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = run.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kv verify failed: {text}");
+    assert!(text.contains("linearizability: linearizable"), "{text}");
+    assert!(text.contains("verdict: PASS"), "{text}");
+    assert!(text.contains(" 0 mismatches"), "{text}");
+    // Planted: the workload's reads are stale reads from a follower, which
+    // lags the leader's commit by up to a heartbeat: not linearizable, and
+    // kv verify must say so.
+    let follower = cluster.wait_leader() % 3 + 1;
+    let run = verify("4", &["--stale-reads-from", &cluster.endpoint(follower)]);
+    let out = run.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(text.contains("linearizability: violation"), "{text}");
+    assert!(text.contains("counterexample:"), "{text}");
+    assert!(text.contains("verdict: FAIL"), "{text}");
+}
