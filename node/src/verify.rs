@@ -137,17 +137,7 @@ pub async fn verify(
                             ack: pb::AckLevel::Quorum as i32,
                         })
                         .await;
-                    let output = match reply {
-                        Ok(r) => {
-                            lock(&acked).push(Acked {
-                                key: key.clone(),
-                                value: Some(value.clone()),
-                                lsn: r.lsn,
-                            });
-                            Output::Written
-                        }
-                        Err(_) => Output::Unknown,
-                    };
+                    let output = written(&acked, &key, Some(&value), reply);
                     (Input::Put(value), output)
                 } else if roll < 9 {
                     let consistency = if stale {
@@ -175,17 +165,7 @@ pub async fn verify(
                             ack: pb::AckLevel::Quorum as i32,
                         })
                         .await;
-                    let output = match reply {
-                        Ok(r) => {
-                            lock(&acked).push(Acked {
-                                key: key.clone(),
-                                value: None,
-                                lsn: r.lsn,
-                            });
-                            Output::Written
-                        }
-                        Err(_) => Output::Unknown,
-                    };
+                    let output = written(&acked, &key, None, reply);
                     (Input::Delete, output)
                 };
                 let ret = ns_since(start).max(call);
@@ -232,6 +212,27 @@ pub async fn verify(
     };
     check_logs(transport, endpoints, &acked, &mut report).await;
     report
+}
+
+/// A write's outcome for the history; an acknowledged one is kept for the
+/// log check. Any failure is "unknown": it may have taken effect.
+fn written(
+    acked: &Mutex<Vec<Acked>>,
+    key: &[u8],
+    value: Option<&[u8]>,
+    reply: Result<pb::WriteReply, crate::server::client::CallError>,
+) -> Output {
+    match reply {
+        Ok(r) => {
+            lock(acked).push(Acked {
+                key: key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+                lsn: r.lsn,
+            });
+            Output::Written
+        }
+        Err(_) => Output::Unknown,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use common::process::{self, KV, Pid};
 use kv_proto::v1 as pb;
+use nix::sys::signal::Signal;
 
 #[test]
 fn writes_replicate_and_every_node_converges() {
@@ -1539,11 +1540,7 @@ fn sigterm_of_the_leader_hands_over_so_writes_resume_before_an_election_timeout(
     let old_term = cluster.status_of(old).unwrap().term;
     let mut child = cluster.nodes[old - 1].take().unwrap();
     let started = Instant::now();
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    process::signal(child.id(), Signal::SIGTERM);
     let exit = child.wait().unwrap();
     let stopped = started.elapsed();
     assert!(exit.success(), "the old leader exited with {exit:?}");
@@ -1572,7 +1569,8 @@ fn sigterm_of_the_leader_hands_over_so_writes_resume_before_an_election_timeout(
     assert_eq!(cluster.get("before"), "1");
 }
 
-/// `kv cluster up` over `cluster`'s configs, stderr to `<dir>/up-<tag>.err`.
+/// `kv cluster up` over `cluster`'s configs, stderr to `<dir>/up-<tag>.err`,
+/// once every node answers and one leads.
 fn cluster_up(
     cluster: &Cluster,
     tag: &str,
@@ -1594,6 +1592,10 @@ fn cluster_up(
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
+    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
+        c.ids().all(|id| c.status_of(id).is_some())
+    });
+    cluster.wait_leader();
     (up, err)
 }
 
@@ -1629,18 +1631,8 @@ fn kv_cluster_up_keeps_the_others_serving_and_can_restart_a_node_that_died() {
     // Without --restart: node 3 is killed, said so, and stays down; the
     // others keep serving.
     let (mut up, err) = cluster_up(&cluster, "plain", &[]);
-    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
-        c.ids().all(|id| c.status_of(id).is_some())
-    });
-    cluster.wait_leader();
     let pid = reported_pid(&err, 3);
-    assert!(
-        Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    process::signal(pid, Signal::SIGKILL);
     wait_for_line(
         &cluster,
         &err,
@@ -1653,28 +1645,12 @@ fn kv_cluster_up_keeps_the_others_serving_and_can_restart_a_node_that_died() {
         "node 3 came back without --restart"
     );
     assert!(up.try_wait().unwrap().is_none(), "kv cluster up exited");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &up.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    process::signal(up.id(), Signal::SIGTERM);
     assert!(up.wait().unwrap().success(), "the two left stop cleanly");
     // With --restart: node 2 killed is started again and catches up.
     let (mut up, err) = cluster_up(&cluster, "restart", &["--restart"]);
-    cluster.wait_until(Duration::from_secs(20), "all three nodes answer", |c| {
-        c.ids().all(|id| c.status_of(id).is_some())
-    });
-    cluster.wait_leader();
     let pid = reported_pid(&err, 2);
-    assert!(
-        Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    process::signal(pid, Signal::SIGKILL);
     wait_for_line(
         &cluster,
         &err,
@@ -1685,13 +1661,7 @@ fn kv_cluster_up_keeps_the_others_serving_and_can_restart_a_node_that_died() {
     assert_ne!(reported_pid(&err, 2), pid);
     cluster.wait_converged();
     assert_eq!(cluster.status_of(2).unwrap().keys, 2);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &up.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    process::signal(up.id(), Signal::SIGTERM);
     assert!(
         up.wait().unwrap().success(),
         "Ctrl-C still stops all cleanly"
@@ -1829,22 +1799,10 @@ fn kv_verify_passes_through_kills_and_stops_and_catches_stale_reads() {
     cluster.kill(follower);
     std::thread::sleep(Duration::from_millis(1000));
     cluster.start_node(follower);
-    let pid = cluster.nodes[leader - 1].as_ref().unwrap().id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = cluster.nodes[leader - 1].as_ref().unwrap().id();
+    process::signal(pid, Signal::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    process::signal(pid, Signal::SIGCONT);
     let out = run.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));

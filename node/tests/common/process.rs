@@ -105,3 +105,9 @@ impl Drop for KillOnDrop {
         self.0.iter().for_each(Pid::kill_if_running);
     }
 }
+
+/// Sends `signal` to process `pid`, which must exist.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits an i32"));
+    nix::sys::signal::kill(pid, signal).expect("send the signal");
+}
