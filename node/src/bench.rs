@@ -179,10 +179,11 @@ pub fn engine_bench_one(args: &EngineBenchArgs, writers: usize) -> anyhow::Resul
         .map(|w| {
             let engine = engine.clone();
             let (key_size, value_size) = (args.key_size, args.value_size);
-            std::thread::spawn(move || -> anyhow::Result<Latencies> {
+            std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
                 let mut rng =
                     Rng(0x9E37_79B9_7F4A_7C15 ^ (w as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
-                let mut lat = Latencies::new()?;
+                // A plain vector while the clock runs; one histogram at the end.
+                let mut lat = Vec::with_capacity(per_writer as usize);
                 for _ in 0..per_writer {
                     let mut key = vec![0u8; key_size];
                     let mut value = vec![0u8; value_size];
@@ -190,20 +191,24 @@ pub fn engine_bench_one(args: &EngineBenchArgs, writers: usize) -> anyhow::Resul
                     rng.fill(&mut value);
                     let t = Instant::now();
                     engine.put(key, value)?;
-                    lat.record(t.elapsed().as_micros() as u64);
+                    lat.push(t.elapsed().as_micros() as u64);
                 }
                 Ok(lat)
             })
         })
         .collect();
-    let mut latencies = Latencies::new()?;
+    let mut samples = Vec::with_capacity(handles.len());
     for h in handles {
         match h.join() {
-            Ok(r) => latencies.merge(&r.context("bench writer")?)?,
+            Ok(r) => samples.push(r.context("bench writer")?),
             Err(_) => bail!("a bench writer panicked"),
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let mut latencies = Latencies::new()?;
+    for us in samples.iter().flatten() {
+        latencies.record(*us);
+    }
     let fsyncs = engine.stats().fsyncs;
     drop(engine);
     std::fs::remove_dir_all(&dir).with_context(|| format!("clean {}", dir.display()))?;

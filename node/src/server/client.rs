@@ -515,7 +515,9 @@ pub async fn bench_cluster(
                 state ^= state << 17;
                 state
             };
-            let mut lat = crate::bench::Latencies::new()?;
+            // A plain vector while the clock runs (a histogram per client
+            // would be a large allocation each, touched at random).
+            let mut lat = Vec::with_capacity(per_client as usize);
             for _ in 0..per_client {
                 let key: Vec<u8> = (0..key_size).map(|_| b'a' + (next() % 26) as u8).collect();
                 let value = vec![b'v'; value_size];
@@ -528,16 +530,20 @@ pub async fn bench_cluster(
                     })
                     .await
                     .map_err(|s| anyhow::anyhow!("put: {}", s.message()))?;
-                lat.record(t.elapsed().as_micros() as u64);
+                lat.push(t.elapsed().as_micros() as u64);
             }
             Ok::<_, anyhow::Error>(lat)
         }));
     }
-    let mut latencies = crate::bench::Latencies::new()?;
+    let mut samples = Vec::with_capacity(tasks.len());
     for t in tasks {
-        latencies.merge(&t.await??)?;
+        samples.push(t.await??);
     }
     let seconds = start.elapsed().as_secs_f64();
+    let mut latencies = crate::bench::Latencies::new()?;
+    for us in samples.iter().flatten() {
+        latencies.record(*us);
+    }
     Ok(ClusterBenchRow {
         api,
         clients,
