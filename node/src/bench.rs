@@ -70,10 +70,15 @@ pub fn repl_bench(engine: &Engine, n: u64) -> Result<BenchLine> {
 }
 
 /// A small, fast PRNG (xorshift64*) so each writer's keys differ.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// A stream for `seed` (any value; zero is mapped away).
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

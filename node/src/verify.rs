@@ -90,14 +90,6 @@ fn ns_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// xorshift64: a per-client stream of choices.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// Runs the plan against the cluster `client` reaches (reads through
 /// `reader`), then checks every node in `endpoints`.
 pub async fn verify(
@@ -120,12 +112,12 @@ pub async fn verify(
         let (history, acked, failed_reads) = (history.clone(), acked.clone(), failed_reads.clone());
         let (duration, keys, stale) = (plan.duration, plan.keys.max(1), plan.stale_reads);
         tasks.push(tokio::spawn(async move {
-            let mut state = (run ^ 0x9E37_79B9_7F4A_7C15).wrapping_add(c as u64 + 1) | 1;
+            let mut rng = crate::bench::Rng::new(run ^ (c as u64 + 1));
             let mut seq = 0u64;
             while start.elapsed() < duration {
-                let k = next(&mut state) % keys as u64;
+                let k = rng.next() % keys as u64;
                 let key = format!("kv-verify/{run:x}/{k}").into_bytes();
-                let roll = next(&mut state) % 10;
+                let roll = rng.next() % 10;
                 let call = ns_since(start);
                 let (input, output) = if roll < 5 {
                     seq += 1;

@@ -472,23 +472,7 @@ fn a_follower_behind_the_leaders_log_catches_up_through_snapshot_install() {
     cluster.put("early", "1").unwrap();
     cluster.wait_converged();
     cluster.kill(3);
-    let out = cluster.kv(
-        &[
-            "bench",
-            "cluster",
-            "--clients",
-            "8",
-            "--ops",
-            "800",
-            "--json",
-        ],
-        &cluster.all_endpoints(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.bench_writes(800, 100);
     // Restart the leader so the records are not in its memory either.
     cluster.kill(1);
     cluster.start_node(1);
@@ -528,25 +512,7 @@ fn a_snapshot_of_many_chunks_streams_to_a_follower_and_installs() {
     cluster.put("early", "1").unwrap();
     cluster.wait_converged();
     cluster.kill(3);
-    let out = cluster.kv(
-        &[
-            "bench",
-            "cluster",
-            "--clients",
-            "8",
-            "--ops",
-            "5000",
-            "--value-size",
-            "1000",
-            "--json",
-        ],
-        &cluster.all_endpoints(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.bench_writes(5000, 1000);
     cluster.kill(1);
     cluster.start_node(1);
     let first_wal = cluster.first_wal_lsn(1);
@@ -750,6 +716,32 @@ fn transfer_leader_hands_over_under_load_and_loses_no_quorum_write() {
 
 /// Every acknowledged write is on every node, with its value (stale reads,
 /// so each node answers for itself).
+/// With `load` running on an elected cluster: `writes` acknowledged, a
+/// SIGKILL of the leader, `writes` more acknowledged while it stays down,
+/// and a new leader. Returns the old leader and every acknowledged write.
+fn kill_the_leader_under(
+    cluster: &mut Cluster,
+    load: Load,
+    writes: usize,
+) -> (usize, Vec<(String, String)>) {
+    let old = cluster.wait_leader();
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("{writes} writes before the kill"),
+        |_| load.acked() >= writes,
+    );
+    cluster.kill(old);
+    let before = load.acked();
+    cluster.wait_until(
+        Duration::from_secs(20),
+        &format!("{writes} more writes after node {old} was killed"),
+        |_| load.acked() >= before + writes,
+    );
+    let acked = load.stop();
+    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    (old, acked)
+}
+
 fn assert_every_node_has(cluster: &Cluster, acked: &[(String, String)]) {
     assert_nodes_have(cluster, &cluster.ids().collect::<Vec<_>>(), acked);
 }
@@ -1148,22 +1140,8 @@ fn sigkill_of_the_leader_under_batch_load_loses_no_quorum_write() {
     // Elected, so the killed leader can stay down: what it acknowledged must
     // already be on the majority that elects the next one.
     let mut cluster = Cluster::start_elected("election_timeout_ms = 300\n");
-    let old = cluster.wait_leader();
     let load = Load::start_batch(&cluster, 32);
-    cluster.wait_until(
-        Duration::from_secs(20),
-        "200 writes before the kill",
-        |_| load.acked() >= 200,
-    );
-    cluster.kill(old);
-    let before = load.acked();
-    cluster.wait_until(
-        Duration::from_secs(20),
-        &format!("200 more writes after node {old} was killed"),
-        |_| load.acked() >= before + 200,
-    );
-    let acked = load.stop();
-    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    let (old, acked) = kill_the_leader_under(&mut cluster, load, 200);
     cluster.start_node(old);
     cluster.wait_converged();
     assert_every_node_has(&cluster, &acked);
@@ -1505,22 +1483,8 @@ fn five_members_elect_and_commit_with_two_down_but_not_with_three() {
 #[test]
 fn sigkill_of_the_leader_of_five_under_load_loses_no_quorum_write() {
     let mut cluster = Cluster::start_elected_n(5, "election_timeout_ms = 300\n");
-    let old = cluster.wait_leader();
     let load = Load::start(&cluster, 4);
-    cluster.wait_until(
-        Duration::from_secs(20),
-        "100 writes before the kill",
-        |_| load.acked() >= 100,
-    );
-    cluster.kill(old);
-    let before = load.acked();
-    cluster.wait_until(
-        Duration::from_secs(20),
-        &format!("100 more writes after node {old} was killed"),
-        |_| load.acked() >= before + 100,
-    );
-    let acked = load.stop();
-    assert_ne!(cluster.wait_leader(), old, "a new leader");
+    let (old, acked) = kill_the_leader_under(&mut cluster, load, 100);
     let live: Vec<usize> = cluster.ids().filter(|id| *id != old).collect();
     cluster.wait_converged_among(&live);
     assert_nodes_have(&cluster, &live, &acked);

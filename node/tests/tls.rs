@@ -57,19 +57,7 @@ fn a_tls_cluster_replicates_catches_up_by_snapshot_and_fails_over() {
     let behind = if leader == 3 { 2 } else { 3 };
     let behind_last = cluster.status_of(behind).unwrap().last_lsn;
     cluster.kill(behind);
-    let out = cluster.kv(
-        &[
-            "bench",
-            "cluster",
-            "--clients",
-            "8",
-            "--ops",
-            "800",
-            "--json",
-        ],
-        &cluster.all_endpoints(),
-    );
-    ok(&out);
+    cluster.bench_writes(800, 100);
     let first_wal = cluster.first_wal_lsn(leader);
     assert!(
         first_wal > behind_last + 1,

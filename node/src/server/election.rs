@@ -400,12 +400,7 @@ impl Node {
         addr: std::net::SocketAddr,
     ) -> anyhow::Result<ReplicationClient<tonic::transport::Channel>> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
-        let endpoint = self
-            .env
-            .peer_transport
-            .endpoint(addr)?
-            .connect_timeout(rpc)
-            .timeout(rpc);
+        let endpoint = self.peer_endpoint(addr)?.timeout(rpc);
         let channel = tokio::time::timeout(rpc, self.env.dialer.dial(endpoint)).await??;
         Ok(ReplicationClient::new(channel))
     }

@@ -443,6 +443,17 @@ impl Node {
         Ok(req)
     }
 
+    /// An endpoint for another member's peer listener at `addr`: secured
+    /// as this node's `peer_transport` says, connecting within an RPC
+    /// timeout. Callers add their own deadlines and keepalives.
+    fn peer_endpoint(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<tonic::transport::Endpoint> {
+        let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
+        Ok(self.env.peer_transport.endpoint(addr)?.connect_timeout(rpc))
+    }
+
     fn ack_level(&self, requested: i32) -> Result<AckLevel, Status> {
         match pb::AckLevel::try_from(requested) {
             Ok(pb::AckLevel::Default) => Ok(self.config.ack.into()),
@@ -824,10 +835,7 @@ impl Node {
     async fn replicate_once(&self, peer: &Member, term: u64) -> anyhow::Result<()> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         let endpoint = self
-            .env
-            .peer_transport
-            .endpoint(peer.peer())?
-            .connect_timeout(rpc)
+            .peer_endpoint(peer.peer())?
             .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
             .keep_alive_timeout(rpc)
             .keep_alive_while_idle(true);

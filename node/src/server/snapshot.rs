@@ -114,10 +114,7 @@ impl Node {
         tracing::info!(peer, lsn, bytes = total, "sending snapshot");
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         let endpoint = self
-            .env
-            .peer_transport
-            .endpoint(addr)?
-            .connect_timeout(rpc)
+            .peer_endpoint(addr)?
             .http2_keep_alive_interval(Duration::from_millis(self.config.heartbeat_ms.max(100)))
             .keep_alive_timeout(rpc);
         let channel = self.env.dialer.dial(endpoint).await?;

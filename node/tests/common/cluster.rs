@@ -240,6 +240,32 @@ impl Cluster {
         command.output().unwrap()
     }
 
+    /// `kv bench cluster` with 8 clients, `ops` writes of `value_size`
+    /// bytes in all: a quick way to fill the leader's WAL (asserted to
+    /// succeed).
+    pub fn bench_writes(&self, ops: u64, value_size: usize) {
+        let (ops, value_size) = (ops.to_string(), value_size.to_string());
+        let out = self.kv(
+            &[
+                "bench",
+                "cluster",
+                "--clients",
+                "8",
+                "--ops",
+                &ops,
+                "--value-size",
+                &value_size,
+                "--json",
+            ],
+            &self.all_endpoints(),
+        );
+        assert!(
+            out.status.success(),
+            "kv bench cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// How a client reaches this cluster's client listeners.
     pub fn transport(&self) -> kv_node::tls::Transport {
         self.tls
