@@ -300,6 +300,22 @@ struct Recorded {
     final_reads_done: bool,
 }
 
+impl Recorded {
+    /// A leader read that returned `reply`, called at `call`, returned at `ret`.
+    fn leader_read(&mut self, client: u64, key: Vec<u8>, call: u64, ret: u64, reply: pb::GetReply) {
+        self.reads_ok += 1;
+        self.leader_reads.push((call, reply.node_id, reply.term));
+        self.ops.push(Operation {
+            client,
+            key,
+            input: Input::Get,
+            output: Output::Read(reply.found.then_some(reply.value)),
+            call,
+            ret,
+        });
+    }
+}
+
 type History = Arc<Mutex<Recorded>>;
 
 fn node_config(id: u64, nodes: usize, elections: bool) -> NodeConfig {
@@ -585,17 +601,7 @@ async fn workload(
                 .await;
             let ret = now_ns();
             if let Ok(reply) = resp {
-                let mut h = lock(&history);
-                h.reads_ok += 1;
-                h.leader_reads.push((call, reply.node_id, reply.term));
-                h.ops.push(Operation {
-                    client: client_id,
-                    key,
-                    input: Input::Get,
-                    output: Output::Read(reply.found.then_some(reply.value)),
-                    call,
-                    ret,
-                });
+                lock(&history).leader_read(client_id, key, call, ret, reply);
             }
         } else {
             seq += 1;
@@ -843,18 +849,7 @@ async fn pinned_reader(
             let ret = now_ns();
             match reply {
                 Ok(Ok(reply)) => {
-                    let reply = reply.into_inner();
-                    let mut h = lock(&history);
-                    h.reads_ok += 1;
-                    h.leader_reads.push((call, reply.node_id, reply.term));
-                    h.ops.push(Operation {
-                        client: client_id,
-                        key,
-                        input: Input::Get,
-                        output: Output::Read(reply.found.then_some(reply.value)),
-                        call,
-                        ret,
-                    });
+                    lock(&history).leader_read(client_id, key, call, ret, reply.into_inner());
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {}
                 // A broken or stuck connection: dial again.
