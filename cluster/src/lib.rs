@@ -20,6 +20,8 @@
 //! What is not here: elections and votes (`node/src/server/election.rs`
 //! carries those out, with [`observe_term`] for their terms).
 
+pub mod replica;
+
 /// A log position. LSN 0 is "before the first record".
 pub type Lsn = u64;
 /// A leader's term (epoch).
@@ -57,10 +59,12 @@ pub trait LogView {
     /// LSN through which records are committed (and so identical on every
     /// node that has them).
     fn commit_lsn(&self) -> Lsn;
+    /// LSN through which records are durable here.
+    fn durable_lsn(&self) -> Lsn;
 }
 
 /// The parts of an append request the rules look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AppendMeta {
     /// LSN of the record just before the batch.
     pub prev_lsn: Lsn,
@@ -161,7 +165,7 @@ pub fn follower_append(log: &impl LogView, req: &AppendMeta) -> AppendVerdict {
 }
 
 /// The leader's view of one follower.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Progress {
     /// Highest LSN known durable on the follower.
     pub match_lsn: Lsn,
@@ -241,7 +245,7 @@ pub fn quorum_commit(
 }
 
 /// How many copies must be durable before a write is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AckLevel {
     /// The leader's own fsync.
     Local,
@@ -285,6 +289,9 @@ mod tests {
         }
         fn commit_lsn(&self) -> Lsn {
             self.commit
+        }
+        fn durable_lsn(&self) -> Lsn {
+            self.last_lsn()
         }
     }
 

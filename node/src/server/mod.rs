@@ -212,6 +212,9 @@ impl LogView for EngineView<'_> {
     fn commit_lsn(&self) -> u64 {
         self.0.commit_lsn()
     }
+    fn durable_lsn(&self) -> u64 {
+        self.0.durable_lsn()
+    }
 }
 
 impl Node {
