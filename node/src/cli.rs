@@ -3,7 +3,7 @@
 //! JSON objects with their stable field names, key and value bytes as hex
 //! or base64 (never lossy UTF-8), and the exit codes.
 //!
-//! It does not talk to a cluster (that is [`crate::server::client`]) or
+//! It does not talk to a cluster (that is [`crate::client::cluster_client`]) or
 //! parse arguments (that is `main.rs`); everything here is a pure function
 //! of a reply, so it is unit-tested without a node.
 
@@ -12,7 +12,7 @@ use kv_proto::v1 as pb;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::server::client::CallError;
+use crate::client::cluster_client::CallError;
 
 /// Exit codes of the client commands (README: "Exit codes").
 pub mod exit {
@@ -225,7 +225,7 @@ fn nonzero(v: u64) -> Option<u64> {
 }
 
 impl NodeStatusJson {
-    /// `s` as JSON, `lag` as [`crate::server::client::status_row`] takes it.
+    /// `s` as JSON, `lag` as [`crate::client::cluster_client::status_row`] takes it.
     pub fn new(s: &pb::StatusReply, lag: Option<u64>) -> Self {
         NodeStatusJson {
             node_id: s.node_id,

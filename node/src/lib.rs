@@ -5,9 +5,10 @@
 //! the single-node REPL ([`repl`]), the offline checker ([`check`]), the
 //! benchmarks ([`bench`]) and the flush timer ([`timer`]).
 //!
-//! The cluster node (`kv serve`, WAL shipping over gRPC, the CLI client)
-//! is [`server`]; the replication rules it follows are the `kv-cluster`
-//! crate's; [`supervisor`] runs a directory's nodes (`kv cluster up`).
+//! The cluster node (`kv serve`, WAL shipping over gRPC) is [`server`];
+//! the replication rules it follows are the `kv-cluster` crate's; the CLI
+//! client and `kv shell` are [`client`]; [`supervisor`] runs a directory's
+//! nodes (`kv cluster up`).
 //! [`tls`] secures its connections and [`certs`] makes a development CA
 //! and certificates (`kv certs init`); [`metrics`] exports Prometheus
 //! metrics (`metrics_listen`); [`verify`] is `kv verify`.
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod certs;
 pub mod check;
 pub mod cli;
+pub mod client;
 pub mod engine;
 pub mod linearizability;
 pub mod lineedit;

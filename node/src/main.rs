@@ -16,8 +16,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use kv_node::bench::{self, ENGINE_BENCH_HEADER, EngineBenchArgs, RecoveryBenchArgs};
 use kv_node::cli::{self, Bytes, WriteOut};
+use kv_node::client::cluster_client::{self, Client};
 use kv_node::repl::Repl;
-use kv_node::server::client::{self, Client};
 use kv_node::server::config::{LogFormat, NodeConfig};
 use kv_node::server::{self, Node};
 use kv_node::timer::FlushTimer;
@@ -337,7 +337,7 @@ impl Target {
     /// `--endpoints`, or the members listed in `--configs`.
     fn endpoints(&self) -> anyhow::Result<Vec<std::net::SocketAddr>> {
         if self.endpoints.is_empty() {
-            client::endpoints_from_configs(&self.configs)
+            cluster_client::endpoints_from_configs(&self.configs)
         } else {
             Ok(self.endpoints.clone())
         }
@@ -443,8 +443,8 @@ enum BenchCmd {
         /// How the clients' writes travel: `batch` multiplexes the clients
         /// sharing a connection over one `Kv.Batch` stream (kv's client for
         /// many callers); `unary` makes one `Kv.Put` call per write.
-        #[arg(long, value_enum, default_value_t = client::BenchApi::Batch)]
-        api: client::BenchApi,
+        #[arg(long, value_enum, default_value_t = cluster_client::BenchApi::Batch)]
+        api: cluster_client::BenchApi,
         #[command(flatten)]
         target: Target,
         /// One JSON object per line instead of a table.
@@ -499,10 +499,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut out = std::io::stdout().lock();
             if stdin.is_terminal() {
                 kv_node::lineedit::run("kv> ", |line| {
-                    kv_node::server::shell::run_line(&client, &rt, line, &mut out)
+                    kv_node::client::shell::run_line(&client, &rt, line, &mut out)
                 })?;
             } else {
-                kv_node::server::shell::run(&client, &rt, stdin.lock(), &mut out, false)
+                kv_node::client::shell::run(&client, &rt, stdin.lock(), &mut out, false)
                     .context("shell I/O")?;
             }
             Ok(ExitCode::SUCCESS)
@@ -548,7 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let req = pb::PutRequest {
                 key: cli::decode_arg(key, out.hex)?,
                 value: cli::decode_arg(value, out.hex)?,
-                ack: client::parse_ack(&ack)? as i32,
+                ack: cluster_client::parse_ack(&ack)? as i32,
             };
             let reply =
                 runtime()?.block_on(async { anyhow::Ok(target.client(&tls)?.put(req).await?) })?;
@@ -563,7 +563,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let req = pb::DeleteRequest {
                 key: cli::decode_arg(key, out.hex)?,
-                ack: client::parse_ack(&ack)? as i32,
+                ack: cluster_client::parse_ack(&ack)? as i32,
             };
             let reply = runtime()?
                 .block_on(async { anyhow::Ok(target.client(&tls)?.delete(req).await?) })?;
@@ -644,7 +644,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // until some node reports it leading a later term.
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let leading = client::status_all(&transport, &endpoints, timeout)
+                let leading = cluster_client::status_all(&transport, &endpoints, timeout)
                     .await
                     .into_iter()
                     .filter_map(|(_, r)| r.ok())
@@ -686,7 +686,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Cmd::Status { target, out } => runtime()?.block_on(async {
             let endpoints = target.endpoints()?;
-            let replies = client::status_all(
+            let replies = cluster_client::status_all(
                 &tls.transport()?,
                 &endpoints,
                 Duration::from_millis(target.timeout_ms),
@@ -726,12 +726,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 print_json(&cli::StatusJson { nodes })?;
             } else {
-                println!("{}", client::status_header());
+                println!("{}", cluster_client::status_header());
                 let mut alarms = Vec::new();
                 for (addr, reply) in replies {
                     match reply {
                         Ok(s) => {
-                            println!("{}", client::status_row(&s, lag_of(&s)));
+                            println!("{}", cluster_client::status_row(&s, lag_of(&s)));
                             if !s.alarm.is_empty() {
                                 alarms.push(format!("ALARM node {}: {}", s.node_id, s.alarm));
                             }
@@ -1096,19 +1096,19 @@ fn bench_cmd(cmd: BenchCmd, tls: &TlsArgs) -> anyhow::Result<ExitCode> {
             let endpoints = target.endpoints()?;
             let transport = tls.transport()?;
             if !json {
-                println!("{}", client::CLUSTER_BENCH_HEADER);
+                println!("{}", cluster_client::CLUSTER_BENCH_HEADER);
             }
             for c in clients {
                 if c == 0 {
                     anyhow::bail!("--clients: a client count must be at least 1");
                 }
-                let load = client::BenchLoad {
+                let load = cluster_client::BenchLoad {
                     ops,
                     key_size,
                     value_size,
                     api,
                 };
-                let row = client::bench_cluster(
+                let row = cluster_client::bench_cluster(
                     &transport,
                     &endpoints,
                     c,

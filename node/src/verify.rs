@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use kv_proto::v1 as pb;
 
+use crate::client::cluster_client::Client;
 use crate::linearizability::{self, Input, Operation, Output, Verdict};
-use crate::server::client::Client;
 use crate::tls::Transport;
 
 /// What `kv verify` runs.
@@ -212,7 +212,7 @@ fn written(
     acked: &Mutex<Vec<Acked>>,
     key: &[u8],
     value: Option<&[u8]>,
-    reply: Result<pb::WriteReply, crate::server::client::CallError>,
+    reply: Result<pb::WriteReply, crate::client::cluster_client::CallError>,
 ) -> Output {
     match reply {
         Ok(r) => {

@@ -251,9 +251,10 @@ fn without_a_majority_a_quorum_write_is_outcome_unknown_and_local_succeeds() {
     // On a batch stream, the client's own deadline ends the wait first.
     runtime().block_on(async {
         let channel = connect(cluster.addrs[0]).await;
-        let stream = kv_node::server::batch::BatchClient::open(channel, Duration::from_millis(300))
-            .await
-            .unwrap();
+        let stream =
+            kv_node::client::batch_client::BatchClient::open(channel, Duration::from_millis(300))
+                .await
+                .unwrap();
         let err = stream.put(put_req("batched", "1")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(
@@ -748,7 +749,7 @@ fn assert_every_node_has(cluster: &Cluster, acked: &[(String, String)]) {
 
 /// Every acknowledged write is on each of the nodes `ids`.
 fn assert_nodes_have(cluster: &Cluster, ids: &[usize], acked: &[(String, String)]) {
-    use kv_node::server::client::Client;
+    use kv_node::client::cluster_client::Client;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -779,7 +780,7 @@ struct Load {
 
 impl Load {
     fn start(cluster: &Cluster, writers: usize) -> Load {
-        use kv_node::server::client::Client;
+        use kv_node::client::cluster_client::Client;
         let acked = std::sync::Arc::<std::sync::Mutex<Vec<(String, String)>>>::default();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writers = (0..writers)
@@ -837,9 +838,12 @@ impl Load {
                                 .connect()
                                 .await
                                 .ok()?;
-                        kv_node::server::batch::BatchClient::open(channel, Duration::from_secs(5))
-                            .await
-                            .ok()
+                        kv_node::client::batch_client::BatchClient::open(
+                            channel,
+                            Duration::from_secs(5),
+                        )
+                        .await
+                        .ok()
                     };
                     let Some(stream) = opened.await else {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -917,9 +921,9 @@ async fn connect(addr: SocketAddr) -> tonic::transport::Channel {
         .unwrap()
 }
 
-async fn batch_client(addr: SocketAddr) -> kv_node::server::batch::BatchClient {
+async fn batch_client(addr: SocketAddr) -> kv_node::client::batch_client::BatchClient {
     let channel = connect(addr).await;
-    kv_node::server::batch::BatchClient::open(channel, Duration::from_secs(10))
+    kv_node::client::batch_client::BatchClient::open(channel, Duration::from_secs(10))
         .await
         .unwrap()
 }

@@ -304,7 +304,7 @@ fn strangers_are_refused_and_change_nothing() {
                 Transport::tls(&ca, Some(&foreign_identity)),
             ),
         ] {
-            let client = kv_node::server::client::Client::new(
+            let client = kv_node::client::cluster_client::Client::new(
                 cluster.addrs.clone(),
                 Duration::from_millis(1500),
             )

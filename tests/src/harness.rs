@@ -38,9 +38,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
+use kv_node::client::batch_client::BatchClient;
+use kv_node::client::cluster_client::{CallError, Client};
 use kv_node::engine::{Engine, EngineError, Op};
-use kv_node::server::batch::BatchClient;
-use kv_node::server::client::{CallError, Client};
 use kv_node::server::config::{Ack, Member, NodeConfig};
 use kv_node::server::env::Dialer;
 use kv_node::server::env::{Clock, MAX_CLOCK_DRIFT, NodeEnv, Offload};

@@ -18,7 +18,6 @@
 
 pub mod auth;
 pub mod batch;
-pub mod client;
 pub mod config;
 pub mod convert;
 pub mod election;
@@ -26,7 +25,6 @@ pub mod env;
 pub mod flusher;
 pub mod notify;
 pub mod observe;
-pub mod shell;
 mod snapshot;
 pub mod term;
 

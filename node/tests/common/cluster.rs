@@ -315,7 +315,7 @@ impl Cluster {
             .unwrap();
         rt.block_on(async {
             let addr = self.addrs[id - 1];
-            let replies = kv_node::server::client::status_all(
+            let replies = kv_node::client::cluster_client::status_all(
                 &self.transport(),
                 &[addr],
                 Duration::from_millis(500),

@@ -14,10 +14,10 @@ use kv_proto::v1 as pb;
 use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 
-use super::LEADER_METADATA;
-use super::batch::BatchClient;
-use super::config::NodeConfig;
-use super::env::{Dialer, TcpDialer};
+use super::batch_client::BatchClient;
+use crate::server::LEADER_METADATA;
+use crate::server::config::NodeConfig;
+use crate::server::env::{Dialer, TcpDialer};
 use crate::tls::Transport;
 
 /// The members' addresses from `configs/node*.toml` (in `dir`), in order.

@@ -15,7 +15,7 @@ use std::io::{BufRead, Write};
 
 use kv_proto::v1 as pb;
 
-use super::client::{CallError, Client};
+use super::cluster_client::{CallError, Client};
 use crate::repl::{Command, Flow, HELP, parse};
 
 /// Runs the shell until EXIT or end of input.
@@ -113,7 +113,7 @@ async fn run_command(client: &Client, cmd: Command) -> Vec<u8> {
                     }
                     let mut redirect = tonic::Status::failed_precondition("not leader");
                     if let Ok(v) = s.get_ref().leader_addr.parse() {
-                        redirect.metadata_mut().insert(super::LEADER_METADATA, v);
+                        redirect.metadata_mut().insert(crate::server::LEADER_METADATA, v);
                     }
                     Err(redirect)
                 })
