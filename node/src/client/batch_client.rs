@@ -27,8 +27,9 @@ use crate::server::convert::status_of;
 /// The client stops adding commands to a message once their keys and
 /// values reach this many bytes, well under the node's 4 MiB message limit.
 const MESSAGE_BYTES_TARGET: usize = 1 << 20;
-/// The largest reply the client accepts: the target plus one outcome,
-/// with room for a node configured with values far above the 1 MiB default.
+/// The largest reply the client accepts: the node's target (about 1 MiB)
+/// plus one outcome, with room for a node configured with values far above
+/// the 1 MiB default.
 const REPLY_BYTES_MAX: usize = 64 << 20;
 
 type Reply = Result<OutcomeResult, Status>;
