@@ -1,8 +1,8 @@
 //! The edge between protobuf and the engine's types: every inbound message
 //! is checked here (`TryFrom`), nothing from the wire is trusted further in.
 //! Also a gRPC status as a `Kv.Batch` outcome carries it (`pb::Failure`),
-//! both ways: the node sends it ([`failure`]), the client turns it back into
-//! the status its unary call would have returned ([`status_of`]).
+//! both ways: the node sends it (`failure`), the client turns it back into
+//! the status its unary call would have returned (`status_of`).
 
 use kv_proto::v1 as pb;
 use tonic::metadata::MetadataValue;

@@ -237,7 +237,7 @@ impl Node {
     /// Leader: waits until a default read may be served: the commit LSN
     /// covers the read barrier (so no committed write is missed after a
     /// restart or an election), and, with elections, the lease says no
-    /// other leader can exist (see [`election`]).
+    /// other leader can exist (see [`super::election`]).
     pub(super) async fn confirm_read(&self) -> Result<(), Status> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
