@@ -37,7 +37,8 @@
 //! Where the code is, one `impl Engine` block per file:
 //! - this file: the [`Engine`] type and its shared state, [`EngineConfig`],
 //!   reads of the applied state, [`EngineStats`], the lock helpers;
-//! - `open.rs`: opening and recovery;
+//! - `open.rs`: opening and recovery, decided as a pure plan before the
+//!   engine repairs a file of its own;
 //! - `commit.rs`: group commit: appends, flush rounds, waiting for a
 //!   position, batch mode, poisoning, and the exclusive log operations;
 //! - `apply.rs`: applying records in LSN order, the commit LSN and its

@@ -1,17 +1,33 @@
-//! Opening a data directory: recovery.
+//! Opening a data directory: recovery, decided before it repairs.
 //!
 //! [`Engine::open`] takes the directory (creates it, locks `LOCK`, makes its
-//! name durable), loads the newest snapshot that verifies, reads the commit
-//! floor from `COMMIT` (replicated mode), opens the WAL (which judges every
-//! segment by the case table and repairs its own files only once its
-//! verdict is "open"), then sets aside snapshots that did not verify,
-//! removes temp files of interrupted snapshots and receives, and assembles
-//! the engine's state.
+//! name durable), then recovers in the two phases `node/DESIGN.md`
+//! ("Recovery") describes, so that a refused open leaves every file as it
+//! was:
+//!
+//! 1. read and judge: load the newest snapshot that verifies
+//!    ([`snapshot::load_newest`]), read the commit floor from `COMMIT`
+//!    (replicated mode; [`commit_floor`] decides what replay applies), and
+//!    open the WAL. [`Wal::open`] has the same shape inside: it judges every
+//!    segment by the case table, refuses, or, once its verdict is "open",
+//!    repairs its own files; it replays the records after the snapshot on
+//!    the way, and here each is applied or left waiting for its commit;
+//! 2. decide, then repair: [`RecoveryPlan::decide`] (pure) takes what was
+//!    found ([`Found`]) and names every change the engine itself makes:
+//!    the snapshots that did not verify and the unused `*.broken` name each
+//!    is set aside as, the temp files of interrupted snapshots and receives
+//!    to remove, and the term the log continues with.
+//!    [`RecoveryPlan::carry_out`] makes those changes and syncs the
+//!    directory; then the engine's state is assembled.
+//!
+//! The engine's part never refuses: every refusal is the WAL's or a
+//! snapshot load's, in phase 1.
 //!
 //! What it does not do: judge segment or snapshot bytes (`wal.rs`,
 //! `snapshot.rs`), delete a snapshot that fails to verify (it is kept as
 //! `*.broken` for inspection), or change any file once the engine is open.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -75,29 +91,7 @@ impl Engine {
     pub fn open(storage: Arc<dyn Storage>, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let dir = config.data_dir.clone();
-        storage
-            .create_dir_all(&dir)
-            .map_err(EngineError::io("create data directory", &dir))?;
-        let dir_lock = storage.lock_dir(&dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                EngineError::Locked { dir: dir.clone() }
-            } else {
-                EngineError::Io {
-                    op: "lock data directory",
-                    path: dir.clone(),
-                    error: e,
-                }
-            }
-        })?;
-        // Make the directory's own name durable (a first start creates it).
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        storage.sync_dir(&parent).map_err(EngineError::io(
-            "sync parent of the data directory",
-            &parent,
-        ))?;
+        let dir_lock = take_data_dir(&*storage, &dir)?;
 
         // Decide first (load, replay, judge), change files only once the
         // verdict is "open": a refused open leaves the directory as it was.
@@ -117,11 +111,12 @@ impl Engine {
         };
         // In replicated mode only records known committed are applied; the
         // rest wait for the leader's commit LSN.
-        let commit_floor = if config.replicated {
-            read_commit_file(&*storage, &dir)?.max(snapshot_lsn)
+        let saved_commit = if config.replicated {
+            Some(read_commit_file(&*storage, &dir)?)
         } else {
-            u64::MAX
+            None
         };
+        let commit_floor = commit_floor(saved_commit, snapshot_lsn);
         let mut terms = TermRuns::new(snapshot_lsn, map.applied_term());
         let mut deferred = VecDeque::new();
         let mut below_snapshot = TermRuns::new(snapshot_lsn, map.applied_term());
@@ -152,20 +147,27 @@ impl Engine {
             wal.last_lsn(),
             "recovery applies or defers every record"
         );
-        for (path, reason) in &loaded.rejected {
-            let broken = unused_name(&*storage, &dir, path)?;
-            tracing::warn!(path = %path.display(), %reason, "snapshot does not verify; set aside as {}", broken.display());
-            storage
-                .rename(path, &broken)
-                .map_err(EngineError::io("set aside bad snapshot", path))?;
-        }
-        let temps_removed = remove_snapshot_temps(&*storage, &dir)?;
-        if temps_removed || !loaded.rejected.is_empty() {
-            storage
-                .sync_dir(&dir)
-                .map_err(EngineError::io("sync data directory", &dir))?;
-        }
-        summary.snapshots_rejected = loaded.rejected;
+
+        // The WAL's verdict was "open" (it repaired its own files): decide
+        // the engine's own changes, then make them.
+        let names = storage
+            .list_dir(&dir)
+            .map_err(EngineError::io("list data directory", &dir))?;
+        let plan = RecoveryPlan::decide(Found {
+            dir: &dir,
+            names: &names,
+            rejected: loaded.rejected,
+            wal_holds_records: wal.last_lsn() >= wal.first_lsn(),
+            wal_last_term: rec.last_term,
+            applied_term: map.applied_term(),
+        });
+        plan.carry_out(&*storage, &dir)?;
+        let last_term = plan.last_term;
+        summary.snapshots_rejected = plan
+            .set_aside
+            .into_iter()
+            .map(|s| (s.path, s.reason))
+            .collect();
 
         summary.records_replayed = rec.replayed;
         summary.tail_bytes_cut = rec.tail_bytes_cut;
@@ -173,13 +175,6 @@ impl Engine {
         summary.last_lsn = wal.last_lsn();
         summary.keys = map.len();
         summary.digest = map.digest();
-        // The term of the last record: from the WAL if it holds any record,
-        // else from the snapshot.
-        let last_term = if wal.last_lsn() >= wal.first_lsn() {
-            rec.last_term
-        } else {
-            map.applied_term()
-        };
 
         let limits = BufferLimits {
             segment_bytes_max: config.segment_bytes_max,
@@ -241,11 +236,153 @@ impl Engine {
     }
 }
 
-/// `<path>.broken`, or `<path>.broken.<n>` if that exists already.
-fn unused_name(storage: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf> {
-    let names = storage
-        .list_dir(dir)
-        .map_err(EngineError::io("list data directory", dir))?;
+/// Creates the data directory if it is missing, takes its `LOCK` (held
+/// while the returned value lives) and makes the directory's own name
+/// durable.
+fn take_data_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn Any + Send + Sync>> {
+    storage
+        .create_dir_all(dir)
+        .map_err(EngineError::io("create data directory", dir))?;
+    let dir_lock = storage.lock_dir(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            EngineError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            EngineError::Io {
+                op: "lock data directory",
+                path: dir.to_path_buf(),
+                error: e,
+            }
+        }
+    })?;
+    // Make the directory's own name durable (a first start creates it).
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    storage.sync_dir(&parent).map_err(EngineError::io(
+        "sync parent of the data directory",
+        &parent,
+    ))?;
+    Ok(dir_lock)
+}
+
+/// The highest LSN replay applies at open; the records above it wait in
+/// the apply queue for the leader's commit LSN. Replicated mode (`saved`
+/// is what `COMMIT` holds, 0 if it is missing or damaged): the saved commit
+/// LSN, or the snapshot's if that is higher (a snapshot holds only applied,
+/// so committed, records). Single node (`None`): every record, as durable
+/// means committed.
+fn commit_floor(saved: Option<u64>, snapshot_lsn: u64) -> u64 {
+    match saved {
+        Some(commit) => commit.max(snapshot_lsn),
+        None => u64::MAX,
+    }
+}
+
+/// What phase 1 of recovery found, as far as the engine's own decisions
+/// need it: the WAL is open (and repaired) by now, nothing else changed.
+#[derive(Debug)]
+struct Found<'a> {
+    /// The data directory.
+    dir: &'a Path,
+    /// The names in it, listed once the WAL is open.
+    names: &'a [String],
+    /// Snapshots that did not verify (newest first), with why.
+    rejected: Vec<(PathBuf, String)>,
+    /// Whether the WAL holds any record (its last LSN is at or after its
+    /// first), above the snapshot or not.
+    wal_holds_records: bool,
+    /// Term of the WAL's last valid record.
+    wal_last_term: u64,
+    /// Term of the last record applied to the map: the snapshot's if the
+    /// WAL holds none.
+    applied_term: u64,
+}
+
+/// A snapshot that did not verify, and the unused name it is renamed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SetAside {
+    path: PathBuf,
+    to: PathBuf,
+    reason: String,
+}
+
+/// The engine's own part of recovery, decided from what was found before
+/// any of it is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RecoveryPlan {
+    /// Snapshots that did not verify, each renamed to `<path>.broken` (or
+    /// `.broken.<n>` if that is taken): kept for inspection, never deleted.
+    set_aside: Vec<SetAside>,
+    /// Temp files of interrupted snapshots and receives, to remove.
+    remove: Vec<PathBuf>,
+    /// The term of the last record in the log: from the WAL if it holds any
+    /// record, else from the snapshot.
+    last_term: u64,
+}
+
+impl RecoveryPlan {
+    /// Decides, without I/O, what the engine changes on disk at open.
+    fn decide(found: Found<'_>) -> RecoveryPlan {
+        // The names as the renames leave them, one after another, so each
+        // `.broken` name is unused when its rename runs.
+        let mut names = found.names.to_vec();
+        let set_aside = found
+            .rejected
+            .into_iter()
+            .map(|(path, reason)| {
+                let to = unused_name(&names, &path);
+                names.retain(|n| Some(n.as_str()) != path.file_name().and_then(|f| f.to_str()));
+                if let Some(f) = to.file_name().and_then(|f| f.to_str()) {
+                    names.push(f.to_owned());
+                }
+                SetAside { path, to, reason }
+            })
+            .collect();
+        let remove = names
+            .iter()
+            .filter(|n| snapshot::is_snapshot_temp(n))
+            .map(|n| found.dir.join(n))
+            .collect();
+        let last_term = if found.wal_holds_records {
+            found.wal_last_term
+        } else {
+            found.applied_term
+        };
+        RecoveryPlan {
+            set_aside,
+            remove,
+            last_term,
+        }
+    }
+
+    /// Makes the plan's changes: renames the bad snapshots, removes the
+    /// temp files, then syncs the directory if anything changed in it.
+    fn carry_out(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
+        for SetAside { path, to, reason } in &self.set_aside {
+            tracing::warn!(path = %path.display(), %reason, "snapshot does not verify; set aside as {}", to.display());
+            storage
+                .rename(path, to)
+                .map_err(EngineError::io("set aside bad snapshot", path))?;
+        }
+        for p in &self.remove {
+            storage
+                .remove_file(p)
+                .map_err(EngineError::io("remove unfinished snapshot", p))?;
+        }
+        if !self.set_aside.is_empty() || !self.remove.is_empty() {
+            storage
+                .sync_dir(dir)
+                .map_err(EngineError::io("sync data directory", dir))?;
+        }
+        Ok(())
+    }
+}
+
+/// `<path>.broken`, or `<path>.broken.<n>` if that is in `names` already.
+fn unused_name(names: &[String], path: &Path) -> PathBuf {
     let base = format!("{}.broken", path.display());
     let mut candidate = PathBuf::from(&base);
     let mut n = 1;
@@ -257,22 +394,124 @@ fn unused_name(storage: &dyn Storage, dir: &Path, path: &Path) -> Result<PathBuf
         candidate = PathBuf::from(format!("{base}.{n}"));
         n += 1;
     }
-    Ok(candidate)
+    candidate
 }
 
-/// Removes temp files of interrupted snapshots (the caller syncs the dir);
-/// returns whether there were any.
-fn remove_snapshot_temps(storage: &dyn Storage, dir: &Path) -> Result<bool> {
-    let names = storage
-        .list_dir(dir)
-        .map_err(EngineError::io("list data directory", dir))?;
-    let mut removed = false;
-    for name in names.iter().filter(|n| snapshot::is_snapshot_temp(n)) {
-        removed = true;
-        let p = dir.join(name);
-        storage
-            .remove_file(&p)
-            .map_err(EngineError::io("remove unfinished snapshot", &p))?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| (*n).to_owned()).collect()
     }
-    Ok(removed)
+
+    fn found<'a>(
+        dir: &'a Path,
+        names: &'a [String],
+        rejected: Vec<(PathBuf, String)>,
+    ) -> Found<'a> {
+        Found {
+            dir,
+            names,
+            rejected,
+            wal_holds_records: true,
+            wal_last_term: 3,
+            applied_term: 2,
+        }
+    }
+
+    #[test]
+    fn a_clean_directory_plans_no_change() {
+        let dir = Path::new("/data");
+        let listed = names(&["LOCK", "COMMIT", "wal-00000000000000000001.wal"]);
+        let plan = RecoveryPlan::decide(found(dir, &listed, Vec::new()));
+        assert_eq!(
+            plan,
+            RecoveryPlan {
+                set_aside: Vec::new(),
+                remove: Vec::new(),
+                last_term: 3,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_snapshots_are_set_aside_under_unused_names_and_temps_removed() {
+        let dir = Path::new("/data");
+        let (s400, s300) = (
+            dir.join("snap-00000000000000000400.snap"),
+            dir.join("snap-00000000000000000300.snap"),
+        );
+        let listed = names(&[
+            "snap-00000000000000000300.snap",
+            "snap-00000000000000000400.snap",
+            // Set aside at an earlier open.
+            "snap-00000000000000000400.snap.broken",
+            "snap-00000000000000000500.snap.tmp",
+            "snap-00000000000000000600-1.snap.recv",
+            "wal-00000000000000000001.wal",
+        ]);
+        let rejected = vec![
+            (s400.clone(), "bad CRC".to_owned()),
+            (s300.clone(), "entries out of order".to_owned()),
+        ];
+        let plan = RecoveryPlan::decide(found(dir, &listed, rejected));
+        assert_eq!(
+            plan.set_aside,
+            vec![
+                SetAside {
+                    path: s400,
+                    to: dir.join("snap-00000000000000000400.snap.broken.1"),
+                    reason: "bad CRC".into(),
+                },
+                SetAside {
+                    path: s300,
+                    to: dir.join("snap-00000000000000000300.snap.broken"),
+                    reason: "entries out of order".into(),
+                },
+            ]
+        );
+        assert_eq!(
+            plan.remove,
+            vec![
+                dir.join("snap-00000000000000000500.snap.tmp"),
+                dir.join("snap-00000000000000000600-1.snap.recv"),
+            ]
+        );
+    }
+
+    #[test]
+    fn each_broken_name_is_unused_once_the_renames_before_it_ran() {
+        let listed = names(&["a.broken", "a.broken.1", "a.broken.2"]);
+        assert_eq!(
+            unused_name(&listed, Path::new("/d/a")),
+            PathBuf::from("/d/a.broken.3")
+        );
+        assert_eq!(
+            unused_name(&listed, Path::new("/d/b")),
+            PathBuf::from("/d/b.broken")
+        );
+    }
+
+    #[test]
+    fn the_log_continues_with_the_wal_term_or_else_the_snapshot_term() {
+        let dir = Path::new("/data");
+        let listed = Vec::new();
+        let with_records = found(dir, &listed, Vec::new());
+        assert_eq!(RecoveryPlan::decide(with_records).last_term, 3);
+        let empty_wal = Found {
+            wal_holds_records: false,
+            ..found(dir, &listed, Vec::new())
+        };
+        assert_eq!(RecoveryPlan::decide(empty_wal).last_term, 2);
+    }
+
+    #[test]
+    fn replay_applies_up_to_the_saved_commit_or_the_snapshot_and_everything_on_one_node() {
+        assert_eq!(commit_floor(None, 0), u64::MAX);
+        assert_eq!(commit_floor(None, 50), u64::MAX);
+        assert_eq!(commit_floor(Some(70), 50), 70);
+        // A lost or damaged `COMMIT` reads as 0: the snapshot still counts.
+        assert_eq!(commit_floor(Some(0), 50), 50);
+    }
 }
