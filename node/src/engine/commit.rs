@@ -8,11 +8,11 @@
 //! buffered chunk with the WAL lock alone, syncs once if any waiter needs
 //! durability, then publishes `written_lsn`/`durable_lsn`, has what became
 //! visible applied (`apply.rs`), and wakes the waiters its round covered.
-//! The first waiter that finds no round running runs one itself; a
-//! simulation or a cluster node's flusher thread drives rounds with
-//! [`Engine::flush_step`] and [`Engine::write_step`]. Batch mode changes
-//! only which position a writer waits for (written, or durable every N-th
-//! write).
+//! The first waiter that finds no round running runs one itself; a cluster
+//! node's flusher thread or a simulation drives rounds instead with
+//! [`Engine::flush_step`] (and [`Engine::write_step`], which writes without
+//! syncing). In batch mode a write is visible and acknowledged once
+//! written; the write N past the durable LSN waits for a sync.
 //!
 //! A failed write or sync poisons the engine (never retried, see
 //! `node/DESIGN.md`), as does a panic mid-round; every waiter wakes and

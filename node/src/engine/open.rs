@@ -20,8 +20,9 @@
 //!    [`RecoveryPlan::carry_out`] makes those changes and syncs the
 //!    directory; then the engine's state is assembled.
 //!
-//! The engine's part never refuses: every refusal is the WAL's or a
-//! snapshot load's, in phase 1.
+//! The engine's own part never refuses an open (an I/O error still stops
+//! it): a bad configuration or a locked directory is refused before
+//! recovery starts, damage and missing records by the WAL in phase 1.
 //!
 //! What it does not do: judge segment or snapshot bytes (`wal.rs`,
 //! `snapshot.rs`), delete a snapshot that fails to verify (it is kept as
