@@ -4,7 +4,8 @@
 //! `node/DESIGN.md` ("Snapshots"): temp file, `fdatasync`, rename into place,
 //! `fsync` of the directory. The name carries the LSN, so the durable rename
 //! *is* the durable record of the snapshot LSN. This module does not decide
-//! when to snapshot or which WAL segments to delete; the engine does.
+//! when to snapshot or which WAL segments to delete; the engine does
+//! (`engine/checkpoint.rs`).
 //!
 //! Layout (little endian): `magic "KVSNAP01" | version u32 | zero u32 |
 //! lsn u64 | term u64 | entries u64 | digest u64 | entries... | crc u32`,
