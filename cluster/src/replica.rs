@@ -312,6 +312,11 @@ impl Gated {
     pub fn to(&self) -> NodeId {
         self.msg.to()
     }
+
+    /// What it will be, for routing; sending it takes [`Gated::release`].
+    pub fn message(&self) -> &Message {
+        &self.msg
+    }
 }
 
 /// One input to [`Replica::step`].
@@ -400,6 +405,26 @@ pub enum Verdict {
     Refused(Refused),
 }
 
+/// A rule a leader's message broke (see [`Ready::error`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Broken {
+    /// The sender is not a member, is this node, or is not the configured
+    /// fixed leader.
+    Stranger(String),
+    /// Another member leads the sender's term (or this node does).
+    SecondLeader(String),
+    /// The batch is not a run of consecutive LSNs after `prev_lsn`.
+    Malformed(String),
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Stranger(m) | Broken::SecondLeader(m) | Broken::Malformed(m) => f.write_str(m),
+        }
+    }
+}
+
 /// How a leadership transfer ended.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TransferOutcome {
@@ -473,9 +498,9 @@ pub struct Ready {
     /// Follower: whether an append or snapshot offer came from the leader
     /// of our term (false: stale, refuse). Errors are in `error`.
     pub accepted: Option<bool>,
-    /// Follower: the sender broke a rule (not the leader it claims to be,
-    /// a malformed batch); the runtime ends the stream with this.
-    pub error: Option<String>,
+    /// Follower: the sender broke a rule; the runtime ends the stream
+    /// with this.
+    pub error: Option<Broken>,
     /// For logs and metrics.
     pub events: Vec<Event>,
 }
@@ -841,9 +866,13 @@ impl Replica {
         self.votes.clear();
         self.forget_peers(log);
         if let Some(t) = self.transfer.take() {
-            let outcome = match why {
-                StepDown::Transfer => TransferOutcome::HandedOver,
-                _ => TransferOutcome::LostLeadership,
+            // Once `TimeoutNow` is out, any step-down ends the hand-over as
+            // meant (the target's own vote request may well be what
+            // deposes this node, before `TimeoutNow`'s answer arrives).
+            let outcome = if why == StepDown::Transfer || t.told {
+                TransferOutcome::HandedOver
+            } else {
+                TransferOutcome::LostLeadership
             };
             ready.events.push(Event::TransferEnded {
                 target: t.target,
@@ -1062,7 +1091,9 @@ impl Replica {
     ) -> bool {
         let fixed_other = self.config.fixed_leader.is_some_and(|l| l != from);
         if from == self.config.id || !self.config.is_member(from) || fixed_other {
-            ready.error = Some(format!("node {from} is not the leader of this cluster"));
+            ready.error = Some(Broken::Stranger(format!(
+                "node {from} is not the leader of this cluster"
+            )));
             return false;
         }
         if term < self.hard.term {
@@ -1073,11 +1104,15 @@ impl Replica {
             self.adopt_term(now, term, log, ready);
         }
         if let Some(l) = self.leader.filter(|l| *l != from) {
-            ready.error = Some(format!("node {l} leads term {term}, not node {from}"));
+            ready.error = Some(Broken::SecondLeader(format!(
+                "node {l} leads term {term}, not node {from}"
+            )));
             return false;
         }
         if self.role == Role::Leader {
-            ready.error = Some(format!("this node leads term {term} itself"));
+            ready.error = Some(Broken::SecondLeader(format!(
+                "this node leads term {term} itself"
+            )));
             return false;
         }
         if self.role == Role::Candidate {
@@ -1113,7 +1148,7 @@ impl Replica {
         match follower_append(log, &req.meta) {
             AppendVerdict::Refuse(Refusal::Malformed(why)) => {
                 ready.accepted = None;
-                ready.error = Some(why);
+                ready.error = Some(Broken::Malformed(why));
             }
             AppendVerdict::Refuse(r) => {
                 let back_to = match &r {

@@ -521,8 +521,9 @@ fn an_append_from_a_non_member_or_a_second_leader_is_an_error() {
     assert!(
         ready
             .error
-            .as_deref()
+            .clone()
             .unwrap()
+            .to_string()
             .contains("node 1 leads term 1"),
         "{ready:?}"
     );

@@ -1,115 +1,81 @@
-//! Follower side of replication: an append is taken only from this term's
-//! leader ([`Node::accept_leader`], which also follows it and restarts the
-//! election timer; a higher term is persisted first), its new records are
-//! appended after the log-matching check, a conflicting suffix truncated
-//! durably first ([`Node::accept_append`]), and each batch is acknowledged
-//! once it is durable, applying what the leader's commit LSN covers
-//! ([`Node::acknowledge`]).
+//! Follower side of replication: each append request goes to the core
+//! ([`Input::Append`]: is the sender this term's leader, does the batch
+//! match our log, what to truncate, what to append, a higher term adopted
+//! first); this carries the verdict out — the new term durably first, a
+//! conflicting suffix truncated durably, the new records appended — and
+//! acknowledges each batch once it is durable, applying the commit LSN the
+//! core derives from it ([`Node::acknowledge`]).
 //!
-//! It does not decide log matching or what to truncate
-//! (`kv_cluster::follower_append`), read the append stream or check who
-//! sent it (`services.rs`, `auth.rs`), or receive snapshots (`snapshot.rs`).
+//! It does not decide anything of the protocol (the core does), read the
+//! append stream or check who sent it (`services.rs`, `auth.rs`), or
+//! receive snapshots (`snapshot.rs`).
 
 use std::time::Duration;
 
-use kv_cluster::{
-    AppendMeta, AppendVerdict, LogView, Refusal, TermAction, follower_append, observe_term,
-};
+use kv_cluster::AppendMeta;
+use kv_cluster::replica::{self, Broken, Gated, Input, Message};
 use kv_proto::v1 as pb;
 use tonic::Status;
 
-use super::election::Role;
-use super::{Node, engine_status, join_error, lock};
-use crate::engine::{Engine, Record};
+use super::{Node, engine_status, join_error};
+use crate::engine::Record;
 
 /// A follower's answer to one append, possibly waiting for durability.
 #[derive(Debug)]
 pub(super) enum PendingAck {
     /// Send as is (a refusal).
     Ready(pb::AppendAck),
-    /// Send once everything through `batch_last` is durable.
-    WhenDurable { batch_last: u64, commit_lsn: u64 },
+    /// Send once the log is durable through `batch_last` (the gate says so).
+    WhenDurable { ack: Gated, batch_last: u64 },
     /// The stream carried something unacceptable: send the error, close.
     Failed(Status),
 }
 
-/// The engine as `kv_cluster` sees a follower's log.
-struct EngineView<'a>(&'a Engine);
+/// The status a rule broken by a leader's message ends the stream with.
+pub(super) fn broken_status(broken: Broken) -> Status {
+    match broken {
+        Broken::Stranger(m) => Status::permission_denied(m),
+        Broken::SecondLeader(m) => Status::failed_precondition(m),
+        Broken::Malformed(m) => Status::invalid_argument(m),
+    }
+}
 
-impl LogView for EngineView<'_> {
-    fn last_lsn(&self) -> u64 {
-        self.0.last_lsn()
-    }
-    fn term_at(&self, lsn: u64) -> Option<u64> {
-        self.0.term_at(lsn)
-    }
-    fn commit_lsn(&self) -> u64 {
-        self.0.commit_lsn()
-    }
-    fn durable_lsn(&self) -> u64 {
-        self.0.durable_lsn()
+fn ack_to_proto(ack: replica::AppendAck, last_lsn: u64) -> pb::AppendAck {
+    pb::AppendAck {
+        term: ack.term,
+        success: ack.success,
+        durable_lsn: ack.durable_lsn,
+        last_lsn: if ack.success { last_lsn } else { ack.last_lsn },
+        error: ack.error,
     }
 }
 
 impl Node {
-    /// Follower: checks the sender of an append or snapshot: our cluster, a
-    /// member, and (fixed leader) the configured one. `Ok(false)` if its
-    /// term is stale (the caller refuses, with our term); a higher term is
-    /// persisted first. On success the sender is this term's leader: we
-    /// follow it and restart the election timer.
-    pub(super) async fn accept_leader(&self, from: &pb::Sender) -> Result<bool, Status> {
+    /// Checks that `from` is one of ours before the core sees it.
+    pub(super) fn check_cluster(&self, from: &pb::Sender) -> Result<(), Status> {
         if from.cluster_id != self.config.cluster_id {
             return Err(Status::permission_denied(format!(
                 "cluster id {:?} is not ours ({:?})",
                 from.cluster_id, self.config.cluster_id
             )));
         }
-        let fixed_other = self.config.leader.is_some_and(|l| l != from.node_id);
-        if from.node_id == self.config.node_id
-            || self.config.addr_of(from.node_id).is_none()
-            || fixed_other
-        {
-            return Err(Status::permission_denied(format!(
-                "node {} is not the leader of this cluster",
-                from.node_id
-            )));
+        Ok(())
+    }
+
+    /// Follower: is the sender of a snapshot this term's leader? `Ok(false)`
+    /// if its term is stale; a higher term is persisted first.
+    pub(super) async fn accept_snapshot_from(&self, from: &pb::Sender) -> Result<bool, Status> {
+        self.check_cluster(from)?;
+        let ready = self.step(Input::SnapshotOffer {
+            from: from.node_id,
+            term: from.term,
+        });
+        if let Some(broken) = ready.error.clone() {
+            return Err(broken_status(broken));
         }
-        match observe_term(self.term(), from.term) {
-            TermAction::Reject { .. } => return Ok(false),
-            TermAction::StepDown { new_term } => {
-                self.adopt_term(new_term).await.map_err(engine_status)?;
-            }
-            TermAction::Accept => {}
-        }
-        let mut e = lock(&self.election);
-        if self.term() != from.term {
-            // The term moved on while we persisted: stale after all.
-            return Ok(false);
-        }
-        match e.leader {
-            Some(l) if l != from.node_id => {
-                return Err(Status::failed_precondition(format!(
-                    "node {l} leads term {}, not node {}",
-                    from.term, from.node_id
-                )));
-            }
-            _ => {}
-        }
-        if e.role == Role::Leader {
-            return Err(Status::failed_precondition(format!(
-                "this node leads term {} itself",
-                from.term
-            )));
-        }
-        e.role = Role::Follower;
-        if e.leader != Some(from.node_id) {
-            self.metrics.leader_changes.increment(1);
-        }
-        e.leader = Some(from.node_id);
-        let now = self.env.clock.now();
-        e.heard = now;
-        e.reset_timer(Duration::from_millis(self.config.election_timeout_ms), now);
-        Ok(true)
+        let accepted = ready.accepted == Some(true);
+        self.carry_out(ready).await.map_err(engine_status)?;
+        Ok(accepted)
     }
 
     /// Follower: checks one append request and appends its new records (not
@@ -121,9 +87,16 @@ impl Node {
         let from = req
             .from
             .ok_or_else(|| Status::invalid_argument("append without a sender"))?;
-        if !self.accept_leader(&from).await? {
-            // A stale leader: refuse, answering with our term (fencing).
-            return Ok(self.refusal(format!("stale term {}", from.term)));
+        // A stranger is refused before its records are looked at, and a
+        // damaged record before the core sees the request: bad input
+        // changes nothing.
+        let from = self.check_peer(Some(from), "append")?;
+        if self.config.leader.is_some_and(|l| l != from.node_id) {
+            // The core refuses it too; here it is refused before decoding.
+            return Err(Status::permission_denied(format!(
+                "node {} is not the leader of this cluster",
+                from.node_id
+            )));
         }
         let records = req
             .records
@@ -136,33 +109,22 @@ impl Node {
             prev_term: req.prev_term,
             records: records.iter().map(|r| (r.lsn, r.term)).collect(),
         };
-        let (truncate_after, append_from) = match follower_append(&EngineView(&self.engine), &meta)
-        {
-            AppendVerdict::Accept {
-                truncate_after,
-                append_from,
-            } => (truncate_after, append_from),
-            AppendVerdict::Refuse(Refusal::Malformed(why)) => {
-                return Err(Status::invalid_argument(why));
-            }
-            AppendVerdict::Refuse(r) => {
-                let mut refusal = self.refusal(format!("{r:?}"));
-                if let (Refusal::Mismatch { prev_lsn, .. }, PendingAck::Ready(ack)) =
-                    (&r, &mut refusal)
-                {
-                    ack.last_lsn = ack.last_lsn.min(prev_lsn.saturating_sub(1));
-                }
-                return Ok(refusal);
-            }
+        let batch_last = meta.prev_lsn + meta.records.len() as u64;
+        let ready = self.step(Input::Append(replica::AppendRequest {
+            from: from.node_id,
+            term: from.term,
+            meta,
+            commit: req.commit_lsn,
+        }));
+        if let Some(broken) = ready.error.clone() {
+            return Err(broken_status(broken));
+        }
+        let (truncate_after, append_from) = (ready.truncate_after, ready.append_from);
+        // A new term is durable before anything is acknowledged in it.
+        let mut out = self.carry_out(ready).await.map_err(engine_status)?;
+        let Some(ack) = out.pop() else {
+            return Err(Status::internal("the core gave no answer to an append"));
         };
-        tracing::trace!(
-            prev_lsn = meta.prev_lsn,
-            prev_term = meta.prev_term,
-            records = ?meta.records.first().zip(meta.records.last()),
-            ?truncate_after,
-            append_from,
-            "append accepted"
-        );
         if let Some(lsn) = truncate_after {
             // Rare (a new leader's conflicting records): blocking is fine.
             let engine = self.engine.clone();
@@ -173,8 +135,8 @@ impl Node {
                 .map_err(join_error)?
                 .map_err(engine_status)?;
         }
-        let new: Vec<Record> = records.into_iter().skip(append_from).collect();
-        if !new.is_empty() {
+        if let Some(from) = append_from {
+            let new: Vec<Record> = records.into_iter().skip(from).collect();
             self.engine.append_records(new).map_err(engine_status)?;
         }
         if req.checkpoint_lsn > 0 {
@@ -186,33 +148,27 @@ impl Node {
                 tracing::error!(%divergence, "divergence alarm: this replica serves no reads");
             }
         }
-        Ok(PendingAck::WhenDurable {
-            batch_last: meta.prev_lsn + meta.records.len() as u64,
-            commit_lsn: req.commit_lsn,
-        })
-    }
-
-    fn refusal(&self, error: String) -> PendingAck {
-        PendingAck::Ready(pb::AppendAck {
-            term: self.term(),
-            success: false,
-            durable_lsn: self.engine.durable_lsn(),
-            last_lsn: self.engine.last_lsn(),
-            error,
-        })
+        if ack.needs().log == 0 {
+            // A refusal (stale term, mismatch) or an empty heartbeat at the
+            // start of the log: nothing to wait for.
+            return match ack.release(self.durability()) {
+                Ok(Message::AppendAck { ack, .. }) => {
+                    Ok(PendingAck::Ready(ack_to_proto(ack, self.engine.last_lsn())))
+                }
+                other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            };
+        }
+        Ok(PendingAck::WhenDurable { ack, batch_last })
     }
 
     /// Follower: waits until an accepted batch is durable, applies what the
-    /// leader committed (as far as this batch vouches our log matches), and
-    /// builds the acknowledgement.
+    /// core says is committed now (as far as the batches vouch our log
+    /// matches the leader's), and releases the acknowledgement.
     pub(super) async fn acknowledge(&self, pending: PendingAck) -> Result<pb::AppendAck, Status> {
-        let (batch_last, commit_lsn) = match pending {
+        let (gated, batch_last) = match pending {
             PendingAck::Ready(ack) => return Ok(ack),
             PendingAck::Failed(status) => return Err(status),
-            PendingAck::WhenDurable {
-                batch_last,
-                commit_lsn,
-            } => (batch_last, commit_lsn),
+            PendingAck::WhenDurable { ack, batch_last } => (ack, batch_last),
         };
         let timeout = Duration::from_millis(self.config.rpc_timeout_ms);
         if tokio::time::timeout(timeout, self.flusher.durable(batch_last))
@@ -223,16 +179,15 @@ impl Node {
                 "LSN {batch_last} did not become durable in time"
             )));
         }
-        tracing::trace!(batch_last, commit_lsn, "follower commit");
-        self.engine
-            .set_commit_lsn(commit_lsn.min(batch_last))
-            .map_err(engine_status)?;
-        Ok(pb::AppendAck {
-            term: self.term(),
-            success: true,
-            durable_lsn: self.engine.durable_lsn().min(batch_last),
-            last_lsn: self.engine.last_lsn(),
-            error: String::new(),
-        })
+        let ready = self.step(Input::Durable { lsn: batch_last });
+        self.carry_out(ready).await.map_err(engine_status)?;
+        match gated.release(self.durability()) {
+            Ok(Message::AppendAck { ack, .. }) => Ok(ack_to_proto(ack, self.engine.last_lsn())),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(gated) => Err(Status::unavailable(format!(
+                "the acknowledgement is not yet durable ({:?})",
+                gated.needs()
+            ))),
+        }
     }
 }

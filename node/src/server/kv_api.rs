@@ -12,7 +12,6 @@
 //! node that does not lead answers NOT_LEADER, naming the leader.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kv_cluster::AckLevel;
@@ -22,8 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::election::Role;
-use super::{Node, batch, convert, engine_status, join_error, lock};
+use kv_cluster::replica::{Input, Refused, Verdict, WriteStatus};
+
+use super::{EngineView, Node, batch, convert, engine_status, join_error};
 use crate::engine::Op;
 use crate::metrics::Api;
 
@@ -133,22 +133,20 @@ impl Node {
             Op::Delete { key } => (key.as_slice(), None),
         };
         self.engine.validate(key, value).map_err(engine_status)?;
-        // The leads-check and the append under one election lock: term
-        // and role change only under it, so the record is stamped with
-        // the term this node leads, never with a term it adopted after
-        // the check. No await from here to the append either: a transfer
-        // that starts later finds this record in the log it waits for the
-        // target to hold.
+        // The core's verdict and the append under the core's lock: the
+        // record is stamped with the term the core leads, and a transfer
+        // that starts later finds it in the log it waits for the target to
+        // hold.
         let (lsn, term) = {
-            let e = lock(&self.election);
-            if e.role != Role::Leader {
-                drop(e);
-                return Err(self.not_leader());
-            }
-            self.refuse_while_transferring()?;
-            let term = self.term();
-            // Append without blocking; the flusher makes it durable
-            // together with every other write appended meanwhile.
+            let mut core = self.core();
+            let ready = core.step(self.now(), Input::Propose, &EngineView(&self.engine));
+            let Some(term) = ready.propose else {
+                drop(core);
+                return Err(match ready.verdict {
+                    Some(Verdict::Refused(r)) => self.refusal_status(r),
+                    _ => self.not_leader(),
+                });
+            };
             let lsn = self.engine.submit(op.clone()).map_err(engine_status)?;
             assert_eq!(
                 self.engine.term_at(lsn),
@@ -187,90 +185,89 @@ impl Node {
             () = self.flusher.durable(lsn) => {}
             () = &mut deadline => return Err(unknown("was not made durable here")),
         }
-        // Our own durability counts towards the majority: run the commit
-        // rule once per durable LSN (the first writer to see it does).
+        // Our own durability counts towards the majority: the core runs the
+        // commit rule once per durable LSN (the first writer to see it asks).
         let durable = self.engine.durable_lsn();
         let checked = self
             .commit_checked
             .fetch_max(durable, std::sync::atomic::Ordering::AcqRel);
         if checked < durable {
-            self.advance_commit(term).map_err(engine_status)?;
+            let ready = self.step(Input::Durable { lsn: durable });
+            if let Some(commit) = ready.commit {
+                self.publish_commit(commit).map_err(engine_status)?;
+            }
         }
-
+        let status = || {
+            self.core()
+                .write_status(&EngineView(&self.engine), lsn, term, level)
+        };
         let wait = async {
             if level == AckLevel::Quorum {
                 // The common case: one targeted wake-up.
                 self.commit_waiters.wait_for(lsn).await;
-                return true;
+                return status();
             }
             let mut commit_rx = self.commit_tx.subscribe();
             loop {
-                let commit = *commit_rx.borrow_and_update();
-                if level.satisfied(lsn, self.engine.durable_lsn(), commit, &self.durable_lsns()) {
-                    return true;
+                commit_rx.borrow_and_update();
+                let now = status();
+                if now != WriteStatus::Pending {
+                    return now;
                 }
                 // `all` also waits on followers' progress, which moves with
                 // every ack; recheck at the heartbeat pace too.
                 let beat = Duration::from_millis(self.config.heartbeat_ms);
                 if let Ok(Err(_)) = tokio::time::timeout(beat, commit_rx.changed()).await {
-                    return false;
+                    return WriteStatus::Pending;
                 }
             }
         };
-        let acknowledged = tokio::select! {
+        let outcome = tokio::select! {
             biased;
             reached = wait => reached,
-            () = &mut deadline => false,
+            () = &mut deadline => WriteStatus::Pending,
         };
-        if !acknowledged {
-            return Err(unknown(&format!("was not acknowledged at level {level:?}")));
-        }
-        match self.engine.term_at(lsn) {
-            Some(now) if now == term => Ok(lsn),
-            Some(other) => Err(Status::aborted(format!(
-                "the write at LSN {lsn} did not take effect: a new leader's record (term {other}) replaced it"
+        match outcome {
+            WriteStatus::Acknowledged => Ok(lsn),
+            WriteStatus::Pending => {
+                Err(unknown(&format!("was not acknowledged at level {level:?}")))
+            }
+            WriteStatus::Replaced { by } => Err(Status::aborted(format!(
+                "the write at LSN {lsn} did not take effect: a new leader's record (term {by}) replaced it"
             ))),
-            None => Err(unknown("could no longer be told from its log")),
+            WriteStatus::Unknown => Err(unknown("could no longer be told from its log")),
         }
     }
 
-    /// Leader: waits until a default read may be served: the commit LSN
-    /// covers the read barrier (so no committed write is missed after a
-    /// restart or an election), and, with elections, the lease says no
-    /// other leader can exist (see [`super::election`]).
+    /// Leader: waits until a default read may be served: the core's verdict
+    /// (this node leads, hands nothing over, its commit LSN covers the read
+    /// barrier, and with elections its lease holds), within the write
+    /// timeout.
     pub(super) async fn confirm_read(&self) -> Result<(), Status> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
-        let barrier = self.read_barrier.load(Ordering::Acquire);
-        if self.commit() < barrier
-            && tokio::time::timeout(timeout, self.commit_waiters.wait_for(barrier))
-                .await
-                .is_err()
-        {
-            return Err(Status::unavailable(format!(
-                "the leader has not yet committed its log through LSN {barrier}; retry"
-            )));
-        }
-        if !self.config.elections() {
-            return Ok(());
-        }
         let poll = Duration::from_millis((self.config.heartbeat_ms / 4).clamp(1, 5));
         loop {
-            if !self.leads() {
-                return Err(self.not_leader());
+            let refused = match self.step(Input::Read).verdict {
+                Some(Verdict::Ok) => return Ok(()),
+                Some(Verdict::Refused(r)) => r,
+                None => return Err(Status::internal("the core gave no verdict on a read")),
+            };
+            match refused {
+                Refused::Barrier { barrier } => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if tokio::time::timeout(left, self.commit_waiters.wait_for(barrier))
+                        .await
+                        .is_err()
+                    {
+                        return Err(self.refusal_status(refused));
+                    }
+                }
+                Refused::NoLease if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(poll).await;
+                }
+                other => return Err(self.refusal_status(other)),
             }
-            // A leader handing over gives up its lease first: the
-            // target's voters no longer wait out the election timeout.
-            self.refuse_while_transferring()?;
-            if self.lease_valid() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable(
-                    "this leader cannot confirm its leadership with a majority; retry",
-                ));
-            }
-            tokio::time::sleep(poll).await;
         }
     }
 }

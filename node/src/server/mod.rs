@@ -32,7 +32,6 @@ pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod convert;
-pub mod election;
 pub mod env;
 pub mod flusher;
 mod follower;
@@ -40,6 +39,7 @@ mod kv_api;
 mod leader;
 pub mod notify;
 pub mod observe;
+pub mod runtime;
 mod services;
 mod snapshot;
 pub mod term;
@@ -48,11 +48,12 @@ pub use kv_api::KvService;
 pub use services::{ReplicationService, serve, serve_incoming};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use kv_cluster::{AckLevel, Progress};
+use kv_cluster::replica::{HardState, Replica, TransferOutcome};
+use kv_cluster::{AckLevel, LogView};
 use kv_proto::v1 as pb;
 use tokio::sync::watch;
 use tonic::{Request, Status};
@@ -60,10 +61,9 @@ use tonic::{Request, Status};
 use crate::engine::{Engine, EngineError};
 use auth::PeerConn;
 use config::NodeConfig;
-use election::{ElectionState, Role};
 use env::NodeEnv;
 use flusher::Flusher;
-use leader::Follower;
+pub use kv_cluster::replica::Role;
 use notify::LsnNotifier;
 
 /// The term a new cluster starts in.
@@ -82,14 +82,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Node {
     config: NodeConfig,
     engine: Arc<Engine>,
-    /// The current term; persisted (`TERM`) before it is acted on.
-    term: AtomicU64,
-    /// Role, known leader, vote, timers (see [`election`]).
-    election: Mutex<ElectionState>,
-    /// Serialises term and vote changes (persist, then publish).
+    /// All protocol state: term, vote, role, leader, timers, follower
+    /// progress, lease evidence, read barrier, transfer (see [`runtime`]).
+    core: Mutex<Replica>,
+    /// The newest hard state version of `core` that is durable in `TERM`.
+    persisted: AtomicU64,
+    /// Serialises writes of `TERM`.
     term_lock: tokio::sync::Mutex<()>,
-    /// Leader only: every follower's progress.
-    followers: Mutex<BTreeMap<u64, Follower>>,
+    /// Where the core's time starts (its clock counts microseconds since).
+    started: tokio::time::Instant,
+    /// This node, for the tasks its effects spawn.
+    me: Weak<Node>,
+    /// The outcome of the latest leadership transfer, for whoever waits.
+    transfer_done: watch::Sender<Option<TransferOutcome>>,
     /// The commit LSN (the value; `commit_waiters` wakes writers).
     commit_tx: watch::Sender<u64>,
     /// Writers waiting for the commit LSN to cover theirs.
@@ -106,7 +111,7 @@ pub struct Node {
     commit_checked: std::sync::atomic::AtomicU64,
     /// Follower only: appends are handled one at a time.
     append_lock: tokio::sync::Mutex<()>,
-    /// Serialises commit advancement.
+    /// Serialises publishing the commit LSN.
     commit_lock: Mutex<()>,
     /// Set when the node begins to shut down: long-lived streams end.
     stopping: watch::Sender<bool>,
@@ -115,14 +120,6 @@ pub struct Node {
     tasks: tokio_util::task::TaskTracker,
     /// How it dials peers and runs blocking engine work.
     env: NodeEnv,
-    /// Leader only: reads wait until the commit LSN covers this LSN — the
-    /// first entry of its term (elections), or the last LSN its log held
-    /// when it started (fixed leader). After a restart or an election the
-    /// commit LSN may be behind what was already committed and acknowledged.
-    read_barrier: AtomicU64,
-    /// Leader only: the member leadership is being handed to (0: none).
-    /// While set, the leader takes no writes and serves no reads.
-    transferring_to: AtomicU64,
     /// Request latency and event counters (see [`crate::metrics`]).
     metrics: crate::metrics::NodeMetrics,
 }
@@ -132,6 +129,24 @@ impl std::fmt::Debug for Node {
         f.debug_struct("Node")
             .field("node_id", &self.config.node_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The engine as the core sees this node's log.
+pub(super) struct EngineView<'a>(pub(super) &'a Engine);
+
+impl LogView for EngineView<'_> {
+    fn last_lsn(&self) -> u64 {
+        self.0.last_lsn()
+    }
+    fn term_at(&self, lsn: u64) -> Option<u64> {
+        self.0.term_at(lsn)
+    }
+    fn commit_lsn(&self) -> u64 {
+        self.0.commit_lsn()
+    }
+    fn durable_lsn(&self) -> u64 {
+        self.0.durable_lsn()
     }
 }
 
@@ -179,31 +194,19 @@ impl Node {
             };
             term::persist(&*storage, &config.data_dir, persisted)?;
         }
-        let term = persisted.term;
-        engine.set_term(term);
-        let (role, leader) = match config.leader {
-            Some(l) if l == config.node_id => (Role::Leader, Some(l)),
-            Some(l) => (Role::Follower, Some(l)),
-            None => (Role::Follower, None),
-        };
+        engine.set_term(persisted.term);
         let seed = env.seed ^ config.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let election = ElectionState::new(role, leader, persisted.voted_for, seed, env.clock.now());
-        let last = engine.last_lsn();
-        let followers = config
-            .members
-            .iter()
-            .filter(|m| m.id != config.node_id)
-            .map(|m| {
-                (
-                    m.id,
-                    Follower {
-                        progress: Progress::new(last),
-                        connected: false,
-                        acked_sent: None,
-                    },
-                )
-            })
-            .collect();
+        let hard = HardState {
+            term: persisted.term,
+            voted_for: persisted.voted_for,
+        };
+        let core = Replica::new(
+            runtime::core_config(&config),
+            hard,
+            &EngineView(&engine),
+            0,
+            seed,
+        );
         let commit = engine.commit_lsn();
         let durable_tx = watch::channel(engine.durable_lsn()).0;
         let flusher = Flusher::start(
@@ -212,13 +215,16 @@ impl Node {
             env.offload,
             env.sync_latency,
         )?;
-        Ok(Arc::new(Node {
+        let started = env.clock.now();
+        Ok(Arc::new_cyclic(|me| Node {
             config,
             engine,
-            term: AtomicU64::new(term),
-            election: Mutex::new(election),
+            core: Mutex::new(core),
+            persisted: AtomicU64::new(0),
             term_lock: tokio::sync::Mutex::new(()),
-            followers: Mutex::new(followers),
+            started,
+            me: me.clone(),
+            transfer_done: watch::channel(None).0,
             commit_tx: watch::channel(commit).0,
             commit_waiters: LsnNotifier::new(commit),
             durable_tx,
@@ -230,8 +236,6 @@ impl Node {
             stopping: watch::channel(false).0,
             tasks: tokio_util::task::TaskTracker::new(),
             env,
-            read_barrier: AtomicU64::new(last),
-            transferring_to: AtomicU64::new(0),
             metrics: crate::metrics::NodeMetrics::new(),
         }))
     }
@@ -267,7 +271,12 @@ impl Node {
 
     /// The current term.
     pub fn term(&self) -> u64 {
-        self.term.load(Ordering::Acquire)
+        self.core().term()
+    }
+
+    /// This node's role now.
+    pub fn role(&self) -> Role {
+        self.core().role()
     }
 
     /// True while this node leads its term.
@@ -275,42 +284,15 @@ impl Node {
         self.role() == Role::Leader
     }
 
-    /// Adopts a higher term: persisted durably first (with no vote), then
-    /// acted on; a leader or candidate becomes a follower.
-    async fn adopt_term(&self, new_term: u64) -> Result<(), EngineError> {
-        let _one = self.term_lock.lock().await;
-        if new_term <= self.term() {
-            return Ok(());
-        }
-        self.adopt_term_locked(new_term).await
-    }
-
-    /// [`Node::adopt_term`] with `term_lock` held by the caller. The role
-    /// is demoted before the new term is published, under one lock: no
-    /// reader ever sees this node lead the new term.
-    async fn adopt_term_locked(&self, new_term: u64) -> Result<(), EngineError> {
-        self.persist_term(term::TermState {
-            term: new_term,
-            voted_for: None,
-        })
-        .await?;
-        let mut e = lock(&self.election);
-        if e.role == Role::Leader {
-            tracing::warn!(new_term, "saw a higher term: this leader steps down");
-        }
-        self.step_down(&mut e);
-        e.voted_for = None;
-        // With a fixed leader, followers keep following it; the fixed
-        // leader itself is deposed for good.
-        e.leader = self.config.leader.filter(|l| *l != self.config.node_id);
-        self.publish_term(&mut e, new_term);
-        Ok(())
+    /// True while this node leads `term` (replicators of an older term stop).
+    pub(super) fn leads_in(&self, term: u64) -> bool {
+        self.core().leads_in(term)
     }
 
     /// The refusal for a request only the leader serves: names the leader
     /// (and its address, for redirects) when this node knows it.
     fn not_leader(&self) -> Status {
-        let leader = lock(&self.election).leader;
+        let leader = self.core().leader();
         match leader.filter(|l| *l != self.config.node_id) {
             Some(leader) => self.redirect(leader, |addr| {
                 format!("not leader; the leader is node {leader} at {addr}")
@@ -395,21 +377,13 @@ impl Node {
         }
     }
 
-    /// The commit LSN as the leader knows it.
-    fn commit(&self) -> u64 {
-        *self.commit_tx.borrow()
-    }
-
     /// This node's status, as the `Status` call reports it.
     pub fn status(&self) -> pb::StatusReply {
         let stats = self.engine.stats();
-        let (role, leader_id, voted_for) = {
-            let e = lock(&self.election);
-            (e.role, e.leader, e.voted_for)
-        };
-        let leader = role == Role::Leader;
-        let followers = if leader {
-            lock(&self.followers)
+        let core = self.core();
+        let (role, leader_id, hard) = (core.role(), core.leader(), core.hard_state());
+        let followers = if role == Role::Leader {
+            core.peers()
                 .iter()
                 .map(|(id, f)| pb::FollowerStatus {
                     node_id: *id,
@@ -422,10 +396,11 @@ impl Node {
         } else {
             Vec::new()
         };
+        drop(core);
         pb::StatusReply {
             node_id: self.config.node_id,
             role: role.name().into(),
-            term: self.term(),
+            term: hard.term,
             leader_id: leader_id.unwrap_or(0),
             last_lsn: stats.last_lsn,
             durable_lsn: stats.durable_lsn,
@@ -440,7 +415,7 @@ impl Node {
                 .and_then(|l| self.config.addr_of(l))
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
-            voted_for: voted_for.unwrap_or(0),
+            voted_for: hard.voted_for.unwrap_or(0),
             elections: self.config.elections(),
             alarm: self
                 .engine

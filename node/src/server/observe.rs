@@ -18,8 +18,8 @@ use std::time::Duration;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use super::election::Role;
-use super::{Node, lock};
+use super::Node;
+use super::Role;
 
 /// The gRPC service names whose health follows the node's.
 pub const HEALTH_SERVICES: [&str; 2] = ["", "kv.v1.Kv"];
@@ -68,11 +68,7 @@ impl Node {
     /// True if this node knows a live leader now: it leads, or it follows
     /// one it heard from within the election timeout.
     fn leader_known(&self) -> bool {
-        let e = lock(&self.election);
-        e.role == Role::Leader
-            || (e.leader.is_some()
-                && self.env.clock.now().saturating_duration_since(e.heard)
-                    <= Duration::from_millis(self.config.election_timeout_ms))
+        self.core().leader_known(self.now())
     }
 
     /// Keeps the health service's verdict for [`HEALTH_SERVICES`] up to
@@ -132,9 +128,14 @@ impl Node {
     pub fn publish_gauges(&self) {
         use metrics::gauge;
         let stats = self.engine.stats();
-        let (role, leader_id) = {
-            let e = lock(&self.election);
-            (e.role, e.leader)
+        let (role, leader_id, term, peers) = {
+            let core = self.core();
+            (
+                core.role(),
+                core.leader(),
+                core.term(),
+                core.peers().clone(),
+            )
         };
         gauge!("kv_last_lsn").set(stats.last_lsn as f64);
         gauge!("kv_durable_lsn").set(stats.durable_lsn as f64);
@@ -142,7 +143,7 @@ impl Node {
         gauge!("kv_applied_lsn").set(stats.applied_lsn as f64);
         gauge!("kv_snapshot_lsn").set(stats.snapshot_lsn as f64);
         gauge!("kv_keys").set(stats.keys as f64);
-        gauge!("kv_term").set(self.term() as f64);
+        gauge!("kv_term").set(term as f64);
         gauge!("kv_leader_id").set(leader_id.unwrap_or(0) as f64);
         for r in [Role::Follower, Role::Candidate, Role::Leader] {
             gauge!("kv_role", "role" => r.name()).set(if r == role { 1.0 } else { 0.0 });
@@ -155,7 +156,7 @@ impl Node {
         });
         gauge!(crate::metrics::WAL_BYTES).set(self.engine.wal_bytes() as f64);
         let leads = role == Role::Leader;
-        let followers: Vec<(u64, u64, u64, bool)> = lock(&self.followers)
+        let followers: Vec<(u64, u64, u64, bool)> = peers
             .iter()
             .map(|(id, f)| {
                 (

@@ -215,7 +215,10 @@ where
             node.spawn(node.clone().replicate(peer.clone(), term));
         }
         // A lone leader commits by itself; others wait for acks.
-        node.advance_commit(term)?;
+        let ready = node.step(kv_cluster::replica::Input::Durable {
+            lsn: node.engine.durable_lsn(),
+        });
+        node.carry_out(ready).await?;
     }
     if node.config.elections() {
         node.spawn(node.clone().run_elections());

@@ -19,7 +19,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kv_cluster::{TermAction, observe_term};
+use kv_cluster::replica::Input;
 use kv_proto::v1 as pb;
 use pb::replication_client::ReplicationClient;
 use tonic::{Status, Streaming};
@@ -142,19 +142,18 @@ impl Node {
             anyhow::bail!("reading snapshot {lsn} for follower {peer} failed: {why}");
         }
         let ack = reply?.into_inner();
-        if let TermAction::StepDown { new_term } = observe_term(term, ack.term) {
-            self.adopt_term(new_term).await?;
-            anyhow::bail!("follower {peer} is in term {new_term}: stepped down");
+        let ready = self.step(Input::SnapshotSent {
+            peer,
+            term: ack.term,
+            lsn: ack.success.then_some(ack.lsn),
+        });
+        self.carry_out(ready).await?;
+        if ack.term > term {
+            anyhow::bail!("follower {peer} is in term {}: stepped down", ack.term);
         }
         if !ack.success {
             anyhow::bail!("follower {peer} refused the snapshot: {}", ack.error);
         }
-        self.update_follower(peer, |f| {
-            f.progress.match_lsn = f.progress.match_lsn.max(ack.lsn);
-            f.progress.next_lsn = f.progress.match_lsn + 1;
-            f.progress.inflight_bytes = 0;
-        });
-        self.advance_commit(term)?;
         Ok(())
     }
 
@@ -192,6 +191,8 @@ impl Node {
                 other => engine_status(other),
             })?;
         tracing::info!(lsn = installed, "installed the leader's snapshot");
+        let ready = self.step(Input::SnapshotInstalled { lsn: installed });
+        self.carry_out(ready).await.map_err(engine_status)?;
         Ok(pb::SnapshotAck {
             term: self.term(),
             success: true,
@@ -226,7 +227,7 @@ impl Node {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
             caller.may_claim(Some(from.node_id))?;
-            if !self.accept_leader(from).await? {
+            if !self.accept_snapshot_from(from).await? {
                 return Ok(Received::Stale(pb::SnapshotAck {
                     term: self.term(),
                     success: false,
