@@ -505,6 +505,13 @@ pub struct Ready {
     pub events: Vec<Event>,
 }
 
+impl Ready {
+    /// True if the step asks for nothing at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Ready::default()
+    }
+}
+
 /// A leadership transfer under way.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Transfer {
@@ -735,7 +742,11 @@ impl Replica {
         term: Term,
         level: AckLevel,
     ) -> WriteStatus {
-        let durable = self.durable_lsns(log);
+        // Only `all` looks at every member (no list built for the others).
+        let durable = match level {
+            AckLevel::All => self.durable_lsns(log),
+            AckLevel::Local | AckLevel::Quorum => Vec::new(),
+        };
         if !level.satisfied(lsn, log.durable_lsn(), self.commit, &durable) {
             return WriteStatus::Pending;
         }

@@ -87,6 +87,10 @@ pub struct Node {
     core: Mutex<Replica>,
     /// The newest hard state version of `core` that is durable in `TERM`.
     persisted: AtomicU64,
+    /// That hard state: what this node reports (a term or vote still
+    /// being persisted has not happened yet, as far as anyone outside can
+    /// tell).
+    durable_hard: Mutex<HardState>,
     /// Serialises writes of `TERM`.
     term_lock: tokio::sync::Mutex<()>,
     /// Where the core's time starts (its clock counts microseconds since).
@@ -221,6 +225,7 @@ impl Node {
             engine,
             core: Mutex::new(core),
             persisted: AtomicU64::new(0),
+            durable_hard: Mutex::new(hard),
             term_lock: tokio::sync::Mutex::new(()),
             started,
             me: me.clone(),
@@ -269,9 +274,10 @@ impl Node {
         &self.engine
     }
 
-    /// The current term.
+    /// The current term, as persisted (the core may be a step ahead while
+    /// a new term is written).
     pub fn term(&self) -> u64 {
-        self.core().term()
+        lock(&self.durable_hard).term
     }
 
     /// This node's role now.
@@ -381,7 +387,8 @@ impl Node {
     pub fn status(&self) -> pb::StatusReply {
         let stats = self.engine.stats();
         let core = self.core();
-        let (role, leader_id, hard) = (core.role(), core.leader(), core.hard_state());
+        let (role, leader_id) = (core.role(), core.leader());
+        let hard = *lock(&self.durable_hard);
         let followers = if role == Role::Leader {
             core.peers()
                 .iter()

@@ -118,6 +118,12 @@ impl Node {
     /// (replies, appends, acknowledgements), still gated: the caller
     /// releases each once it may leave.
     pub(super) async fn carry_out(&self, ready: Ready) -> Result<Vec<Gated>, EngineError> {
+        if ready.is_empty()
+            && self.persisted.load(Ordering::Acquire) >= self.core().hard_state_version()
+        {
+            // The common case on the replication path: nothing to do.
+            return Ok(Vec::new());
+        }
         let mut queue = std::collections::VecDeque::from([ready]);
         let mut out = Vec::new();
         while let Some(ready) = queue.pop_front() {
@@ -181,7 +187,10 @@ impl Node {
                 .run(move || super::term::persist(&*storage, &dir, state))
                 .await
                 .map_err(super::join_engine_error)??;
-            self.persisted.fetch_max(version, Ordering::AcqRel);
+            let mut durable = lock(&self.durable_hard);
+            if self.persisted.fetch_max(version, Ordering::AcqRel) < version {
+                *durable = hard;
+            }
         }
         Ok(self.persisted.load(Ordering::Acquire))
     }
