@@ -1,12 +1,23 @@
-//! The replication rules of `REPLICATION.md` (at the repository root), as pure
-//! decisions: log positions and terms go in, verdicts come out.
+//! The replication protocol of `REPLICATION.md` (at the repository root),
+//! with no I/O: [`replica::Replica`], the whole protocol as one state
+//! machine, and the pure decisions it is built from.
 //!
 //! This crate does no I/O, holds no clock and spawns nothing: the node crate
-//! carries the verdicts out (appends, truncations, acknowledgements, RPCs).
-//! So every protocol rule is a plain unit test here.
+//! is the runtime that feeds the replica its inputs and carries the effects
+//! out (`TERM` writes, appends, truncations, the commit, RPCs). So every
+//! protocol rule is a plain unit test here: the state machine's in
+//! `replica/tests.rs`, the decisions' in this file; and `tests/model.rs`
+//! model-checks the replica.
 //!
 //! What is here:
-//! - [`observe_term`]: fencing — reject a lower term, step down on a higher.
+//! - [`replica`]: [`replica::Replica`] owns all protocol state (term and
+//!   vote, role, leader, election timer, votes, follower progress, lease
+//!   evidence, commit LSN, read barrier, a transfer) and changes it only
+//!   in [`replica::Replica::step`]; every message it emits is
+//!   [`replica::Gated`] on what must be durable first.
+//! - [`observe_term`]: fencing as a decision — reject a lower term, step
+//!   down on a higher. The replica applies the same rule in its own steps;
+//!   it does not call this function.
 //! - [`follower_append`]: log matching on a follower — accept, skip
 //!   duplicates, truncate from the first *conflicting* record (never at or
 //!   below the commit LSN), or refuse with a hint where to back up to.
@@ -16,9 +27,7 @@
 //!   record is of the leader's current term.
 //! - [`AckLevel::satisfied`]: when a write may be acknowledged at `local`,
 //!   `quorum` or `all`.
-//!
-//! What is not here: elections and votes (`node/src/server/election.rs`
-//! carries those out, with [`observe_term`] for their terms).
+//! - [`LogView`]: what the protocol reads of a node's log.
 
 pub mod replica;
 
