@@ -338,21 +338,25 @@ pub enum Input {
     /// A follower answered the request the leader sent as `sent`.
     AppendAck { ack: AppendAck, sent: Sent },
     /// Leader: the runtime has records `prev_lsn + 1 ..= last` (none: a
-    /// heartbeat) of `bytes` ready for `to`, and asks to send them.
+    /// heartbeat) of `bytes` ready for `to`, and asks to send them in
+    /// `term` (the replicator's; nothing goes if this node no longer leads
+    /// it).
     Ship {
         to: NodeId,
+        term: Term,
         prev_lsn: Lsn,
         last: Lsn,
         bytes: u64,
     },
-    /// Leader: a replication stream to `peer` opened.
-    Connected { peer: NodeId },
-    /// Leader: the stream to `peer` broke; nothing is in flight.
-    Disconnected { peer: NodeId },
-    /// Leader: `peer` installed our snapshot at `lsn`, answering in `term`
-    /// (`lsn` is `None` if it refused).
+    /// Leader of `term`: a replication stream to `peer` opened.
+    Connected { peer: NodeId, term: Term },
+    /// Leader of `term`: the stream to `peer` broke; nothing is in flight.
+    Disconnected { peer: NodeId, term: Term },
+    /// Leader of `sent_in`: `peer` installed our snapshot at `lsn`,
+    /// answering in `term` (`lsn` is `None` if it refused).
     SnapshotSent {
         peer: NodeId,
+        sent_in: Term,
         term: Term,
         lsn: Option<Lsn>,
     },
@@ -684,6 +688,12 @@ impl Replica {
     pub fn peers(&self) -> &BTreeMap<NodeId, Peer> {
         &self.peers
     }
+    /// Restarts the election-jitter sequence from `seed`. A runtime has no
+    /// reason to; a model checker does, so that the next draws are a
+    /// function of the state it explores rather than of the path to it.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = seed;
+    }
     /// When the election timer fires next.
     pub fn election_due(&self) -> Time {
         self.timer_start.saturating_add(self.timeout)
@@ -775,25 +785,35 @@ impl Replica {
             Input::AppendAck { ack, sent } => self.append_ack(now, ack, sent, log, &mut ready),
             Input::Ship {
                 to,
+                term,
                 prev_lsn,
                 last,
                 bytes,
-            } => self.ship(now, to, prev_lsn, last, bytes, log, &mut ready),
-            Input::Connected { peer } => {
-                if let Some(p) = self.peers.get_mut(&peer) {
+            } => {
+                if self.leads_in(term) {
+                    self.ship(now, to, prev_lsn, last, bytes, log, &mut ready)
+                }
+            }
+            Input::Connected { peer, term } => {
+                if let (true, Some(p)) = (self.leads_in(term), self.peers.get_mut(&peer)) {
                     p.connected = true;
                 }
             }
-            Input::Disconnected { peer } => {
-                if let Some(p) = self.peers.get_mut(&peer) {
+            Input::Disconnected { peer, term } => {
+                // A replicator of an older term must not reset this term's
+                // view of the follower.
+                if let (true, Some(p)) = (self.leads_in(term), self.peers.get_mut(&peer)) {
                     p.connected = false;
                     p.progress.reset();
                     p.epoch += 1;
                 }
             }
-            Input::SnapshotSent { peer, term, lsn } => {
-                self.snapshot_sent(now, peer, term, lsn, log, &mut ready)
-            }
+            Input::SnapshotSent {
+                peer,
+                sent_in,
+                term,
+                lsn,
+            } => self.snapshot_sent(now, peer, (sent_in, term), lsn, log, &mut ready),
             Input::SnapshotOffer { from, term } => {
                 self.accept_leader(now, from, term, log, &mut ready);
             }
@@ -827,6 +847,12 @@ impl Replica {
 
     fn set_hard(&mut self, hard: HardState, ready: &mut Ready) {
         debug_assert!(hard.term >= self.hard.term, "the term goes back");
+        if hard.term != self.hard.term {
+            // What a leader vouched for held in its term only (however the
+            // term moves on: adopted, or a campaign of our own).
+            self.vouched = 0;
+            self.leader_commit = 0;
+        }
         if hard != self.hard {
             self.hard = hard;
             self.hard_version += 1;
@@ -859,8 +885,6 @@ impl Replica {
         // With a fixed leader, followers keep following it; the fixed
         // leader itself is deposed for good.
         self.leader = self.config.fixed_leader.filter(|l| *l != self.config.id);
-        self.vouched = 0;
-        self.leader_commit = 0;
         self.reset_timer(now);
     }
 
@@ -1378,7 +1402,7 @@ impl Replica {
         &mut self,
         now: Time,
         peer: NodeId,
-        term: Term,
+        (sent_in, term): (Term, Term),
         lsn: Option<Lsn>,
         log: &impl LogView,
         ready: &mut Ready,
@@ -1387,7 +1411,7 @@ impl Replica {
             self.adopt_term(now, term, log, ready);
             return;
         }
-        if self.role != Role::Leader {
+        if !self.leads_in(sent_in) {
             return;
         }
         if let (Some(lsn), Some(p)) = (lsn, self.peers.get_mut(&peer)) {

@@ -1,23 +1,31 @@
 //! Model checking of the consensus core with `stateright`: every
-//! interleaving of a small cluster's steps, up to a bound, against the
-//! protocol's safety properties.
+//! interleaving of a small cluster's steps, up to a depth bound, against
+//! the protocol's safety properties.
 //!
 //! The model runs the real [`Replica`] (not a re-statement of it) as each
-//! member and plays the runtime around it:
-//! - **Network:** a set of messages. Delivering one does not remove it, so
-//!   every message may be delivered any number of times, in any order, or
-//!   never (loss).
-//! - **Disks:** a replica's log is durable as soon as it is appended; its
-//!   hard state only when the model takes a separate `Persist` step. Until
-//!   then the messages gated on it wait in an outbox, and a crash loses
-//!   both the outbox and the unpersisted hard state.
-//! - **Crash-restart:** a member restarts from its durable hard state, log
-//!   and commit LSN, with nothing else.
+//! of three members and plays the runtime around it:
+//! - **Network:** a set of messages in flight, delivered in any order.
+//!   Any message may never arrive (loss); a bounded number may arrive
+//!   twice (duplication). A message whose delivery can no longer change
+//!   anything (an answer to a term its receiver has left for good) is
+//!   dropped, which the lossy network allows anyway.
+//! - **Disks:** a replica's log is durable as soon as it is appended. Its
+//!   hard state is persisted at once, except on the one member that may
+//!   still crash: there persisting is a separate `Persist` step, the
+//!   messages gated on it wait in an outbox meanwhile, and a crash loses
+//!   both the outbox and the unpersisted hard state. (On a member that
+//!   never crashes a late persist is only a late send, which reordering
+//!   already covers.)
+//! - **Crash-restart:** the member restarts from its durable hard state,
+//!   log and commit LSN, with nothing else; only a crash that loses
+//!   something is explored (one that loses nothing is a pause).
 //! - **Clocks:** true time advances in steps; each member's clock runs at
 //!   its own rate (3/4, 1 or 5/4 of true time, the drift bound the lease
 //!   assumes), so leases and election timers race as on real machines.
-//! - **Clients:** a bounded number of writes, lease reads and one
-//!   leadership transfer, at any member.
+//!   The timer's jitter is drawn from a seed that follows from the state
+//!   (member and term), so two paths to one state are one state.
+//! - **Clients:** a bounded number of writes, lease reads and a
+//!   leadership transfer, at whichever member leads.
 //!
 //! Properties (`Expectation::Always`): at most one leader per term; log
 //! matching; leader completeness; a committed record is never lost or
@@ -25,18 +33,27 @@
 //! replaced (LSN, term); no lease read served by a leader once a later
 //! term has committed anything.
 //!
-//! `cargo test -p kv-cluster --release --test model` runs the bounded
-//! check CI runs (and prints the states explored). `KV_MODEL_DEPTH=N`
-//! sets another depth bound; `KV_MODEL_TIME=N` another time horizon.
+//! `cargo test -p kv-cluster --release --test model -- --nocapture` runs
+//! the bounded check CI runs and prints the states explored and the
+//! depth. `KV_MODEL_DEPTH=N` sets another depth bound (each step deeper
+//! multiplies the states by about 4: depth 14 runs for many minutes),
+//! `KV_MODEL_TIME`, `KV_MODEL_TERM` and `KV_MODEL_NET` the time horizon,
+//! the highest term a timer may campaign for and the most messages in
+//! flight.
 
+// A model that finds its own assumptions broken should stop loudly.
+#![allow(clippy::expect_used)]
+
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 
 use kv_cluster::replica::{
-    Config, Durability, Gated, HardState, Input, Message, Ready, Replica, Role, Sent, Time,
-    Verdict, WriteStatus,
+    AppendAck, AppendRequest, Config, Durability, Gated, HardState, Input, Message, Ready, Replica,
+    Role, Sent, Time, TimeoutNow, TimeoutNowReply, Verdict, VoteReply, VoteRequest, WriteStatus,
 };
-use kv_cluster::{AckLevel, LogView, Lsn, NodeId, Term};
-use stateright::{Checker, Model, Property};
+use kv_cluster::{AckLevel, AppendMeta, LogView, Lsn, NodeId, Term};
+use stateright::{Checker, HasDiscoveries, Model, Property};
 
 /// One member's disk and its in-memory runtime state.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -52,6 +69,11 @@ struct Member {
     /// Messages waiting for the hard state they depend on (an ack with
     /// the request it answers).
     outbox: Vec<(Gated, Option<Sent>)>,
+    /// Leader: (term, clock, commit LSN) of its last heartbeat round. A
+    /// second round with the same would send the same messages again
+    /// (the network's duplicates stand for that), only advancing the
+    /// followers' timer draws: one round per clock reading and commit.
+    beat: Option<(Term, Time, Lsn)>,
 }
 
 struct Log<'a> {
@@ -95,28 +117,291 @@ impl Member {
     }
 }
 
-/// A message on the wire, with what the runtime carries beside it.
+/// A [`Sent`] with a total order (its `epoch` is private: the order falls
+/// back on its hash, then on its debug form, only to tell apart two that
+/// agree on every public field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SentKey {
+    term: Term,
+    at: Time,
+    last: Lsn,
+    bytes: u64,
+    hash: u64,
+    sent: Sent,
+}
+
+impl SentKey {
+    fn new(sent: Sent) -> SentKey {
+        let mut h = std::hash::DefaultHasher::new();
+        sent.hash(&mut h);
+        SentKey {
+            term: sent.term,
+            at: sent.at,
+            last: sent.last,
+            bytes: sent.bytes,
+            hash: h.finish(),
+            sent,
+        }
+    }
+}
+
+impl PartialOrd for SentKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SentKey {
+    fn cmp(&self, o: &Self) -> Ordering {
+        (self.term, self.at, self.last, self.bytes, self.hash)
+            .cmp(&(o.term, o.at, o.last, o.bytes, o.hash))
+            .then_with(|| {
+                if self.sent == o.sent {
+                    Ordering::Equal
+                } else {
+                    format!("{:?}", self.sent).cmp(&format!("{:?}", o.sent))
+                }
+            })
+    }
+}
+
+/// The records of an append: at most two (see `Action::Ship`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Batch {
+    len: u8,
+    terms: [Term; 2],
+}
+
+/// A message on the wire: every field of a [`Message`] a receiver reads
+/// (the free-text reasons are dropped: no step reads them), with the
+/// [`Sent`] the runtime carries beside an append and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Wire {
+    Vote {
+        term: Term,
+        last_lsn: Lsn,
+        last_term: Term,
+        transfer: bool,
+    },
+    VoteReply {
+        term: Term,
+        granted: bool,
+    },
+    Append {
+        term: Term,
+        prev_lsn: Lsn,
+        prev_term: Term,
+        records: Batch,
+        commit: Lsn,
+        sent: SentKey,
+    },
+    AppendAck {
+        term: Term,
+        success: bool,
+        durable_lsn: Lsn,
+        last_lsn: Lsn,
+        sent: SentKey,
+    },
+    TimeoutNow {
+        term: Term,
+    },
+    TimeoutNowReply {
+        term: Term,
+        started: bool,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Envelope {
     from: NodeId,
     to: NodeId,
-    /// `Message` is not `Ord`; its debug form keys the set.
-    key: String,
-    msg: Wire,
+    wire: Wire,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Wire(Message, Option<Sent>);
+impl Envelope {
+    /// The wire form of a released message; an append gets its records
+    /// from `log`, an ack the request it answers.
+    fn new(from: NodeId, msg: Message, answering: Option<Sent>, log: &[Term]) -> Envelope {
+        let to = msg.to();
+        let wire = match msg {
+            Message::Vote { req, .. } => Wire::Vote {
+                term: req.term,
+                last_lsn: req.last_lsn,
+                last_term: req.last_term,
+                transfer: req.transfer,
+            },
+            Message::VoteReply { reply, .. } => Wire::VoteReply {
+                term: reply.term,
+                granted: reply.granted,
+            },
+            Message::Append { req, sent, .. } => {
+                let n = (sent.last - req.meta.prev_lsn) as usize;
+                assert!(n <= 2, "a batch of {n} records");
+                let mut terms = [0; 2];
+                for (k, t) in terms.iter_mut().enumerate().take(n) {
+                    *t = log[req.meta.prev_lsn as usize + k];
+                }
+                Wire::Append {
+                    term: req.term,
+                    prev_lsn: req.meta.prev_lsn,
+                    prev_term: req.meta.prev_term,
+                    records: Batch {
+                        len: n as u8,
+                        terms,
+                    },
+                    commit: req.commit,
+                    sent: SentKey::new(sent),
+                }
+            }
+            Message::AppendAck { ack, .. } => Wire::AppendAck {
+                term: ack.term,
+                success: ack.success,
+                durable_lsn: ack.durable_lsn,
+                last_lsn: ack.last_lsn,
+                sent: SentKey::new(answering.expect("an ack rides with its request")),
+            },
+            Message::TimeoutNow { req, .. } => Wire::TimeoutNow { term: req.term },
+            Message::TimeoutNowReply { reply, .. } => Wire::TimeoutNowReply {
+                term: reply.term,
+                started: reply.started,
+            },
+        };
+        Envelope { from, to, wire }
+    }
 
-impl PartialOrd for Wire {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+    /// The input it is to its receiver, and the request an answer rides with.
+    fn input(&self) -> (Input, Option<Sent>) {
+        let from = self.from;
+        match self.wire {
+            Wire::Vote {
+                term,
+                last_lsn,
+                last_term,
+                transfer,
+            } => (
+                Input::Vote(VoteRequest {
+                    from,
+                    term,
+                    last_lsn,
+                    last_term,
+                    transfer,
+                }),
+                None,
+            ),
+            Wire::VoteReply { term, granted } => (
+                Input::VoteReply(VoteReply {
+                    from,
+                    term,
+                    granted,
+                    reason: String::new(),
+                }),
+                None,
+            ),
+            Wire::Append {
+                term,
+                prev_lsn,
+                prev_term,
+                records,
+                commit,
+                sent,
+            } => (
+                Input::Append(AppendRequest {
+                    from,
+                    term,
+                    meta: AppendMeta {
+                        prev_lsn,
+                        prev_term,
+                        records: (0..records.len as usize)
+                            .map(|k| (prev_lsn + 1 + k as Lsn, records.terms[k]))
+                            .collect(),
+                    },
+                    commit,
+                }),
+                Some(sent.sent),
+            ),
+            Wire::AppendAck {
+                term,
+                success,
+                durable_lsn,
+                last_lsn,
+                sent,
+            } => (
+                Input::AppendAck {
+                    ack: AppendAck {
+                        from,
+                        term,
+                        success,
+                        durable_lsn,
+                        last_lsn,
+                        error: String::new(),
+                    },
+                    sent: sent.sent,
+                },
+                None,
+            ),
+            Wire::TimeoutNow { term } => (Input::TimeoutNow(TimeoutNow { from, term }), None),
+            Wire::TimeoutNowReply { term, started } => (
+                Input::TimeoutNowAnswered {
+                    target: from,
+                    reply: Some(TimeoutNowReply {
+                        from,
+                        term,
+                        started,
+                        reason: String::new(),
+                    }),
+                },
+                None,
+            ),
+        }
     }
 }
-impl Ord for Wire {
-    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
-        // Envelopes compare by `key` first, which is unique per message.
-        std::cmp::Ordering::Equal
+
+impl std::fmt::Display for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{} ", self.from, self.to)?;
+        match &self.wire {
+            Wire::Vote {
+                term,
+                last_lsn,
+                last_term,
+                transfer,
+            } => write!(
+                f,
+                "Vote(t{term}, last {last_lsn}@t{last_term}{})",
+                if *transfer { ", transfer" } else { "" }
+            ),
+            Wire::VoteReply { term, granted } => write!(f, "VoteReply(t{term}, {granted})"),
+            Wire::Append {
+                term,
+                prev_lsn,
+                prev_term,
+                records,
+                commit,
+                sent,
+            } => write!(
+                f,
+                "Append(t{term}, prev {prev_lsn}@t{prev_term}, records {:?}, commit {commit}, sent at {})",
+                &records.terms[..records.len as usize],
+                sent.at
+            ),
+            Wire::AppendAck {
+                term,
+                success,
+                durable_lsn,
+                last_lsn,
+                sent,
+            } => write!(
+                f,
+                "AppendAck(t{term}, {}, durable {durable_lsn}, last {last_lsn}; request t{} sent at {})",
+                if *success { "ok" } else { "refused" },
+                sent.term,
+                sent.at
+            ),
+            Wire::TimeoutNow { term } => write!(f, "TimeoutNow(t{term})"),
+            Wire::TimeoutNowReply { term, started } => {
+                write!(f, "TimeoutNowReply(t{term}, started {started})")
+            }
+        }
     }
 }
 
@@ -131,8 +416,9 @@ struct History {
     /// Client writes appended, as (LSN, term), and those acknowledged.
     writes: BTreeSet<(Lsn, Term)>,
     acked: BTreeSet<(Lsn, Term)>,
-    /// Set when something happened that no property may allow.
-    violation: Option<String>,
+    /// Set when something happened that no property may allow: which
+    /// property, and what.
+    violation: Option<(&'static str, String)>,
     crashes: u8,
     duplicates: u8,
     reads: u8,
@@ -143,44 +429,68 @@ struct History {
 struct State {
     time: Time,
     members: Vec<Member>,
-    net: BTreeSet<Envelope>,
+    /// The messages in flight, sorted, without repeats.
+    net: Vec<Envelope>,
     history: History,
+    /// The member that may still crash (and so persists lazily).
+    crasher: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Action {
     /// True time advances by one unit.
     Advance,
+    /// The member's timer: a follower's election timeout, a leader's
+    /// heartbeat (check quorum, a transfer's deadline, then an empty
+    /// append to each follower).
     Tick(usize),
+    /// The member's pending hard state reaches its disk.
     Persist(usize),
-    /// Delivers a message; `keep`: it stays on the wire (a duplicate).
-    Deliver(Envelope, bool),
-    /// The leader's replicator offers `to` what it has (or a heartbeat).
-    Ship(usize, NodeId),
+    /// Delivers `net[k]`; `keep`: it stays on the wire (a duplicate).
+    Deliver(usize, bool),
     Write(usize),
     Read(usize),
     Transfer(usize, NodeId),
     Crash(usize),
 }
 
+const COMMIT_BACK: &str = "commit never goes back";
+const COMMIT_AGREES: &str = "a committed record is never lost or replaced";
+const ACK_REPLACED: &str = "no acknowledgement of a replaced write";
+const STALE_READ: &str = "no stale lease read";
+
 struct Raft {
-    members: u64,
+    name: &'static str,
+    /// The depth bound CI runs (steps from the initial state).
+    depth: usize,
     /// Clock rate of each member, in quarters of true time.
     rates: Vec<u64>,
     election_timeout: Time,
     max_time: Time,
+    /// No campaign (on the election timer) beyond this term.
+    max_term: Term,
     max_writes: usize,
     max_crashes: u8,
     max_duplicates: u8,
     max_reads: u8,
     max_transfers: u8,
+    /// States with more messages in flight are not explored.
+    max_net: usize,
+}
+
+fn id(i: usize) -> NodeId {
+    i as NodeId + 1
 }
 
 impl Raft {
+    fn members(&self) -> usize {
+        self.rates.len()
+    }
+
     fn config(&self, id: NodeId) -> Config {
         Config {
             id,
-            members: (1..=self.members).collect(),
+            members: (1..=self.members() as NodeId).collect(),
             fixed_leader: None,
             election_timeout: self.election_timeout,
             // (1 - d) / (1 + d) of the timeout, d = 1/4: 3/5.
@@ -205,24 +515,64 @@ impl Raft {
     fn seed(i: usize) -> u64 {
         0x5EED + i as u64
     }
-}
 
-fn id(i: usize) -> NodeId {
-    i as NodeId + 1
-}
+    /// Member `i` persists lazily (a separate `Persist` step) only if it
+    /// is the one that may still crash: otherwise a late persist is only a
+    /// late send.
+    fn lazy(&self, s: &State, i: usize) -> bool {
+        s.crasher == Some(i)
+    }
 
-impl Raft {
     /// Steps member `i` with `input` and carries out the effects, as the
     /// node's runtime does (`sent` rides along with an append's answer).
     fn step(&self, s: &mut State, i: usize, input: Input, sent: Option<Sent>) {
         let now = self.local(i, s.time);
-        let m = &mut s.members[i];
-        let ready = m.step(now, input.clone());
         let records = match &input {
             Input::Append(req) => Some(req.meta.records.clone()),
             _ => None,
         };
+        let ready = s.members[i].step(now, input);
         self.carry_out(s, i, ready, records, sent);
+    }
+
+    /// The leader's replicators: each ships a follower the records it
+    /// lacks, two at a time, as far as flow control lets it, at once.
+    fn replicate(&self, s: &mut State, i: usize) {
+        for to in (1..=self.members() as NodeId).filter(|p| *p != id(i)) {
+            loop {
+                let m = &s.members[i];
+                if m.replica.role() != Role::Leader {
+                    return;
+                }
+                let Some(peer) = m.replica.peers().get(&to) else {
+                    break;
+                };
+                let next = peer.progress.next_lsn;
+                let last = m.log.len() as Lsn;
+                if next > last {
+                    break;
+                }
+                let (prev, through) = (next - 1, last.min(next + 1));
+                let bytes = through - prev;
+                if !peer
+                    .progress
+                    .can_send(bytes, self.config(id(i)).inflight_bytes_max)
+                {
+                    break;
+                }
+                let input = Input::Ship {
+                    to,
+                    term: m.replica.term(),
+                    prev_lsn: prev,
+                    last: through,
+                    bytes,
+                };
+                self.step(s, i, input, None);
+                if s.members[i].replica.next_for(to) == Some(next) {
+                    break;
+                }
+            }
+        }
     }
 
     fn carry_out(
@@ -234,14 +584,12 @@ impl Raft {
         sent: Option<Sent>,
     ) {
         let now = self.local(i, s.time);
-        if ready.persist.is_some() && self.max_crashes == 0 {
-            // Without crashes a late persist is only a late send: persist at
-            // once (fewer interleavings, the same behaviours).
-            let m = &mut s.members[i];
+        let eager = ready.persist.is_some() && !self.lazy(s, i);
+        let m = &mut s.members[i];
+        if eager {
             m.durable_hard = m.replica.hard_state();
             m.durable_version = m.replica.hard_state_version();
         }
-        let m = &mut s.members[i];
         let mut log_changed = false;
         if let Some(after) = ready.truncate_after {
             assert!(after >= m.commit, "truncated at or below the commit LSN");
@@ -266,7 +614,10 @@ impl Raft {
         };
         for gated in ready.messages {
             match gated.release(durable) {
-                Ok(msg) => send(s, id(i), msg, sent, &s.members[i].log.clone()),
+                Ok(msg) => {
+                    let e = Envelope::new(id(i), msg, sent, &s.members[i].log);
+                    insert(&mut s.net, e);
+                }
                 Err(gated) => s.members[i].outbox.push((gated, sent)),
             }
         }
@@ -274,14 +625,13 @@ impl Raft {
         if m.replica.role() == Role::Leader {
             s.history.leaders.insert((m.replica.term(), id(i)));
         }
-        if ready.persist.is_some() && self.max_crashes == 0 {
+        if eager {
             let version = s.members[i].durable_version;
             self.step(s, i, Input::Persisted { version }, None);
         }
         if log_changed {
             let lsn = s.members[i].log.len() as Lsn;
-            let m = &mut s.members[i];
-            let ready = m.step(now, Input::Durable { lsn });
+            let ready = s.members[i].step(now, Input::Durable { lsn });
             self.carry_out(s, i, ready, None, None);
         }
         self.check_acks(s, i);
@@ -290,22 +640,23 @@ impl Raft {
     fn publish_commit(&self, s: &mut State, i: usize, c: Lsn) {
         let m = &mut s.members[i];
         if c < m.commit {
-            s.history.violation = Some(format!("node {} commit went back", id(i)));
+            s.history.violation = Some((COMMIT_BACK, format!("node {} commit went back", id(i))));
             return;
         }
         let term = m.replica.term();
         for lsn in m.commit + 1..=c {
             let Some(&rterm) = m.log.get(lsn as usize - 1) else {
-                s.history.violation = Some(format!(
-                    "node {} committed LSN {lsn} it does not hold",
-                    id(i)
+                s.history.violation = Some((
+                    COMMIT_AGREES,
+                    format!("node {} committed LSN {lsn} it does not hold", id(i)),
                 ));
                 return;
             };
             match s.history.committed.get_mut(&lsn) {
                 Some((t, _)) if *t != rterm => {
-                    s.history.violation = Some(format!(
-                        "LSN {lsn} committed as term {t} and as term {rterm}"
+                    s.history.violation = Some((
+                        COMMIT_AGREES,
+                        format!("LSN {lsn} committed as term {t} and as term {rterm}"),
                     ));
                     return;
                 }
@@ -339,35 +690,92 @@ impl Raft {
             .collect();
         for (lsn, term) in newly {
             if s.history.committed.get(&lsn).map(|c| c.0) != Some(term) {
-                s.history.violation = Some(format!(
-                    "write ({lsn}, term {term}) acknowledged but LSN {lsn} committed as {:?}",
-                    s.history.committed.get(&lsn)
+                s.history.violation = Some((
+                    ACK_REPLACED,
+                    format!(
+                        "node {} acknowledged write ({lsn}, term {term}) but LSN {lsn} is \
+                         committed as {:?}",
+                        id(i),
+                        s.history.committed.get(&lsn)
+                    ),
                 ));
             }
             s.history.acked.insert((lsn, term));
         }
     }
+
+    /// The term below which member `i` can never go again (a crash may
+    /// take it back to its durable term).
+    fn floor_term(&self, s: &State, i: usize) -> Term {
+        let m = &s.members[i];
+        if self.lazy(s, i) {
+            m.durable_hard.term
+        } else {
+            m.replica.term()
+        }
+    }
+
+    /// A message whose delivery is a no-op now and forever: dropping it
+    /// (which the lossy network may do anyway) loses no behaviour.
+    fn dead(&self, s: &State, e: &Envelope) -> bool {
+        let to = e.to as usize - 1;
+        let floor = self.floor_term(s, to);
+        match e.wire {
+            // The leader of `sent.term` is gone for good (terms only grow),
+            // and the ack's term is no news.
+            Wire::AppendAck { term, sent, .. } => term <= floor && sent.term < floor,
+            // The candidate left that term: no news, no vote to count.
+            Wire::VoteReply { term, .. } => term < floor,
+            _ => false,
+        }
+    }
+
+    fn gc(&self, s: &mut State) {
+        let dead: Vec<bool> = s.net.iter().map(|e| self.dead(s, e)).collect();
+        let mut k = 0;
+        s.net.retain(|_| {
+            k += 1;
+            !dead[k - 1]
+        });
+    }
+
+    fn describe(&self, s: &State, a: &Action) -> String {
+        match a {
+            Action::Deliver(k, keep) => format!(
+                "Deliver{} {}",
+                if *keep { " (keeping a duplicate)" } else { "" },
+                s.net[*k]
+            ),
+            Action::Advance => format!(
+                "Advance to {} (clocks {:?})",
+                s.time + 1,
+                (0..self.members())
+                    .map(|i| self.local(i, s.time + 1))
+                    .collect::<Vec<_>>()
+            ),
+            Action::Tick(i) => {
+                let m = &s.members[*i];
+                format!(
+                    "Tick {} ({} t{})",
+                    id(*i),
+                    m.replica.role().name(),
+                    m.replica.term()
+                )
+            }
+            Action::Persist(i) => format!("Persist {}", id(*i)),
+            Action::Write(i) => format!("Write at {}", id(*i)),
+            Action::Read(i) => format!("Read at {}", id(*i)),
+            Action::Transfer(i, to) => format!("Transfer {} -> {to}", id(*i)),
+            Action::Crash(i) => format!("Crash {}", id(*i)),
+        }
+    }
 }
 
-/// Puts a released message on the wire; an append gets its records.
-fn send(s: &mut State, from: NodeId, msg: Message, answering: Option<Sent>, log: &[Term]) {
-    let (msg, sent) = match msg {
-        Message::Append { to, mut req, sent } => {
-            req.meta.records = (req.meta.prev_lsn + 1..=sent.last)
-                .map(|l| (l, log[l as usize - 1]))
-                .collect();
-            (Message::Append { to, req, sent }, Some(sent))
-        }
-        Message::AppendAck { to, ack } => (Message::AppendAck { to, ack }, answering),
-        other => (other, None),
-    };
-    let to = msg.to();
-    s.net.insert(Envelope {
-        from,
-        to,
-        key: format!("{msg:?}{sent:?}"),
-        msg: Wire(msg, sent),
-    });
+/// Puts `e` on the wire (the set of messages in flight).
+fn insert(net: &mut Vec<Envelope>, e: Envelope) {
+    if let Err(k) = net.binary_search(&e) {
+        net.insert(k, e);
+    }
 }
 
 impl Model for Raft {
@@ -375,7 +783,7 @@ impl Model for Raft {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let members = (0..self.members as usize)
+        let members = (0..self.members())
             .map(|i| {
                 let log = Log {
                     terms: &[],
@@ -394,17 +802,28 @@ impl Model for Raft {
                     durable_hard: HardState::default(),
                     durable_version: 0,
                     outbox: Vec::new(),
+                    beat: None,
                 }
             })
             .collect();
-        vec![State {
+        let state = State {
             // Started long enough ago that every member's start-up wait
             // (no vote within the election timeout of starting) is over.
             time: self.start_time(),
             members,
-            net: BTreeSet::new(),
+            net: Vec::new(),
             history: History::default(),
-        }]
+            crasher: None,
+        };
+        if self.max_crashes == 0 {
+            return vec![state];
+        }
+        (0..self.members())
+            .map(|c| State {
+                crasher: Some(c),
+                ..state.clone()
+            })
+            .collect()
     }
 
     fn actions(&self, s: &State, actions: &mut Vec<Action>) {
@@ -414,27 +833,20 @@ impl Model for Raft {
         if s.time < self.max_time {
             actions.push(Action::Advance);
         }
+        let n = self.members();
         for (i, m) in s.members.iter().enumerate() {
             let now = self.local(i, s.time);
-            let due = match m.replica.role() {
-                Role::Leader => true,
-                _ => now >= m.replica.election_due(),
-            };
-            if due {
+            let leader = m.replica.role() == Role::Leader;
+            let beat = Some((m.replica.term(), now, m.replica.commit()));
+            if (leader && m.beat != beat)
+                || (!leader && now >= m.replica.election_due() && m.replica.term() < self.max_term)
+            {
                 actions.push(Action::Tick(i));
             }
-            if self.max_crashes > 0 && m.replica.hard_state_version() > m.durable_version {
+            if self.lazy(s, i) && m.replica.hard_state_version() > m.durable_version {
                 actions.push(Action::Persist(i));
             }
-            if m.replica.role() == Role::Leader {
-                for peer in (1..=self.members).filter(|p| *p != id(i)) {
-                    if m.replica
-                        .next_for(peer)
-                        .is_some_and(|n| n <= m.log.len() as Lsn)
-                    {
-                        actions.push(Action::Ship(i, peer));
-                    }
-                }
+            if leader {
                 if s.history.writes.len() < self.max_writes {
                     actions.push(Action::Write(i));
                 }
@@ -442,19 +854,23 @@ impl Model for Raft {
                     actions.push(Action::Read(i));
                 }
                 if s.history.transfers < self.max_transfers {
-                    for peer in (1..=self.members).filter(|p| *p != id(i)) {
+                    for peer in (1..=n as NodeId).filter(|p| *p != id(i)) {
                         actions.push(Action::Transfer(i, peer));
                     }
                 }
             }
-            if s.history.crashes < self.max_crashes {
+            // A restart that loses nothing unpersisted is (for safety) a
+            // pause: only a crash with something pending is explored.
+            if s.crasher == Some(i)
+                && (m.replica.hard_state_version() > m.durable_version || !m.outbox.is_empty())
+            {
                 actions.push(Action::Crash(i));
             }
         }
-        for e in &s.net {
-            actions.push(Action::Deliver(e.clone(), false));
+        for k in 0..s.net.len() {
+            actions.push(Action::Deliver(k, false));
             if s.history.duplicates < self.max_duplicates {
-                actions.push(Action::Deliver(e.clone(), true));
+                actions.push(Action::Deliver(k, true));
             }
         }
     }
@@ -466,11 +882,14 @@ impl Model for Raft {
             Action::Tick(i) => {
                 self.step(&mut s, i, Input::Tick, None);
                 // The heartbeat timer: an empty append to every follower.
-                if s.members[i].replica.role() == Role::Leader {
-                    for to in (1..=self.members).filter(|p| *p != id(i)) {
+                let m = &mut s.members[i];
+                if m.replica.role() == Role::Leader {
+                    m.beat = Some((m.replica.term(), self.local(i, s.time), m.replica.commit()));
+                    for to in (1..=self.members() as NodeId).filter(|p| *p != id(i)) {
                         let next = s.members[i].replica.next_for(to)?;
                         let input = Input::Ship {
                             to,
+                            term: s.members[i].replica.term(),
                             prev_lsn: next - 1,
                             last: next - 1,
                             bytes: 0,
@@ -478,6 +897,7 @@ impl Model for Raft {
                         self.step(&mut s, i, input, None);
                     }
                 }
+                self.replicate(&mut s, i);
             }
             Action::Persist(i) => {
                 let m = &mut s.members[i];
@@ -492,89 +912,66 @@ impl Model for Raft {
                 for (gated, sent) in outbox {
                     match gated.release(durable) {
                         Ok(msg) => {
-                            let log = s.members[i].log.clone();
-                            send(&mut s, id(i), msg, sent, &log)
+                            let e = Envelope::new(id(i), msg, sent, &s.members[i].log);
+                            insert(&mut s.net, e);
                         }
                         Err(gated) => s.members[i].outbox.push((gated, sent)),
                     }
                 }
                 self.step(&mut s, i, Input::Persisted { version }, None);
+                self.replicate(&mut s, i);
             }
-            Action::Deliver(e, keep) => {
-                if keep {
+            Action::Deliver(k, keep) => {
+                let e = if keep {
                     s.history.duplicates += 1;
+                    s.net[k].clone()
                 } else {
-                    s.net.remove(&e);
-                }
+                    s.net.remove(k)
+                };
+                let (input, sent) = e.input();
                 let to = e.to as usize - 1;
-                let Wire(msg, sent) = e.msg;
-                let input = match msg {
-                    Message::Vote { req, .. } => Input::Vote(req),
-                    Message::VoteReply { reply, .. } => Input::VoteReply(reply),
-                    Message::Append { req, .. } => Input::Append(req),
-                    Message::AppendAck { ack, .. } => Input::AppendAck {
-                        ack,
-                        sent: sent.expect("an ack rides with its request"),
-                    },
-                    Message::TimeoutNow { req, .. } => Input::TimeoutNow(req),
-                    Message::TimeoutNowReply { reply, .. } => Input::TimeoutNowAnswered {
-                        target: reply.from,
-                        reply: Some(reply),
-                    },
-                };
                 self.step(&mut s, to, input, sent);
-            }
-            Action::Ship(i, to) => {
-                let m = &s.members[i];
-                let next = m.replica.next_for(to)?;
-                let last = m.log.len() as Lsn;
-                let (prev, through) = (next - 1, last.min(next + 1));
-                let bytes = through - prev;
-                let input = Input::Ship {
-                    to,
-                    prev_lsn: prev,
-                    last: through,
-                    bytes,
-                };
-                self.step(&mut s, i, input, None);
+                self.replicate(&mut s, to);
             }
             Action::Write(i) => {
-                let m = &mut s.members[i];
-                let ready = m.step(self.local(i, s.time), Input::Propose);
+                let now = self.local(i, s.time);
+                let ready = s.members[i].step(now, Input::Propose);
                 if let Some(term) = ready.propose {
                     let lsn = s.members[i].log.len() as Lsn + 1;
                     s.history.writes.insert((lsn, term));
                 }
                 self.carry_out(&mut s, i, ready, None, None);
+                self.replicate(&mut s, i);
             }
             Action::Read(i) => {
                 let now = self.local(i, s.time);
-                let m = &mut s.members[i];
-                let ready = m.step(now, Input::Read);
+                let ready = s.members[i].step(now, Input::Read);
                 if ready.verdict != Some(Verdict::Ok) {
                     return None;
                 }
+                s.history.reads += 1;
+                let term = s.members[i].replica.term();
+                if let Some((lsn, (rterm, at))) = s
+                    .history
+                    .committed
+                    .iter()
+                    .find(|(_, (rterm, at))| *rterm > term || *at > term)
                 {
-                    s.history.reads += 1;
-                    let term = s.members[i].replica.term();
-                    if let Some((lsn, (rterm, at))) = s
-                        .history
-                        .committed
-                        .iter()
-                        .find(|(_, (rterm, at))| *rterm > term || *at > term)
-                    {
-                        s.history.violation = Some(format!(
+                    s.history.violation = Some((
+                        STALE_READ,
+                        format!(
                             "node {} served a lease read in term {term} after LSN {lsn} \
                              (term {rterm}) was committed in term {at}",
                             id(i)
-                        ));
-                    }
+                        ),
+                    ));
                 }
                 self.carry_out(&mut s, i, ready, None, None);
             }
             Action::Transfer(i, target) => {
                 s.history.transfers += 1;
                 self.step(&mut s, i, Input::Transfer { target }, None);
+                self.replicate(&mut s, i);
             }
             Action::Crash(i) => {
                 s.history.crashes += 1;
@@ -590,16 +987,28 @@ impl Model for Raft {
                 m.replica = restarted;
                 m.durable_version = 0;
                 m.outbox.clear();
+                if s.history.crashes >= self.max_crashes {
+                    s.crasher = None;
+                }
             }
+        }
+        self.gc(&mut s);
+        // The next timer draws follow from the state (member and term),
+        // not from the path that reached it.
+        for (i, m) in s.members.iter_mut().enumerate() {
+            m.replica.reseed(Raft::seed(i) ^ m.replica.term());
         }
         Some(s)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
+        fn violated(s: &State, name: &str) -> bool {
+            s.history
+                .violation
+                .as_ref()
+                .is_some_and(|(p, _)| *p == name)
+        }
         vec![
-            Property::always("no violation seen by the runtime", |_: &Raft, s: &State| {
-                s.history.violation.is_none()
-            }),
             Property::always("at most one leader per term", |_: &Raft, s: &State| {
                 let mut terms = BTreeSet::new();
                 s.history.leaders.iter().all(|(t, _)| terms.insert(*t))
@@ -620,31 +1029,29 @@ impl Model for Raft {
                         })
                 })
             }),
-            Property::always(
-                "a committed record is never lost or replaced",
-                |_: &Raft, s: &State| {
-                    s.members.iter().all(|m| {
+            Property::always(COMMIT_AGREES, |_: &Raft, s: &State| {
+                !violated(s, COMMIT_AGREES)
+                    && s.members.iter().all(|m| {
                         (1..=m.commit).all(|lsn| {
                             s.history.committed.get(&lsn).map(|c| c.0)
                                 == m.log.get(lsn as usize - 1).copied()
                         })
                     })
-                },
-            ),
-            Property::always(
-                "acknowledged writes stay committed",
-                |_: &Raft, s: &State| {
-                    s.history
+            }),
+            Property::always(COMMIT_BACK, |_: &Raft, s: &State| !violated(s, COMMIT_BACK)),
+            Property::always(ACK_REPLACED, |_: &Raft, s: &State| {
+                !violated(s, ACK_REPLACED)
+                    && s.history
                         .acked
                         .iter()
                         .all(|(lsn, term)| s.history.committed.get(lsn).map(|c| c.0) == Some(*term))
-                },
-            ),
+            }),
+            Property::always(STALE_READ, |_: &Raft, s: &State| !violated(s, STALE_READ)),
         ]
     }
 
     fn within_boundary(&self, s: &State) -> bool {
-        s.net.len() <= 24
+        s.net.len() <= self.max_net
     }
 }
 
@@ -653,82 +1060,83 @@ fn env(name: &str) -> Option<usize> {
 }
 
 /// Runs the check; panics with the counterexample if a property fails.
-fn check(model: Raft, depth: usize) {
+fn check(model: Raft) {
     let started = std::time::Instant::now();
-    let checker = model
+    let (name, model_depth) = (model.name, model.depth);
+    let builder = model
         .checker()
         .threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .target_max_depth(depth)
-        .spawn_dfs()
-        .join();
+        .finish_when(HasDiscoveries::Any)
+        .target_max_depth(env("KV_MODEL_DEPTH").unwrap_or(model_depth));
+    let checker = builder.spawn_dfs().join();
     println!(
-        "model: {} states explored ({} unique), depth {} (bound {depth}), in {:.1?}",
+        "model {name}: {} states explored ({} unique), depth {}, in {:.1?}",
         checker.state_count(),
         checker.unique_state_count(),
         checker.max_depth(),
         started.elapsed()
     );
-    for p in checker.model().properties() {
+    let model = checker.model();
+    for p in model.properties() {
         if let Some(path) = checker.discovery(p.name) {
-            let last = path.last_state().clone();
-            let actions = path.into_actions();
+            let steps = path.into_vec();
             let mut trace = String::new();
-            for (k, a) in actions.iter().enumerate() {
-                trace.push_str(&format!("  {k:>2}. {a:?}\n"));
+            for (k, (state, action)) in steps.iter().enumerate() {
+                if let Some(a) = action {
+                    trace.push_str(&format!("  {:>2}. {}\n", k + 1, model.describe(state, a)));
+                }
             }
+            let (last, _) = steps.last().expect("a path has a state");
             panic!(
-                "property \"{}\" fails after {} steps:\n{trace}final: time {}, violation {:?}, \
-                 leaders {:?}, committed {:?}, logs {:?}",
+                "model {name}: property \"{}\" fails after {} steps:\n{trace}final: time {}, \
+                 violation {:?}, leaders {:?}, committed {:?}, logs {:?}, commits {:?}",
                 p.name,
-                actions.len(),
+                steps.len() - 1,
                 last.time,
                 last.history.violation,
                 last.history.leaders,
                 last.history.committed,
-                last.members.iter().map(|m| &m.log).collect::<Vec<_>>()
+                last.members.iter().map(|m| &m.log).collect::<Vec<_>>(),
+                last.members.iter().map(|m| m.commit).collect::<Vec<_>>()
             );
         }
     }
 }
 
-/// Three members with client writes, lease reads and a transfer, over a
-/// network that loses, reorders and duplicates.
-fn clients() -> Raft {
+fn base(name: &'static str) -> Raft {
     Raft {
-        members: 3,
+        name,
+        depth: 11,
         rates: vec![4, 3, 5],
         election_timeout: 2,
         max_time: env("KV_MODEL_TIME").unwrap_or(8) as Time,
-        max_writes: 1,
+        max_term: env("KV_MODEL_TERM").unwrap_or(2) as Term,
+        max_writes: 0,
         max_crashes: 0,
-        max_duplicates: 1,
-        max_reads: 1,
-        max_transfers: 1,
-    }
-}
-
-/// Three members, one of which crashes (losing what it had not persisted)
-/// and restarts, with a client write.
-fn crashes() -> Raft {
-    Raft {
-        members: 3,
-        rates: vec![4, 3, 5],
-        election_timeout: 2,
-        max_time: env("KV_MODEL_TIME").unwrap_or(8) as Time,
-        max_writes: 1,
-        max_crashes: 1,
         max_duplicates: 0,
         max_reads: 0,
         max_transfers: 0,
+        max_net: env("KV_MODEL_NET").unwrap_or(6),
     }
 }
 
 #[test]
-fn three_members_with_clients_and_a_transfer_keep_every_safety_property() {
-    check(clients(), env("KV_MODEL_DEPTH").unwrap_or(10));
+fn clients() {
+    check(Raft {
+        max_writes: 1,
+        max_duplicates: 1,
+        max_reads: 1,
+        max_transfers: 1,
+        ..base("clients")
+    });
 }
 
 #[test]
-fn three_members_with_a_crash_keep_every_safety_property() {
-    check(crashes(), env("KV_MODEL_DEPTH").unwrap_or(10));
+fn crashes() {
+    check(Raft {
+        max_writes: 1,
+        max_crashes: 1,
+        depth: 12,
+        ..base("crashes")
+    });
 }

@@ -166,6 +166,7 @@ fn replicate_all(r: &mut Replica, log: &MemLog, peer: NodeId, sent_at: Time, at:
         sent_at,
         Input::Ship {
             to: peer,
+            term: r.term(),
             prev_lsn: next - 1,
             last,
             bytes: 10,
@@ -401,6 +402,7 @@ fn a_higher_term_in_any_answer_steps_a_leader_down_durably() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 0,
             bytes: 0,
@@ -566,6 +568,7 @@ fn only_durable_records_are_shipped() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 2,
             bytes: 10,
@@ -581,6 +584,7 @@ fn only_durable_records_are_shipped() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 2,
             bytes: 10,
@@ -607,6 +611,7 @@ fn a_stale_refusal_does_not_move_next_again() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: next - 1,
             last: 8,
             bytes: 10,
@@ -618,6 +623,7 @@ fn a_stale_refusal_does_not_move_next_again() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 8,
             last: 8,
             bytes: 0,
@@ -659,6 +665,7 @@ fn answers_to_an_old_terms_requests_change_nothing() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 1,
             bytes: 10,
@@ -680,6 +687,7 @@ fn answers_to_an_old_terms_requests_change_nothing() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 1,
             bytes: 10,
@@ -769,6 +777,7 @@ fn a_deposed_leader_does_not_advance_commit() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 0,
             last: 3,
             bytes: 10,
@@ -865,6 +874,7 @@ fn only_an_answer_in_our_term_counts_for_the_lease() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 1,
             last: 1,
             bytes: 0,
@@ -897,6 +907,7 @@ fn no_read_before_the_barrier_is_committed() {
         now,
         Input::Ship {
             to: 2,
+            term: r.term(),
             prev_lsn: 3,
             last: 3,
             bytes: 0,
@@ -1136,5 +1147,86 @@ fn elections_off_keeps_the_fixed_leader_and_refuses_votes_and_transfers() {
     assert_eq!(
         r.step(0, Input::Transfer { target: 2 }, &log).verdict,
         Some(Verdict::Refused(Refused::ElectionsOff))
+    );
+}
+
+/// A candidate that loses its term and follows the winner keeps nothing
+/// the old leader vouched for: only what the new leader's own appends
+/// show to match commits (here a heartbeat at 7 with commit 8 must not
+/// commit our stale LSN 8).
+#[test]
+fn what_an_old_leader_vouched_for_does_not_outlive_its_term() {
+    let log = MemLog::of(&[1; 10]);
+    let mut r = replica(2, 3, &log);
+    // Leader 1 of term 1 vouches for all ten (they are duplicates here).
+    let ready = r.step(
+        10,
+        Input::Append(append_req(1, 1, (0, 0), &[1; 10], 5)),
+        &log,
+    );
+    assert_eq!(ready.commit, Some(5));
+    // We campaign in term 2 (and lose: node 3 wins with 1..=7 of term 1
+    // and its term-start entry at 8).
+    let _ = r.step(10 + 2 * T, Input::Tick, &log);
+    assert_eq!((r.role(), r.term()), (Role::Candidate, 2));
+    let ready = r.step(
+        10 + 2 * T,
+        Input::Append(append_req(3, 2, (7, 1), &[], 8)),
+        &log,
+    );
+    assert_eq!(ready.accepted, Some(true));
+    assert!(
+        r.commit() <= 7,
+        "committed our LSN {} on the word of the old leader",
+        r.commit()
+    );
+}
+
+/// A replicator of an old term (the node lost that term and won a later
+/// one meanwhile) ships nothing and resets nothing of the new term.
+#[test]
+fn a_replicator_of_an_old_term_ships_nothing_and_resets_nothing() {
+    let mut log = MemLog::default();
+    let (mut r, now) = leader(3, &mut log);
+    let old = r.term();
+    // Deposed (term 2), then leads term 3.
+    let _ = r.step(
+        now,
+        Input::Vote(VoteRequest {
+            transfer: true,
+            ..vote_req(3, 2, (9, 9))
+        }),
+        &log,
+    );
+    let ready = r.step(10 * T, Input::Tick, &log);
+    log.apply(&ready, None);
+    let _ = r.step(
+        10 * T,
+        Input::Persisted {
+            version: r.hard_state_version(),
+        },
+        &log,
+    );
+    let ready = r.step(10 * T, grant(2, 3), &log);
+    log.apply(&ready, None);
+    assert!(r.leads_in(3));
+    let _ = replicate_all(&mut r, &log, 2, 10 * T, 10 * T);
+    let before = r.peers()[&2].clone();
+    let ship = Input::Ship {
+        to: 2,
+        term: old,
+        prev_lsn: 0,
+        last: 0,
+        bytes: 0,
+    };
+    assert!(
+        r.step(10 * T, ship, &log).messages.is_empty(),
+        "an old term's replicator shipped"
+    );
+    let _ = r.step(10 * T, Input::Disconnected { peer: 2, term: old }, &log);
+    assert_eq!(
+        r.peers()[&2],
+        before,
+        "an old term's replicator reset this term's progress"
     );
 }

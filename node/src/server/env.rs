@@ -85,7 +85,7 @@ impl Offload {
 /// monotonic clock. A drifting clock runs at a rate (set while it runs)
 /// relative to that one, as a real clock may run fast or slow; the lease
 /// is built to stay safe while every node's rate is within
-/// [`MAX_CLOCK_DRIFT`] of true time (see `election.rs`).
+/// [`MAX_CLOCK_DRIFT`] of true time (see `runtime.rs`).
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
     drift: Option<Arc<Drift>>,

@@ -94,7 +94,10 @@ impl Node {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
             }
-            let ready = self.step(Input::Disconnected { peer: peer.id });
+            let ready = self.step(Input::Disconnected {
+                peer: peer.id,
+                term,
+            });
             let _ = self.carry_out(ready).await;
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(1000));
@@ -130,7 +133,10 @@ impl Node {
             .append(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let _ = self.step(Input::Connected { peer: peer.id });
+        let _ = self.step(Input::Connected {
+            peer: peer.id,
+            term,
+        });
         let mut durable_rx = self.durable_tx.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
         let mut last_ack = tokio::time::Instant::now();
@@ -185,11 +191,12 @@ impl Node {
         peer: u64,
         tx: &mpsc::Sender<pb::AppendRequest>,
         inflight: &mut VecDeque<Sent>,
-        (prev_lsn, last, bytes): (u64, u64, u64),
+        (term, prev_lsn, last, bytes): (u64, u64, u64, u64),
         records: Vec<pb::LogRecord>,
     ) -> anyhow::Result<bool> {
         let ready = self.step(Input::Ship {
             to: peer,
+            term,
             prev_lsn,
             last,
             bytes,
@@ -225,7 +232,13 @@ impl Node {
             anyhow::bail!("node {peer} is not a follower here");
         };
         if !self
-            .ship(peer, tx, inflight, (next - 1, next - 1, 0), Vec::new())
+            .ship(
+                peer,
+                tx,
+                inflight,
+                (term, next - 1, next - 1, 0),
+                Vec::new(),
+            )
             .await?
         {
             anyhow::bail!("no longer the leader of term {term}");
@@ -294,7 +307,7 @@ impl Node {
                 .map(|r| (r.key.len() + r.value.len() + 32) as u64)
                 .sum();
             if !self
-                .ship(peer, tx, inflight, (next - 1, last, bytes), records)
+                .ship(peer, tx, inflight, (term, next - 1, last, bytes), records)
                 .await?
             {
                 // Flow control (or this node no longer leads): wait for acks.

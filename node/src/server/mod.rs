@@ -1,32 +1,36 @@
 //! `kv serve`: one cluster node — the engine in replicated mode, the client
-//! API, and WAL shipping from the leader (elected, see [`election`], or
-//! fixed by configuration) to the followers.
+//! API, and WAL shipping from the leader (elected, or fixed by
+//! configuration) to the followers.
 //!
 //! The leader appends a client's write to its own WAL and makes it durable
 //! (group commit), then the per-follower replicators ship it; followers
 //! check the sender, the term, log matching and every record's CRC, append
 //! the same records at the same LSNs, make them durable, acknowledge, and
-//! apply what the leader's commit LSN covers. The protocol decisions are
-//! `kv_cluster`'s; this module carries them out.
+//! apply what the leader's commit LSN covers. Every protocol decision, and
+//! all protocol state, is the core's ([`kv_cluster::replica::Replica`],
+//! behind one lock in the [`Node`]); this module is its runtime
+//! ([`runtime`]): it feeds the core its inputs and carries out its effects.
 //!
-//! Terms are persisted before they are acted on; a node refuses a lower
-//! term, and a leader or candidate that sees a higher one steps down.
+//! A term or vote is durable before anything that depends on it leaves the
+//! node (the core gates those messages); a node refuses a lower term, and
+//! a leader or candidate that sees a higher one steps down.
 //!
 //! A follower that needs records the leader's log no longer holds gets the
 //! leader's newest snapshot, streamed in chunks, installed durably, and then
 //! the log after it.
 //!
-//! This file holds the [`Node`] itself (its state, construction, the term it
-//! adopts, who leads, its status) and what every part shares: the
+//! This file holds the [`Node`] itself (its state, construction, who leads,
+//! its status) and what every part shares: the
 //! refusals that redirect a client to the leader, the checks on a peer's
 //! request, and the mapping of engine errors to gRPC statuses. The rest is
 //! by responsibility: `kv_api.rs` the client API ([`KvService`]),
-//! `batch.rs` the `Kv.Batch` stream, `leader.rs` the leader's replicators
-//! and commit rule, `follower.rs` the follower's append handling,
-//! `snapshot.rs` snapshot transfer, [`election`] terms, votes, the lease
-//! and leadership transfer, `services.rs` the peer service and [`serve`].
-//! It does not decide protocol rules (they are `kv_cluster`'s) or talk to a
-//! cluster as a client ([`crate::client`]).
+//! `batch.rs` the `Kv.Batch` stream, `leader.rs` the leader's replicators,
+//! `follower.rs` the follower's append handling, `snapshot.rs` snapshot
+//! transfer, [`runtime`] stepping the core and carrying out its effects
+//! (persisting the term and vote, the election timer, vote and `TimeoutNow`
+//! RPCs, leadership transfer), `services.rs` the peer service and
+//! [`serve`]. It does not decide protocol rules (the core does) or talk to
+//! a cluster as a client ([`crate::client`]).
 
 pub mod auth;
 pub mod batch;

@@ -9,7 +9,7 @@
 //! everything written durable.
 //!
 //! It does not check a request itself (that is `follower.rs`,
-//! `snapshot.rs` and `election.rs`, and `auth.rs` for who a connection
+//! `snapshot.rs` and `runtime.rs`, and `auth.rs` for who a connection
 //! is), or serve the client API (`kv_api.rs`).
 
 use std::sync::Arc;

@@ -144,6 +144,7 @@ impl Node {
         let ack = reply?.into_inner();
         let ready = self.step(Input::SnapshotSent {
             peer,
+            sent_in: term,
             term: ack.term,
             lsn: ack.success.then_some(ack.lsn),
         });

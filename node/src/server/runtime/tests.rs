@@ -93,6 +93,7 @@ async fn acknowledged_now(node: &Arc<Node>, peer: u64) {
     let next = node.core().next_for(peer).unwrap();
     let ready = node.step(Input::Ship {
         to: peer,
+        term: node.core().term(),
         prev_lsn: next - 1,
         last,
         bytes: 1,
