@@ -90,10 +90,15 @@ async fn elect(node: &Arc<Node>) {
 async fn acknowledged_now(node: &Arc<Node>, peer: u64) {
     let last = node.engine.last_lsn();
     node.flusher.durable(last).await;
-    let next = node.core().next_for(peer).unwrap();
+    let (next, term) = {
+        let core = node.core();
+        (core.next_for(peer).unwrap(), core.term())
+    };
+    // (Not `node.core()` inside the call: its guard would outlive the
+    // argument and `step` would wait on the lock it holds.)
     let ready = node.step(Input::Ship {
         to: peer,
-        term: node.core().term(),
+        term,
         prev_lsn: next - 1,
         last,
         bytes: 1,
