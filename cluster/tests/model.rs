@@ -33,13 +33,24 @@
 //! replaced (LSN, term); no lease read served by a leader once a later
 //! term has committed anything.
 //!
+//! Searches: `clients` and `crashes` start from the fresh cluster;
+//! `failover`, `handover` and `diverged` start after a few opening moves
+//! (see [`Move`]: a leader with a committed write and a follower behind;
+//! two leaders whose logs diverge), which spares the search the depth of
+//! reaching those states.
+//!
 //! `cargo test -p kv-cluster --release --test model -- --nocapture` runs
 //! the bounded check CI runs and prints the states explored and the
 //! depth. `KV_MODEL_DEPTH=N` sets another depth bound (each step deeper
-//! multiplies the states by about 4: depth 14 runs for many minutes),
-//! `KV_MODEL_TIME`, `KV_MODEL_TERM` and `KV_MODEL_NET` the time horizon,
-//! the highest term a timer may campaign for and the most messages in
-//! flight.
+//! multiplies the states by 2 to 4), `KV_MODEL_TIME`, `KV_MODEL_TERM` and
+//! `KV_MODEL_NET` the time horizon, the highest term a timer may campaign
+//! for and the most messages in flight. The default search is depth
+//! first, and a depth-first search with a depth bound is not exhaustive
+//! to that depth: a state first reached late on a long path is not
+//! explored again from a shorter one. `KV_MODEL_BFS=1` searches breadth
+//! first instead: exhaustive to the bound and its counterexamples are
+//! shortest, but it holds a whole level of states (gigabytes past depth
+//! 12).
 
 // A model that finds its own assumptions broken should stop loudly.
 #![allow(clippy::expect_used)]
@@ -209,6 +220,27 @@ enum Wire {
         term: Term,
         started: bool,
     },
+}
+
+/// What a [`Wire`] message is, without its fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Vote,
+    VoteReply,
+    Append,
+    AppendAck,
+}
+
+impl Wire {
+    fn kind(&self) -> Option<Kind> {
+        match self {
+            Wire::Vote { .. } => Some(Kind::Vote),
+            Wire::VoteReply { .. } => Some(Kind::VoteReply),
+            Wire::Append { .. } => Some(Kind::Append),
+            Wire::AppendAck { .. } => Some(Kind::AppendAck),
+            Wire::TimeoutNow { .. } | Wire::TimeoutNowReply { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -454,6 +486,24 @@ enum Action {
     Crash(usize),
 }
 
+/// One of a scenario's opening moves, played from the initial state
+/// before the search begins. Each is a step the model takes itself (or a
+/// loss the network may cause), so the search starts from a reachable
+/// state: the opening only spares the search the depth of reaching it.
+#[derive(Debug, Clone, Copy)]
+enum Move {
+    /// True time advances until the member's election timer is due; the
+    /// timer fires.
+    Timeout(usize),
+    /// The message in flight from one member to another of this kind
+    /// arrives.
+    Deliver(NodeId, NodeId, Kind),
+    /// Every message in flight from one member to another is lost.
+    Lose(NodeId, NodeId),
+    /// A client write at the member.
+    Write(usize),
+}
+
 const COMMIT_BACK: &str = "commit never goes back";
 const COMMIT_AGREES: &str = "a committed record is never lost or replaced";
 const ACK_REPLACED: &str = "no acknowledgement of a replaced write";
@@ -466,7 +516,12 @@ struct Raft {
     /// Clock rate of each member, in quarters of true time.
     rates: Vec<u64>,
     election_timeout: Time,
-    max_time: Time,
+    /// Played before the search (see [`Move`]).
+    opening: Vec<Move>,
+    /// How far true time may advance in the search, past its first state.
+    horizon: Time,
+    /// True time at the search's first state (set by [`check`]).
+    start: Time,
     /// No campaign (on the election timer) beyond this term.
     max_term: Term,
     max_writes: usize,
@@ -474,7 +529,7 @@ struct Raft {
     max_duplicates: u8,
     max_reads: u8,
     max_transfers: u8,
-    /// States with more messages in flight are not explored.
+    /// States with more messages in flight are checked, not explored.
     max_net: usize,
 }
 
@@ -739,6 +794,88 @@ impl Raft {
         });
     }
 
+    /// The cluster as it starts: empty logs, no term, nothing in flight.
+    fn fresh(&self) -> State {
+        let members = (0..self.members())
+            .map(|i| {
+                let log = Log {
+                    terms: &[],
+                    commit: 0,
+                };
+                Member {
+                    replica: Replica::new(
+                        self.config(id(i)),
+                        HardState::default(),
+                        &log,
+                        0,
+                        Raft::seed(i),
+                    ),
+                    log: Vec::new(),
+                    commit: 0,
+                    durable_hard: HardState::default(),
+                    durable_version: 0,
+                    outbox: Vec::new(),
+                    beat: None,
+                }
+            })
+            .collect();
+        State {
+            // Started long enough ago that every member's start-up wait
+            // (no vote within the election timeout of starting) is over.
+            time: self.start_time(),
+            members,
+            net: Vec::new(),
+            history: History::default(),
+            crasher: None,
+        }
+    }
+
+    /// The state the search starts from: the fresh cluster after the
+    /// opening moves, and what each move did.
+    fn open(&self) -> (State, Vec<String>) {
+        let mut s = self.fresh();
+        let mut trace = Vec::new();
+        for m in &self.opening {
+            let action = match *m {
+                Move::Timeout(i) => {
+                    while self.local(i, s.time) < s.members[i].replica.election_due() {
+                        trace.push(self.describe(&s, &Action::Advance));
+                        s = self.next_state(&s, Action::Advance).expect("time advances");
+                    }
+                    Action::Tick(i)
+                }
+                Move::Deliver(from, to, kind) => {
+                    let k = s
+                        .net
+                        .iter()
+                        .position(|e| e.from == from && e.to == to && e.wire.kind() == Some(kind))
+                        .unwrap_or_else(|| {
+                            panic!(
+                                "opening of {}: no {kind:?} from {from} to {to} in flight",
+                                self.name
+                            )
+                        });
+                    Action::Deliver(k, false)
+                }
+                Move::Lose(from, to) => {
+                    trace.push(format!("Lose every message from {from} to {to}"));
+                    s.net.retain(|e| (e.from, e.to) != (from, to));
+                    continue;
+                }
+                Move::Write(i) => Action::Write(i),
+            };
+            trace.push(self.describe(&s, &action));
+            s = self.next_state(&s, action).unwrap_or_else(|| {
+                panic!(
+                    "opening of {}: {} did nothing",
+                    self.name,
+                    trace[trace.len() - 1]
+                )
+            });
+        }
+        (s, trace)
+    }
+
     fn describe(&self, s: &State, a: &Action) -> String {
         match a {
             Action::Deliver(k, keep) => format!(
@@ -783,38 +920,7 @@ impl Model for Raft {
     type Action = Action;
 
     fn init_states(&self) -> Vec<State> {
-        let members = (0..self.members())
-            .map(|i| {
-                let log = Log {
-                    terms: &[],
-                    commit: 0,
-                };
-                Member {
-                    replica: Replica::new(
-                        self.config(id(i)),
-                        HardState::default(),
-                        &log,
-                        0,
-                        Raft::seed(i),
-                    ),
-                    log: Vec::new(),
-                    commit: 0,
-                    durable_hard: HardState::default(),
-                    durable_version: 0,
-                    outbox: Vec::new(),
-                    beat: None,
-                }
-            })
-            .collect();
-        let state = State {
-            // Started long enough ago that every member's start-up wait
-            // (no vote within the election timeout of starting) is over.
-            time: self.start_time(),
-            members,
-            net: Vec::new(),
-            history: History::default(),
-            crasher: None,
-        };
+        let (state, _) = self.open();
         if self.max_crashes == 0 {
             return vec![state];
         }
@@ -830,7 +936,13 @@ impl Model for Raft {
         if s.history.violation.is_some() {
             return;
         }
-        if s.time < self.max_time {
+        // Past the bound on messages in flight a state is still checked
+        // (a step that floods the network may be the one that breaks a
+        // property), but not explored further.
+        if s.net.len() > self.max_net {
+            return;
+        }
+        if s.time < self.start + self.horizon {
             actions.push(Action::Advance);
         }
         let n = self.members();
@@ -1049,10 +1161,6 @@ impl Model for Raft {
             Property::always(STALE_READ, |_: &Raft, s: &State| !violated(s, STALE_READ)),
         ]
     }
-
-    fn within_boundary(&self, s: &State) -> bool {
-        s.net.len() <= self.max_net
-    }
 }
 
 fn env(name: &str) -> Option<usize> {
@@ -1060,15 +1168,32 @@ fn env(name: &str) -> Option<usize> {
 }
 
 /// Runs the check; panics with the counterexample if a property fails.
-fn check(model: Raft) {
+fn check(mut model: Raft) {
     let started = std::time::Instant::now();
-    let (name, model_depth) = (model.name, model.depth);
+    let model_depth = model.depth;
+    let (first, opening) = model.open();
+    model.start = first.time;
+    model.horizon = env("KV_MODEL_TIME").map_or(model.horizon, |t| t as Time);
+    model.max_term = env("KV_MODEL_TERM").map_or(model.max_term, |t| t as Term);
+    model.max_net = env("KV_MODEL_NET").unwrap_or(model.max_net);
     let builder = model
         .checker()
         .threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
         .finish_when(HasDiscoveries::Any)
         .target_max_depth(env("KV_MODEL_DEPTH").unwrap_or(model_depth));
-    let checker = builder.spawn_dfs().join();
+    // Depth first by default (memory stays small); breadth first finds a
+    // shortest counterexample, holding a whole level of states at a time.
+    if std::env::var_os("KV_MODEL_BFS").is_some() {
+        report(builder.spawn_bfs().join(), &opening, started);
+    } else {
+        report(builder.spawn_dfs().join(), &opening, started);
+    }
+}
+
+/// Prints what the check explored; panics with the counterexample if a
+/// property fails (`opening`: the moves played before the search).
+fn report(checker: impl Checker<Raft>, opening: &[String], started: std::time::Instant) {
+    let name = checker.model().name;
     println!(
         "model {name}: {} states explored ({} unique), depth {}, in {:.1?}",
         checker.state_count(),
@@ -1081,6 +1206,12 @@ fn check(model: Raft) {
         if let Some(path) = checker.discovery(p.name) {
             let steps = path.into_vec();
             let mut trace = String::new();
+            if !opening.is_empty() {
+                trace.push_str("  opening:\n");
+                for m in opening {
+                    trace.push_str(&format!("      {m}\n"));
+                }
+            }
             for (k, (state, action)) in steps.iter().enumerate() {
                 if let Some(a) = action {
                     trace.push_str(&format!("  {:>2}. {}\n", k + 1, model.describe(state, a)));
@@ -1109,14 +1240,16 @@ fn base(name: &'static str) -> Raft {
         depth: 11,
         rates: vec![4, 3, 5],
         election_timeout: 2,
-        max_time: env("KV_MODEL_TIME").unwrap_or(8) as Time,
-        max_term: env("KV_MODEL_TERM").unwrap_or(2) as Term,
+        opening: Vec::new(),
+        horizon: 5,
+        start: 0,
+        max_term: 2,
         max_writes: 0,
         max_crashes: 0,
         max_duplicates: 0,
         max_reads: 0,
         max_transfers: 0,
-        max_net: env("KV_MODEL_NET").unwrap_or(6),
+        max_net: 6,
     }
 }
 
@@ -1138,5 +1271,79 @@ fn crashes() {
         max_crashes: 1,
         depth: 12,
         ..base("crashes")
+    });
+}
+
+/// The opening of the scenarios below: node 1 is elected in term 1 with
+/// node 2's vote; all three hold its first record, committed; a client
+/// write follows, and node 2 holds it, committed, while node 3's copy is
+/// still in flight (as is node 3's answer for the first record).
+fn elected() -> Vec<Move> {
+    use Kind::*;
+    vec![
+        Move::Timeout(0),
+        Move::Deliver(1, 2, Vote),
+        Move::Deliver(2, 1, VoteReply),
+        Move::Deliver(1, 2, Append),
+        Move::Deliver(1, 3, Vote),
+        Move::Deliver(1, 3, Append),
+        Move::Deliver(2, 1, AppendAck),
+        Move::Deliver(3, 1, VoteReply),
+        Move::Write(0),
+        Move::Deliver(1, 2, Append),
+        Move::Deliver(2, 1, AppendAck),
+    ]
+}
+
+/// Elections after the opening: the leader's lease against its successor.
+#[test]
+fn failover() {
+    check(Raft {
+        opening: elected(),
+        max_reads: 1,
+        max_term: 3,
+        depth: 14,
+        ..base("failover")
+    });
+}
+
+/// A leadership transfer after the opening, and reads around it.
+#[test]
+fn handover() {
+    check(Raft {
+        opening: elected(),
+        max_reads: 1,
+        max_transfers: 1,
+        max_term: 3,
+        depth: 12,
+        ..base("handover")
+    });
+}
+
+/// Two leaders' logs diverge at LSN 1: node 1 led term 1 and appended its
+/// first record and a client write alone (its messages were lost); node 2
+/// leads term 2 and committed its own first record with node 3. Node 2's
+/// vote request and append to node 1 are in flight.
+#[test]
+fn diverged() {
+    use Kind::*;
+    check(Raft {
+        opening: vec![
+            Move::Timeout(0),
+            Move::Deliver(1, 2, Vote),
+            Move::Deliver(2, 1, VoteReply),
+            Move::Write(0),
+            Move::Lose(1, 2),
+            Move::Lose(1, 3),
+            Move::Timeout(1),
+            Move::Deliver(2, 3, Vote),
+            Move::Deliver(3, 2, VoteReply),
+            Move::Deliver(2, 3, Append),
+            Move::Deliver(3, 2, AppendAck),
+        ],
+        max_writes: 2,
+        max_term: 4,
+        depth: 12,
+        ..base("diverged")
     });
 }
