@@ -102,7 +102,7 @@ fn json_output_of_get_status_put_and_del_parses() {
         assert_eq!(node["endpoint"], cluster.endpoint(i + 1), "{node}");
         assert_eq!(node["reachable"], true, "{node}");
         assert_eq!(node["node_id"], i as u64 + 1, "{node}");
-        assert_eq!(node["cluster_id"], "test", "{node}");
+        assert_eq!(node["cluster_id"], cluster.cluster_id.as_str(), "{node}");
         assert_eq!(node["leader_id"], 1, "{node}");
         assert_eq!(node["lag"], 0, "{node}");
         assert_eq!(node["keys"], 0, "{node}");

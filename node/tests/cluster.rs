@@ -166,11 +166,13 @@ fn raw_append(addr: SocketAddr, req: pb::AppendRequest) -> Result<pb::AppendAck,
     })
 }
 
+/// A sender `node_id` of cluster `cluster_id`, in term 1, to node 2.
 fn sender(cluster_id: &str, node_id: u64) -> Option<pb::Sender> {
     Some(pb::Sender {
         cluster_id: cluster_id.into(),
         node_id,
         term: 1,
+        to: 2,
     })
 }
 
@@ -191,7 +193,7 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
         assert_eq!(err.code(), code, "{err:?}");
     };
     let base = pb::AppendRequest {
-        from: sender("test", 1),
+        from: sender(&cluster.cluster_id, 1),
         prev_lsn: 0,
         prev_term: 0,
         records: vec![record.clone()],
@@ -208,14 +210,24 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
     );
     check(
         pb::AppendRequest {
-            from: sender("test", 9),
+            from: sender(&cluster.cluster_id, 9),
             ..base.clone()
         },
         tonic::Code::PermissionDenied,
     );
     check(
         pb::AppendRequest {
-            from: sender("test", 3),
+            from: sender(&cluster.cluster_id, 3),
+            ..base.clone()
+        },
+        tonic::Code::PermissionDenied,
+    );
+    // The leader's append, meant for node 3, at node 2's address.
+    let mut misaddressed = sender(&cluster.cluster_id, 1).unwrap();
+    misaddressed.to = 3;
+    check(
+        pb::AppendRequest {
+            from: Some(misaddressed),
             ..base.clone()
         },
         tonic::Code::PermissionDenied,
@@ -1478,6 +1490,40 @@ fn five_members_elect_and_commit_with_two_down_but_not_with_three() {
     }
     cluster.wait_converged();
     assert_every_node_has(&cluster, &acked);
+}
+
+/// Five members, fixed leader 1, whose members table names node 2's
+/// address for nodes 3, 4 and 5 (which are down): node 2 refuses what is
+/// meant for them, so its answers count once, and with two of five up a
+/// quorum write is `outcome unknown` and commits nowhere. (Were node 2 to
+/// answer as 3, 4 and 5, leader 1 would count four copies and commit.)
+#[test]
+fn a_member_reached_at_another_members_address_is_not_counted_twice() {
+    let mut cluster = Cluster::build(5, "", "leader = 1\n");
+    let mut acked = Vec::new();
+    put_all(&cluster, "all-up-", 3, &mut acked);
+    for id in [1, 3, 4, 5] {
+        cluster.kill(id);
+    }
+    let config = cluster.config(1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    for id in [3, 4, 5] {
+        let (theirs, node2) = (cluster.endpoint(id), cluster.endpoint(2));
+        text = text.replace(
+            &format!("addr = \"{theirs}\""),
+            &format!("addr = \"{node2}\""),
+        );
+    }
+    std::fs::write(&config, text).unwrap();
+    cluster.start_node(1);
+    assert_quorum_write_is_unknown(&cluster, 1, &[3, 4, 5], "misaddressed");
+    let log = std::fs::read_to_string(cluster.dir.path().join("node1.log")).unwrap();
+    assert!(
+        log.contains("is meant for node 3, and this is node 2"),
+        "node 1's log does not show node 2's refusal:\n{log}"
+    );
+    // The acknowledged writes are still there.
+    assert_nodes_have(&cluster, &[1, 2], &acked);
 }
 
 /// Five members: SIGKILL of the elected leader under a write load. A new

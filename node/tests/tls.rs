@@ -139,10 +139,11 @@ fn fingerprint(cluster: &Cluster) -> Vec<(u64, u64, u64, String)> {
 }
 
 /// A vote request from `claimed` in a far higher term (transfer-marked, so
-/// no lease would make a follower ignore it), over `transport` to `addr`.
+/// no lease would make a follower ignore it), over `transport` to member
+/// `to` of cluster `cluster_id` at `addr`.
 async fn forged_vote(
     transport: &Transport,
-    addr: SocketAddr,
+    (cluster_id, addr, to): (&str, SocketAddr, u64),
     claimed: u64,
 ) -> Result<pb::VoteReply, String> {
     let channel = match transport.endpoint(addr).unwrap().connect().await {
@@ -152,9 +153,10 @@ async fn forged_vote(
     let mut client = pb::replication_client::ReplicationClient::new(channel);
     let request = pb::VoteRequest {
         from: Some(pb::Sender {
-            cluster_id: "test".into(),
+            cluster_id: cluster_id.into(),
             node_id: claimed,
             term: 1_000,
+            to,
         }),
         last_lsn: u64::MAX / 2,
         last_term: 1_000,
@@ -171,7 +173,7 @@ async fn forged_vote(
 /// make the receiver adopt that term and truncate.
 async fn forged_append(
     transport: &Transport,
-    addr: SocketAddr,
+    (cluster_id, addr, to): (&str, SocketAddr, u64),
     claimed: u64,
 ) -> Result<pb::AppendAck, String> {
     let channel = match transport.endpoint(addr).unwrap().connect().await {
@@ -181,9 +183,10 @@ async fn forged_append(
     let mut client = pb::replication_client::ReplicationClient::new(channel);
     let request = pb::AppendRequest {
         from: Some(pb::Sender {
-            cluster_id: "test".into(),
+            cluster_id: cluster_id.into(),
             node_id: claimed,
             term: 1_000,
+            to,
         }),
         prev_lsn: 0,
         prev_term: 0,
@@ -275,8 +278,9 @@ fn strangers_are_refused_and_change_nothing() {
                 if id as u64 == *claimed {
                     continue;
                 }
-                let vote = forged_vote(transport, peer(id), *claimed).await;
-                let append = forged_append(transport, peer(id), *claimed).await;
+                let to = (cluster.cluster_id.as_str(), peer(id), id as u64);
+                let vote = forged_vote(transport, to, *claimed).await;
+                let append = forged_append(transport, to, *claimed).await;
                 for (what, outcome) in [
                     ("vote request", vote.map(|r| format!("{r:?}"))),
                     ("append", append.map(|r| format!("{r:?}"))),
@@ -321,10 +325,11 @@ fn strangers_are_refused_and_change_nothing() {
     });
     // A vote request from node 2 itself, in a stale term: heard, not
     // granted, nothing changes either.
+    let asked = if leader == 2 { 1 } else { leader };
     let genuine = runtime().block_on(async {
         let channel = tls
             .transport_as("ca", "node2")
-            .endpoint(peer(if leader == 2 { 1 } else { leader }))
+            .endpoint(peer(asked))
             .unwrap()
             .connect()
             .await
@@ -332,9 +337,10 @@ fn strangers_are_refused_and_change_nothing() {
         pb::replication_client::ReplicationClient::new(channel)
             .request_vote(pb::VoteRequest {
                 from: Some(pb::Sender {
-                    cluster_id: "test".into(),
+                    cluster_id: cluster.cluster_id.clone(),
                     node_id: 2,
                     term: 1,
+                    to: asked as u64,
                 }),
                 last_lsn: 0,
                 last_term: 0,

@@ -88,18 +88,23 @@ impl StrangerTally {
     }
 }
 
-fn forged(claimed: u64) -> Option<pb::Sender> {
+fn forged(claimed: u64, to: u64) -> Option<pb::Sender> {
     Some(pb::Sender {
         cluster_id: "sim".into(),
         node_id: claimed,
         term: FORGED_TERM,
+        to,
     })
 }
 
 /// One forged message to `target`, claiming to be from `claimed`; `kind`
 /// picks vote request, append or `TimeoutNow`.
-async fn send_one(target: SocketAddr, claimed: u64, kind: u64) -> Result<String, tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+async fn send_one(
+    (addr, target): (SocketAddr, u64),
+    claimed: u64,
+    kind: u64,
+) -> Result<String, tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| tonic::Status::internal(e.to_string()))?
         .connect_timeout(Duration::from_millis(300))
         .timeout(Duration::from_millis(500));
@@ -112,7 +117,7 @@ async fn send_one(target: SocketAddr, claimed: u64, kind: u64) -> Result<String,
         0 => {
             let reply = client
                 .request_vote(pb::VoteRequest {
-                    from: forged(claimed),
+                    from: forged(claimed, target),
                     last_lsn: u64::MAX / 2,
                     last_term: FORGED_TERM,
                     transfer: true,
@@ -130,7 +135,7 @@ async fn send_one(target: SocketAddr, claimed: u64, kind: u64) -> Result<String,
                 },
             };
             let request = pb::AppendRequest {
-                from: forged(claimed),
+                from: forged(claimed, target),
                 prev_lsn: 0,
                 prev_term: 0,
                 records: vec![kv_node::server::convert::to_proto(&record)],
@@ -149,7 +154,7 @@ async fn send_one(target: SocketAddr, claimed: u64, kind: u64) -> Result<String,
         _ => {
             let reply = client
                 .timeout_now(pb::TimeoutNowRequest {
-                    from: forged(claimed),
+                    from: forged(claimed, target),
                 })
                 .await?;
             Ok(format!("TimeoutNow answered {:?}", reply.into_inner()))
@@ -175,7 +180,7 @@ pub async fn stranger(
         let claimed = (target + rng.below(nodes as u64 - 1)) % nodes as u64 + 1;
         let kind = rng.below(3);
         let addr = SocketAddr::new(turmoil::lookup(format!("n{target}")), port);
-        match send_one(addr, claimed, kind).await {
+        match send_one((addr, target), claimed, kind).await {
             Ok(answer) => tally.answered(format!(
                 "a stranger claiming to be node {claimed} was heard by node {target}: {answer}"
             )),

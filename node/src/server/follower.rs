@@ -51,12 +51,22 @@ fn ack_to_proto(ack: replica::AppendAck, last_lsn: u64) -> pb::AppendAck {
 }
 
 impl Node {
-    /// Checks that `from` is one of ours before the core sees it.
+    /// Checks that `from` is of our cluster and that the message is meant
+    /// for this node, before the core sees it. A message for another
+    /// member reached us through an address that no longer (or never did)
+    /// lead to that member; answering it would count our log as theirs.
     pub(super) fn check_cluster(&self, from: &pb::Sender) -> Result<(), Status> {
         if from.cluster_id != self.config.cluster_id {
             return Err(Status::permission_denied(format!(
                 "cluster id {:?} is not ours ({:?})",
                 from.cluster_id, self.config.cluster_id
+            )));
+        }
+        if from.to != self.config.node_id {
+            return Err(Status::permission_denied(format!(
+                "the message is meant for node {}, and this is node {}: \
+                 check the members' addresses",
+                from.to, self.config.node_id
             )));
         }
         Ok(())

@@ -85,6 +85,10 @@ impl Node {
     /// it no longer leads that term.
     pub(super) async fn replicate(self: Arc<Self>, peer: Member, term: u64) {
         let mut backoff = Duration::from_millis(50);
+        // A refusal (another cluster, or another member, at this peer's
+        // address) is a configuration error an operator must see: warned
+        // once per distinct message, not once per retry.
+        let mut refusal: Option<String> = None;
         loop {
             if !self.leads_in(term) {
                 // A deposed leader must never replicate again.
@@ -92,7 +96,20 @@ impl Node {
             }
             match self.replicate_once(&peer, term).await {
                 Ok(()) => {}
-                Err(e) => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
+                Err(e) => match e.downcast_ref::<tonic::Status>() {
+                    Some(s) if s.code() == tonic::Code::PermissionDenied => {
+                        if refusal.as_deref() != Some(s.message()) {
+                            tracing::warn!(
+                                peer = peer.id,
+                                addr = %peer.peer(),
+                                refusal = s.message(),
+                                "the node at this member's address refuses us"
+                            );
+                            refusal = Some(s.message().to_owned());
+                        }
+                    }
+                    _ => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
+                },
             }
             let ready = self.step(Input::Disconnected {
                 peer: peer.id,
@@ -104,13 +121,15 @@ impl Node {
         }
     }
 
-    /// This node as the sender of a message of `term` (a replicator keeps
-    /// the term it leads, whatever the node's term has become meanwhile).
-    pub(super) fn sender_in(&self, term: u64) -> pb::Sender {
+    /// This node as the sender of a message of `term` to member `to` (a
+    /// replicator keeps the term it leads, whatever the node's term has
+    /// become meanwhile).
+    pub(super) fn sender_to(&self, to: u64, term: u64) -> pb::Sender {
         pb::Sender {
             cluster_id: self.config.cluster_id.clone(),
             node_id: self.config.node_id,
             term,
+            to,
         }
     }
 
@@ -203,18 +222,15 @@ impl Node {
         });
         let durable = self.durability();
         for gated in ready.messages {
-            let Ok(Message::Append { req, sent, .. }) = gated.release(durable) else {
+            let Ok(Message::Append { to, req, sent }) = gated.release(durable) else {
                 continue;
             };
-            self.send_append(
-                tx,
-                req.term,
-                prev_lsn,
-                req.meta.prev_term,
-                req.commit,
-                records,
-            )
-            .await?;
+            assert_eq!(
+                (to, req.meta.prev_lsn),
+                (peer, prev_lsn),
+                "the core answered another append than the one asked for"
+            );
+            self.send_append(tx, to, &req, records).await?;
             inflight.push_back(sent);
             return Ok(true);
         }
@@ -246,24 +262,23 @@ impl Node {
         Ok(())
     }
 
+    /// Queues the core's append `req` to member `to`, with its `records`.
     async fn send_append(
         &self,
         tx: &mpsc::Sender<pb::AppendRequest>,
-        term: u64,
-        prev_lsn: u64,
-        prev_term: u64,
-        commit_lsn: u64,
+        to: u64,
+        req: &kv_cluster::replica::AppendRequest,
         records: Vec<pb::LogRecord>,
     ) -> anyhow::Result<()> {
         // A checkpoint of our applied state, for the follower to compare
         // its own against when it has applied the same LSN.
         let (checkpoint_digest, checkpoint_lsn) = self.engine.digest();
         let req = pb::AppendRequest {
-            from: Some(self.sender_in(term)),
-            prev_lsn,
-            prev_term,
+            from: Some(self.sender_to(to, req.term)),
+            prev_lsn: req.meta.prev_lsn,
+            prev_term: req.meta.prev_term,
             records,
-            commit_lsn,
+            commit_lsn: req.commit,
             checkpoint_lsn,
             checkpoint_digest,
         };

@@ -331,16 +331,11 @@ impl Node {
     }
 
     /// Checks the sender of a request between nodes: present, of our
-    /// cluster, and another member.
+    /// cluster, meant for this node, and another member.
     fn check_peer(&self, from: Option<pb::Sender>, what: &str) -> Result<pb::Sender, Status> {
         let from =
             from.ok_or_else(|| Status::invalid_argument(format!("{what} without a sender")))?;
-        if from.cluster_id != self.config.cluster_id {
-            return Err(Status::permission_denied(format!(
-                "cluster id {:?} is not ours ({:?})",
-                from.cluster_id, self.config.cluster_id
-            )));
-        }
+        self.check_cluster(&from)?;
         if from.node_id == self.config.node_id || self.config.addr_of(from.node_id).is_none() {
             return Err(Status::permission_denied(format!(
                 "node {} is not another member of this cluster",

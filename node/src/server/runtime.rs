@@ -318,7 +318,7 @@ impl Node {
             return;
         };
         let request = pb::VoteRequest {
-            from: Some(self.sender_in(req.term)),
+            from: Some(self.sender_to(to, req.term)),
             last_lsn: req.last_lsn,
             last_term: req.last_term,
             transfer: req.transfer,
@@ -355,7 +355,7 @@ impl Node {
             let told = async {
                 let mut peer = node.peer(addr).await?;
                 let request = pb::TimeoutNowRequest {
-                    from: Some(node.sender_in(term)),
+                    from: Some(node.sender_to(target, term)),
                 };
                 let reply = tokio::time::timeout(rpc, peer.timeout_now(request)).await??;
                 anyhow::Ok(reply.into_inner())

@@ -122,7 +122,7 @@ impl Node {
         let failure = Arc::new(Mutex::new(None));
         let stream = chunk_stream(
             file,
-            self.sender_in(term),
+            self.sender_to(peer, term),
             self.env.offload,
             failure.clone(),
         );

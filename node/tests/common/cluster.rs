@@ -15,6 +15,10 @@ use super::process::{self, KV};
 /// A cluster of `kv serve` processes, members 1..=n (`addrs[id - 1]`).
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// This cluster's id, unique to it: clusters of tests that run at the
+    /// same time never take each other's nodes for their own, even where
+    /// one reuses a port another's stopped node held.
+    pub cluster_id: String,
     /// Client listeners, `addrs[id - 1]`.
     pub addrs: Vec<SocketAddr>,
     /// Peer listeners (TLS clusters only; otherwise replication shares
@@ -124,7 +128,13 @@ impl Cluster {
     }
 
     fn build_with(members: usize, extra: &str, leader: &str, tls: Option<&str>) -> Cluster {
+        static CLUSTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = tempfile::tempdir().unwrap();
+        let cluster_id = format!(
+            "test-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let ports = free_ports(3 * members);
         let (addrs, rest) = ports.split_at(members);
         let (peers, metrics_addrs) = rest.split_at(members);
@@ -160,7 +170,7 @@ impl Cluster {
                 &format!("\"{}\"", metrics_addrs[id as usize - 1]),
             );
             let config = format!(
-                "cluster_id = \"test\"\nnode_id = {id}\nlisten = \"{}\"\n{peer_listen}data_dir = \"{}\"\n{leader}write_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}{tls_table}",
+                "cluster_id = \"{cluster_id}\"\nnode_id = {id}\nlisten = \"{}\"\n{peer_listen}data_dir = \"{}\"\n{leader}write_timeout_ms = 3000\nrpc_timeout_ms = 1000\nheartbeat_ms = 50\n{extra}\n{members}{tls_table}",
                 addrs[id as usize - 1],
                 dir.path().join(format!("node{id}")).display()
             );
@@ -168,6 +178,7 @@ impl Cluster {
         }
         let mut cluster = Cluster {
             dir,
+            cluster_id,
             addrs: addrs.to_vec(),
             peer_addrs: if certs.is_some() {
                 peers.to_vec()
@@ -321,7 +332,13 @@ impl Cluster {
                 Duration::from_millis(500),
             )
             .await;
-            replies.into_iter().next().and_then(|(_, r)| r.ok())
+            // Only member `id` of this cluster counts: another test's node
+            // may listen on a port one of ours held before it stopped.
+            replies
+                .into_iter()
+                .next()
+                .and_then(|(_, r)| r.ok())
+                .filter(|s| s.cluster_id == self.cluster_id && s.node_id == id as u64)
         })
     }
 

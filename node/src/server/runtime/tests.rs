@@ -132,6 +132,7 @@ fn ask(candidate: u64, term: u64) -> pb::VoteRequest {
             cluster_id: "c".into(),
             node_id: candidate,
             term,
+            to: 1,
         }),
         last_lsn: 0,
         last_term: 0,
@@ -279,6 +280,7 @@ async fn timeout_now_from_a_non_leader_starts_no_campaign() {
             cluster_id: "c".into(),
             node_id: 2,
             term,
+            to: 1,
         }),
     };
     let reply = node.clone().handle_timeout_now(request).await.unwrap();
