@@ -18,7 +18,7 @@
 //!
 //! Not here: the TLS handshake, the certificate chain and its validity
 //! period (rustls, configured in `crate::tls`), and the cluster-id and
-//! membership checks that follow (`Node::check_peer`, `accept_leader`).
+//! membership checks that follow (`Node::check_sender`, `accept_leader`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -51,31 +51,10 @@ fn ack_to_proto(ack: replica::AppendAck, last_lsn: u64) -> pb::AppendAck {
 }
 
 impl Node {
-    /// Checks that `from` is of our cluster and that the message is meant
-    /// for this node, before the core sees it. A message for another
-    /// member reached us through an address that no longer (or never did)
-    /// lead to that member; answering it would count our log as theirs.
-    pub(super) fn check_cluster(&self, from: &pb::Sender) -> Result<(), Status> {
-        if from.cluster_id != self.config.cluster_id {
-            return Err(Status::permission_denied(format!(
-                "cluster id {:?} is not ours ({:?})",
-                from.cluster_id, self.config.cluster_id
-            )));
-        }
-        if from.to != self.config.node_id {
-            return Err(Status::permission_denied(format!(
-                "the message is meant for node {}, and this is node {}: \
-                 check the members' addresses",
-                from.to, self.config.node_id
-            )));
-        }
-        Ok(())
-    }
-
-    /// Follower: is the sender of a snapshot this term's leader? `Ok(false)`
-    /// if its term is stale; a higher term is persisted first.
+    /// Follower: is the sender of a snapshot (its envelope checked by
+    /// [`Node::check_sender`]) this term's leader? `Ok(false)` if its term
+    /// is stale; a higher term is persisted first.
     pub(super) async fn accept_snapshot_from(&self, from: &pb::Sender) -> Result<bool, Status> {
-        self.check_cluster(from)?;
         let ready = self.step(Input::SnapshotOffer {
             from: from.node_id,
             term: from.term,
@@ -94,13 +73,10 @@ impl Node {
     /// and share the same sync.
     pub(super) async fn accept_append(&self, req: pb::AppendRequest) -> Result<PendingAck, Status> {
         let _one_at_a_time = self.append_lock.lock().await;
-        let from = req
-            .from
-            .ok_or_else(|| Status::invalid_argument("append without a sender"))?;
         // A stranger is refused before its records are looked at, and a
         // damaged record before the core sees the request: bad input
         // changes nothing.
-        let from = self.check_peer(Some(from), "append")?;
+        let from = self.check_sender(req.from.as_ref(), "append")?;
         if self.config.leader.is_some_and(|l| l != from.node_id) {
             // The core refuses it too; here it is refused before decoding.
             return Err(Status::permission_denied(format!(

@@ -87,29 +87,31 @@ impl Node {
         let mut backoff = Duration::from_millis(50);
         // A refusal (another cluster, or another member, at this peer's
         // address) is a configuration error an operator must see: warned
-        // once per distinct message, not once per retry.
+        // when it starts or changes, not at every retry. A stream that ends
+        // otherwise forgets it, so a refusal that comes back is warned again.
         let mut refusal: Option<String> = None;
         loop {
             if !self.leads_in(term) {
                 // A deposed leader must never replicate again.
                 return;
             }
-            match self.replicate_once(&peer, term).await {
-                Ok(()) => {}
-                Err(e) => match e.downcast_ref::<tonic::Status>() {
-                    Some(s) if s.code() == tonic::Code::PermissionDenied => {
-                        if refusal.as_deref() != Some(s.message()) {
-                            tracing::warn!(
-                                peer = peer.id,
-                                addr = %peer.peer(),
-                                refusal = s.message(),
-                                "the node at this member's address refuses us"
-                            );
-                            refusal = Some(s.message().to_owned());
-                        }
+            let Err(e) = self.replicate_once(&peer, term).await;
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) if s.code() == tonic::Code::PermissionDenied => {
+                    if refusal.as_deref() != Some(s.message()) {
+                        tracing::warn!(
+                            peer = peer.id,
+                            addr = %peer.peer(),
+                            refusal = s.message(),
+                            "the node at this member's address refuses us"
+                        );
+                        refusal = Some(s.message().to_owned());
                     }
-                    _ => tracing::debug!(peer = peer.id, error = %e, "replication stream ended"),
-                },
+                }
+                _ => {
+                    refusal = None;
+                    tracing::debug!(peer = peer.id, error = %e, "replication stream ended");
+                }
             }
             let ready = self.step(Input::Disconnected {
                 peer: peer.id,
@@ -133,7 +135,13 @@ impl Node {
         }
     }
 
-    async fn replicate_once(&self, peer: &Member, term: u64) -> anyhow::Result<()> {
+    /// One replication stream to `peer`, until it fails or this node no
+    /// longer leads `term`: it only ever ends in an error.
+    async fn replicate_once(
+        &self,
+        peer: &Member,
+        term: u64,
+    ) -> anyhow::Result<std::convert::Infallible> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         let endpoint = self
             .peer_endpoint(peer.peer())?

@@ -330,12 +330,33 @@ impl Node {
         status
     }
 
-    /// Checks the sender of a request between nodes: present, of our
-    /// cluster, meant for this node, and another member.
-    fn check_peer(&self, from: Option<pb::Sender>, what: &str) -> Result<pb::Sender, Status> {
+    /// Checks the envelope of a message between nodes before anything
+    /// else looks at it: a sender is named, of our cluster and another
+    /// member, and the message is meant for this node. (A message for
+    /// another member reached us through an address that no longer, or
+    /// never did, lead to that member; answering it would count our log as
+    /// theirs.) Whether that member may send it now is the core's to
+    /// decide.
+    fn check_sender<'a>(
+        &self,
+        from: Option<&'a pb::Sender>,
+        what: &str,
+    ) -> Result<&'a pb::Sender, Status> {
         let from =
             from.ok_or_else(|| Status::invalid_argument(format!("{what} without a sender")))?;
-        self.check_cluster(&from)?;
+        if from.cluster_id != self.config.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "cluster id {:?} is not ours ({:?})",
+                from.cluster_id, self.config.cluster_id
+            )));
+        }
+        if from.to != self.config.node_id {
+            return Err(Status::permission_denied(format!(
+                "the message is meant for node {}, and this is node {}: \
+                 check the members' addresses",
+                from.to, self.config.node_id
+            )));
+        }
         if from.node_id == self.config.node_id || self.config.addr_of(from.node_id).is_none() {
             return Err(Status::permission_denied(format!(
                 "node {} is not another member of this cluster",

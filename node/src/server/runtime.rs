@@ -494,7 +494,7 @@ impl Node {
         &self,
         req: pb::TimeoutNowRequest,
     ) -> Result<pb::TimeoutNowReply, Status> {
-        let from = self.check_peer(req.from, "TimeoutNow")?;
+        let from = self.check_sender(req.from.as_ref(), "TimeoutNow")?;
         let ready = self.step(Input::TimeoutNow(replica::TimeoutNow {
             from: from.node_id,
             term: from.term,
@@ -515,7 +515,7 @@ impl Node {
     /// The vote handler (`RequestVote`): the core decides; the reply leaves
     /// only once a granted vote is durable.
     pub(super) async fn handle_vote(&self, req: pb::VoteRequest) -> Result<pb::VoteReply, Status> {
-        let from = self.check_peer(req.from, "vote request")?;
+        let from = self.check_sender(req.from.as_ref(), "vote request")?;
         let ready = self.step(Input::Vote(replica::VoteRequest {
             from: from.node_id,
             term: from.term,

@@ -223,10 +223,7 @@ impl Node {
                 Ok(Err(status)) => return Err(status),
                 Err(_) => return Err(Status::deadline_exceeded("snapshot stream went silent")),
             };
-            let from = chunk
-                .from
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("snapshot chunk without a sender"))?;
+            let from = self.check_sender(chunk.from.as_ref(), "snapshot chunk")?;
             caller.may_claim(Some(from.node_id))?;
             if !self.accept_snapshot_from(from).await? {
                 return Ok(Received::Stale(pb::SnapshotAck {
