@@ -226,38 +226,33 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
         commit_lsn: 0,
         ..Default::default()
     };
-    // A wrong cluster id, a non-member, a sender that is not the leader.
-    check(
-        pb::AppendRequest {
-            from: sender("other", 1),
-            ..base.clone()
-        },
-        tonic::Code::PermissionDenied,
-    );
-    check(
-        pb::AppendRequest {
-            from: sender(&cluster.cluster_id, 9),
-            ..base.clone()
-        },
-        tonic::Code::PermissionDenied,
-    );
-    check(
-        pb::AppendRequest {
-            from: sender(&cluster.cluster_id, 3),
-            ..base.clone()
-        },
-        tonic::Code::PermissionDenied,
-    );
-    // The leader's append, meant for node 3, at node 2's address.
+    // Strangers, on the append stream and the snapshot stream alike: a
+    // wrong cluster id, a non-member, this node itself, a member that is
+    // not the (fixed) leader, and the leader's message meant for node 3.
     let mut misaddressed = sender(&cluster.cluster_id, 1).unwrap();
     misaddressed.to = 3;
-    check(
-        pb::AppendRequest {
-            from: Some(misaddressed),
-            ..base.clone()
-        },
-        tonic::Code::PermissionDenied,
-    );
+    let strangers = [
+        sender("other", 1),
+        sender(&cluster.cluster_id, 9),
+        sender(&cluster.cluster_id, 2),
+        sender(&cluster.cluster_id, 3),
+        Some(misaddressed),
+    ];
+    for from in strangers {
+        check(
+            pb::AppendRequest {
+                from: from.clone(),
+                ..base.clone()
+            },
+            tonic::Code::PermissionDenied,
+        );
+        let err = raw_snapshot(follower, from.clone()).unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "snapshot from {from:?}: {err:?}"
+        );
+    }
     // A record whose CRC does not match.
     check(base.clone(), tonic::Code::InvalidArgument);
     // Records that are not consecutive.
@@ -270,23 +265,6 @@ fn bad_replication_traffic_is_refused_and_never_reaches_the_wal() {
         },
         tonic::Code::InvalidArgument,
     );
-    // Snapshot chunks from the same strangers, and the leader's meant for
-    // node 3.
-    let mut misaddressed = sender(&cluster.cluster_id, 1).unwrap();
-    misaddressed.to = 3;
-    for from in [
-        sender("other", 1),
-        sender(&cluster.cluster_id, 9),
-        sender(&cluster.cluster_id, 2),
-        Some(misaddressed),
-    ] {
-        let err = raw_snapshot(follower, from.clone()).unwrap_err();
-        assert_eq!(
-            err.code(),
-            tonic::Code::PermissionDenied,
-            "{from:?}: {err:?}"
-        );
-    }
     let s = cluster.status_of(2).unwrap();
     assert_eq!((s.last_lsn, s.keys), (0, 0), "nothing reached the WAL");
     // The follower still serves its real leader.
