@@ -1,6 +1,6 @@
 //! Model checking of the consensus core with `stateright`: every
-//! interleaving of a small cluster's steps, up to a depth bound, against
-//! the protocol's safety properties.
+//! interleaving of a small cluster's steps, up to a bound on their
+//! number, against the protocol's safety properties.
 //!
 //! The model runs the real [`Replica`] (not a re-statement of it) as each
 //! of three members and plays the runtime around it:
@@ -36,21 +36,22 @@
 //! Searches: `clients` and `crashes` start from the fresh cluster;
 //! `failover`, `handover` and `diverged` start after a few opening moves
 //! (see [`Move`]: a leader with a committed write and a follower behind;
-//! two leaders whose logs diverge), which spares the search the depth of
+//! two leaders whose logs diverge), which spares the search the steps of
 //! reaching those states.
 //!
 //! `cargo test -p kv-cluster --release --test model -- --nocapture` runs
-//! the bounded check CI runs and prints the states explored and the
-//! depth. `KV_MODEL_DEPTH=N` sets another depth bound (each step deeper
-//! multiplies the states by 2 to 4), `KV_MODEL_TIME`, `KV_MODEL_TERM` and
-//! `KV_MODEL_NET` the time horizon, the highest term a timer may campaign
-//! for and the most messages in flight. The default search is depth
-//! first, and a depth-first search with a depth bound is not exhaustive
-//! to that depth: a state first reached late on a long path is not
-//! explored again from a shorter one. `KV_MODEL_BFS=1` searches breadth
-//! first instead: exhaustive to the bound and its counterexamples are
-//! shortest, but it holds a whole level of states (gigabytes past depth
-//! 12).
+//! the bounded check CI runs and prints each search's states explored
+//! and its bound: the most steps from the search's first state.
+//! `KV_MODEL_STEPS=N` sets another bound (each step more multiplies the
+//! states by 2 to 4), `KV_MODEL_TIME`, `KV_MODEL_TERM` and `KV_MODEL_NET`
+//! the time horizon, the highest term a timer may campaign for and the
+//! most messages in flight. The default search is depth first, and a
+//! depth-first search with a bound is not exhaustive to it: a state
+//! first reached late on a long path is not explored again from a
+//! shorter one. `KV_MODEL_BFS=1` searches breadth first instead:
+//! exhaustive to the bound and its counterexamples are shortest, but it
+//! holds a whole level of states in memory. `scripts/plant-model-bugs.py`
+//! plants bug classes in the core and reports what catches each.
 
 // A model that finds its own assumptions broken should stop loudly.
 #![allow(clippy::expect_used)]
@@ -515,7 +516,7 @@ enum Action {
 /// One of a scenario's opening moves, played from the initial state
 /// before the search begins. Each is a step the model takes itself (or a
 /// loss the network may cause), so the search starts from a reachable
-/// state: the opening only spares the search the depth of reaching it.
+/// state: the opening only spares the search the steps of reaching it.
 #[derive(Debug, Clone, Copy)]
 enum Move {
     /// True time advances until the member's election timer is due; the
