@@ -9,6 +9,13 @@
 //!   twice (duplication). A message whose delivery can no longer change
 //!   anything (an answer to a term its receiver has left for good) is
 //!   dropped, which the lossy network allows anyway.
+//! - **Replicators:** the leader ships each follower what it lacks at
+//!   once after every step, as far as flow control lets it. A bounded
+//!   number of times, a replication stream may break and open again: the
+//!   replicator forgets what it had in flight and, as the node's does,
+//!   probes with a heartbeat at the follower's `next` before it ships.
+//!   (Requests already on the wire stay deliverable: more behaviour, not
+//!   less.)
 //! - **Disks:** a replica's log is durable as soon as it is appended. Its
 //!   hard state is persisted at once, except on the one member that may
 //!   still crash: there persisting is a separate `Persist` step, the
@@ -34,10 +41,12 @@
 //! term has committed anything.
 //!
 //! Searches: `clients` and `crashes` start from the fresh cluster;
-//! `failover`, `handover` and `diverged` start after a few opening moves
-//! (see [`Move`]: a leader with a committed write and a follower behind;
-//! two leaders whose logs diverge), which spares the search the steps of
-//! reaching those states.
+//! `failover`, `handover`, `diverged` and `older_terms` start after a few
+//! opening moves (see [`Move`]: a leader with a committed write and a
+//! follower behind; two leaders whose logs diverge; a third term's leader
+//! whose records of the first term are on their way to a majority, while
+//! the second term's leader may still win), which spares the search the
+//! steps of reaching those states.
 //!
 //! `cargo test -p kv-cluster --release --test model -- --nocapture` runs
 //! the bounded check CI runs and prints each search's states explored
@@ -459,6 +468,7 @@ struct History {
     duplicates: u8,
     reads: u8,
     transfers: u8,
+    reconnects: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -510,6 +520,10 @@ enum Action {
     Write(usize),
     Read(usize),
     Transfer(usize, NodeId),
+    /// The leader's replication stream to a follower breaks and opens
+    /// again: the replicator forgets what it had in flight, probes with a
+    /// heartbeat at the follower's `next`, then ships.
+    Reconnect(usize, NodeId),
     Crash(usize),
 }
 
@@ -529,6 +543,9 @@ enum Move {
     Lose(NodeId, NodeId),
     /// A client write at the member.
     Write(usize),
+    /// True time advances, the leader's timer firing at each step, until
+    /// check quorum steps it down (nothing it sent was acknowledged).
+    StepDown(usize),
 }
 
 const COMMIT_BACK: &str = "commit never goes back";
@@ -557,6 +574,7 @@ struct Raft {
     max_duplicates: u8,
     max_reads: u8,
     max_transfers: u8,
+    max_reconnects: u8,
     /// States with more messages in flight are checked, not explored.
     max_net: usize,
 }
@@ -879,9 +897,13 @@ impl Raft {
                         .iter()
                         .position(|e| e.from == from && e.to == to && e.wire.kind() == kind)
                         .unwrap_or_else(|| {
+                            let net: Vec<String> = s.net.iter().map(|e| e.to_string()).collect();
                             panic!(
-                                "opening of {}: no {kind:?} from {from} to {to} in flight",
-                                self.name
+                                "opening of {}: no {kind:?} from {from} to {to} in flight \
+                                 after\n  {}\nin flight: {net:?}; logs {:?}",
+                                self.name,
+                                trace.join("\n  "),
+                                s.members.iter().map(|m| &m.log).collect::<Vec<_>>()
                             )
                         });
                     Action::Deliver(k, false)
@@ -892,6 +914,21 @@ impl Raft {
                     continue;
                 }
                 Move::Write(i) => Action::Write(i),
+                Move::StepDown(i) => {
+                    while s.members[i].replica.role() == Role::Leader {
+                        assert!(
+                            s.time < self.start_time() + 100,
+                            "opening of {}: node {} never steps down",
+                            self.name,
+                            id(i)
+                        );
+                        for a in [Action::Advance, Action::Tick(i)] {
+                            trace.push(self.describe(&s, &a));
+                            s = self.next_state(&s, a).expect("time advances");
+                        }
+                    }
+                    continue;
+                }
             };
             trace.push(self.describe(&s, &action));
             s = self.next_state(&s, action).unwrap_or_else(|| {
@@ -934,6 +971,7 @@ impl Raft {
             Action::Write(i) => format!("Write at {}", id(*i)),
             Action::Read(i) => format!("Read at {}", id(*i)),
             Action::Transfer(i, to) => format!("Transfer {} -> {to}", id(*i)),
+            Action::Reconnect(i, to) => format!("Reconnect {} -> {to}", id(*i)),
             Action::Crash(i) => format!("Crash {}", id(*i)),
         }
     }
@@ -996,9 +1034,12 @@ impl Model for Raft {
                 if s.history.reads < self.max_reads {
                     actions.push(Action::Read(i));
                 }
-                if s.history.transfers < self.max_transfers {
-                    for peer in (1..=n as NodeId).filter(|p| *p != id(i)) {
+                for peer in (1..=n as NodeId).filter(|p| *p != id(i)) {
+                    if s.history.transfers < self.max_transfers {
                         actions.push(Action::Transfer(i, peer));
+                    }
+                    if s.history.reconnects < self.max_reconnects {
+                        actions.push(Action::Reconnect(i, peer));
                     }
                 }
             }
@@ -1115,6 +1156,22 @@ impl Model for Raft {
             Action::Transfer(i, target) => {
                 s.history.transfers += 1;
                 self.step(&mut s, i, Input::Transfer { target }, None);
+                self.replicate(&mut s, i);
+            }
+            Action::Reconnect(i, peer) => {
+                s.history.reconnects += 1;
+                let term = s.members[i].replica.term();
+                self.step(&mut s, i, Input::Disconnected { peer, term }, None);
+                let next = s.members[i].replica.next_for(peer)?;
+                let probe = Input::Ship {
+                    to: peer,
+                    term,
+                    prev_lsn: next - 1,
+                    last: next - 1,
+                    bytes: 0,
+                };
+                self.step(&mut s, i, probe, None);
+                self.step(&mut s, i, Input::Connected { peer, term }, None);
                 self.replicate(&mut s, i);
             }
             Action::Crash(i) => {
@@ -1280,6 +1337,7 @@ fn base(name: &'static str) -> Raft {
         max_duplicates: 0,
         max_reads: 0,
         max_transfers: 0,
+        max_reconnects: 0,
         max_net: 6,
     }
 }
@@ -1377,5 +1435,49 @@ fn diverged() {
         max_term: 4,
         steps: 10,
         ..base("diverged")
+    });
+}
+
+/// An older term's records on a majority (Raft's figure 8, on three
+/// members): node 1 led term 1 and appended two records alone; node 3 led
+/// term 2 and appended one alone; node 1 leads term 3 with node 2's vote,
+/// and after node 2's refusal its records of term 1 and its own first
+/// record are on their way to node 2 in two appends. Node 3, whose last
+/// record (term 2) is newer than term 1, may still be elected with node
+/// 2's vote unless node 2 holds term 3's record.
+#[test]
+fn older_terms() {
+    use Kind::*;
+    check(Raft {
+        opening: vec![
+            Move::Timeout(0),
+            Move::Deliver(1, 2, Vote),
+            Move::Deliver(1, 3, Vote),
+            Move::Deliver(2, 1, VoteReply),
+            Move::Write(0),
+            Move::StepDown(0),
+            Move::Lose(1, 2),
+            Move::Lose(1, 3),
+            Move::Lose(3, 1),
+            Move::Timeout(2),
+            Move::Deliver(3, 1, Vote),
+            Move::Deliver(3, 2, Vote),
+            Move::Deliver(2, 3, VoteReply),
+            Move::StepDown(2),
+            Move::Lose(3, 1),
+            Move::Lose(3, 2),
+            Move::Lose(1, 3),
+            Move::Timeout(0),
+            Move::Deliver(1, 3, Vote),
+            Move::Deliver(1, 2, Vote),
+            Move::Deliver(2, 1, VoteReply),
+            Move::Deliver(1, 2, Append),
+            Move::Deliver(2, 1, AppendAck),
+            Move::Lose(3, 1),
+        ],
+        max_term: 4,
+        max_reconnects: 1,
+        steps: 10,
+        ..base("older_terms")
     });
 }
