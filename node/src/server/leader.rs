@@ -87,15 +87,22 @@ impl Node {
         let mut backoff = Duration::from_millis(50);
         // A refusal (another cluster, or another member, at this peer's
         // address) is a configuration error an operator must see: warned
-        // when it starts or changes, not at every retry. A stream that ends
-        // otherwise forgets it, so a refusal that comes back is warned again.
+        // when it starts or changes, not at every retry. It is forgotten
+        // once the member answers an append, so a refusal that comes back
+        // after replication worked is warned again; a stream that fails
+        // otherwise between two refusals (a dial error, a timeout)
+        // changes nothing.
         let mut refusal: Option<String> = None;
         loop {
             if !self.leads_in(term) {
                 // A deposed leader must never replicate again.
                 return;
             }
-            let Err(e) = self.replicate_once(&peer, term).await;
+            let mut answered = false;
+            let Err(e) = self.replicate_once(&peer, term, &mut answered).await;
+            if answered {
+                refusal = None;
+            }
             match e.downcast_ref::<tonic::Status>() {
                 Some(s) if s.code() == tonic::Code::PermissionDenied => {
                     if refusal.as_deref() != Some(s.message()) {
@@ -109,7 +116,6 @@ impl Node {
                     }
                 }
                 _ => {
-                    refusal = None;
                     tracing::debug!(peer = peer.id, error = %e, "replication stream ended");
                 }
             }
@@ -136,11 +142,13 @@ impl Node {
     }
 
     /// One replication stream to `peer`, until it fails or this node no
-    /// longer leads `term`: it only ever ends in an error.
+    /// longer leads `term`: it only ever ends in an error. Sets `answered`
+    /// once the member has answered an append on it.
     async fn replicate_once(
         &self,
         peer: &Member,
         term: u64,
+        answered: &mut bool,
     ) -> anyhow::Result<std::convert::Infallible> {
         let rpc = Duration::from_millis(self.config.rpc_timeout_ms);
         let endpoint = self
@@ -171,11 +179,14 @@ impl Node {
             if !self.leads_in(term) {
                 anyhow::bail!("no longer the leader of term {term}");
             }
-            self.send_batches(peer.id, &tx, &mut inflight, term).await?;
+            if let Err(e) = self.send_batches(peer.id, &tx, &mut inflight, term).await {
+                return Err(closed_because(&mut acks, &tx, e, rpc).await);
+            }
             tokio::select! {
                 biased;
                 ack = acks.message() => {
                     let ack = ack?.ok_or_else(|| anyhow::anyhow!("follower closed the stream"))?;
+                    *answered = true;
                     last_ack = tokio::time::Instant::now();
                     let Some(sent) = inflight.pop_front() else {
                         anyhow::bail!("follower {} acknowledged more than was sent", peer.id);
@@ -203,8 +214,10 @@ impl Node {
                     if !inflight.is_empty() && last_ack.elapsed() > rpc {
                         anyhow::bail!("no acknowledgement within {rpc:?}");
                     }
-                    if inflight.is_empty() {
-                        self.send_heartbeat(peer.id, &tx, &mut inflight, term).await?;
+                    if inflight.is_empty()
+                        && let Err(e) = self.send_heartbeat(peer.id, &tx, &mut inflight, term).await
+                    {
+                        return Err(closed_because(&mut acks, &tx, e, rpc).await);
                     }
                 }
             }
@@ -337,5 +350,34 @@ impl Node {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Why a replication stream ended, given that a send into it failed with
+/// `e`: if the follower's side closed the stream, its status says why (a
+/// refusal is the stream's status, and may close it while we send), and
+/// any acks queued before it are dropped with the stream.
+async fn closed_because(
+    acks: &mut tonic::Streaming<pb::AppendAck>,
+    tx: &mpsc::Sender<pb::AppendRequest>,
+    e: anyhow::Error,
+    rpc: Duration,
+) -> anyhow::Error {
+    if !tx.is_closed() {
+        return e;
+    }
+    let outcome = tokio::time::timeout(rpc, async {
+        loop {
+            match acks.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Ok(Some(status)) => status.into(),
+        _ => e,
     }
 }
