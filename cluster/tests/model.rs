@@ -1444,7 +1444,9 @@ fn diverged() {
 /// and after node 2's refusal its records of term 1 and its own first
 /// record are on their way to node 2 in two appends. Node 3, whose last
 /// record (term 2) is newer than term 1, may still be elected with node
-/// 2's vote unless node 2 holds term 3's record.
+/// 2's vote unless node 2 holds term 3's record. One replication stream
+/// may break and reopen: its probe carries node 1's commit LSN to node 3,
+/// whose log still holds node 3's own record of term 2.
 #[test]
 fn older_terms() {
     use Kind::*;
