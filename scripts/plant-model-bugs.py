@@ -12,8 +12,11 @@ plant that no longer applies is never silently skipped), runs
 (the core's unit tests, then the model checker's searches at the bounds
 CI runs) and prints one row per plant: every test that failed, and the
 first line of each counterexample the model printed. A plant that nothing
-catches says so. `none` plants nothing, and that run must pass; `all`
-(the default) runs it first, then every plant.
+catches says so, and the script then exits non-zero. `none` plants
+nothing, and that run must pass (the script stops if it does not); `all`
+(the default) runs it first, then every plant. A run that fails without a
+failing test (a plant that does not build, a test binary that dies) stops
+the script too.
 
 The worktrees share one target directory (`target/plants` by default), so
 only the first build is a full one. Nothing is committed or left behind
@@ -172,20 +175,27 @@ def apply(tree, edits):
             f.write(text.replace(old, new))
 
 
-def run(tree, target):
+def run(tree, target, timeout):
     env = dict(os.environ, CARGO_TARGET_DIR=target)
     started = time.monotonic()
-    out = subprocess.run(
-        [
-            "cargo", "test", "--release", "--no-fail-fast", "-p", "kv-cluster",
-            "--", "--nocapture", "--test-threads", "1",
-        ],
-        cwd=tree,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    try:
+        out = subprocess.run(
+            [
+                "cargo", "test", "--release", "--no-fail-fast", "-p", "kv-cluster",
+                "--", "--nocapture", "--test-threads", "1",
+            ],
+            cwd=tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        partial = e.stdout or b""
+        if isinstance(partial, bytes):
+            partial = partial.decode(errors="replace")
+        sys.exit(f"cargo test took more than {timeout} s in {tree}:\n{partial[-3000:]}")
     return out.returncode, out.stdout, time.monotonic() - started
 
 
@@ -208,6 +218,7 @@ def main():
     ap.add_argument("--target", default="target/plants")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--log-dir", help="keep each run's output here")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per cargo test run")
     a = ap.parse_args()
     if a.list:
         for name, (what, _) in PLANTS.items():
@@ -221,23 +232,32 @@ def main():
         if n != "none" and n not in PLANTS:
             sys.exit(f"no plant {n!r}; --list shows them")
     target = os.path.abspath(os.path.join(top, a.target))
+    # Every plant goes into the same commit, even if the branch moves.
+    rev = subprocess.run(
+        ["git", "rev-parse", "--verify", a.rev + "^{commit}"],
+        cwd=top, capture_output=True, text=True, check=True,
+    ).stdout.strip()
     rows = []
     for name in names:
         tree = tempfile.mkdtemp(prefix=f"kv-plant-{name}-")
         try:
-            sh(["git", "worktree", "add", "--detach", "-q", tree, a.rev], cwd=top)
+            sh(["git", "worktree", "add", "--detach", "-q", tree, rev], cwd=top)
             what = "nothing planted"
             if name != "none":
                 what, edits = PLANTS[name]
                 apply(tree, edits)
-            code, output, secs = run(tree, target)
+            code, output, secs = run(tree, target, a.timeout)
             if a.log_dir:
                 os.makedirs(a.log_dir, exist_ok=True)
                 with open(os.path.join(a.log_dir, f"{name}.log"), "w") as f:
                     f.write(output)
             failed, found = findings(output)
-            if "error[" in output and not failed:
-                sys.exit(f"plant {name} does not build:\n{output[-3000:]}")
+            if code != 0 and not failed:
+                # A build error, or a test binary that died without its
+                # summary: not a catch.
+                sys.exit(f"{name}: cargo test failed without a test failing:\n{output[-3000:]}")
+            if name == "none" and code != 0:
+                sys.exit(f"the unplanted run fails ({', '.join(failed)}): plants prove nothing")
             rows.append((name, what, code, failed, found, secs))
             if name == "none":
                 caught = "; ".join(failed) if failed else "every test passes"
@@ -258,8 +278,9 @@ def main():
         caught = ", ".join(f"`{f}`" for f in failed) if failed else "**not caught**"
         cex = "; ".join(f'{s}: "{p}" after {n} steps' for s, p, n in found) or "-"
         print(f"| {what} | {caught} | {cex} |")
-    if any(r[2] != 0 for r in rows if r[0] == "none"):
-        sys.exit("the unplanted run failed")
+    missed = [r[0] for r in rows if r[0] != "none" and not r[3]]
+    if missed:
+        sys.exit(f"not caught: {', '.join(missed)}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@
 //!   number of times, a replication stream may break and open again: the
 //!   replicator forgets what it had in flight and, as the node's does,
 //!   probes with a heartbeat at the follower's `next` before it ships.
-//!   (Requests already on the wire stay deliverable: more behaviour, not
-//!   less.)
+//!   The answers in flight on the broken stream are lost with it; its
+//!   requests stay deliverable (the follower may still be reading them).
 //! - **Disks:** a replica's log is durable as soon as it is appended. Its
 //!   hard state is persisted at once, except on the one member that may
 //!   still crash: there persisting is a separate `Persist` step, the
@@ -521,8 +521,9 @@ enum Action {
     Read(usize),
     Transfer(usize, NodeId),
     /// The leader's replication stream to a follower breaks and opens
-    /// again: the replicator forgets what it had in flight, probes with a
-    /// heartbeat at the follower's `next`, then ships.
+    /// again: the follower's answers in flight are lost, the replicator
+    /// forgets what it had in flight, probes with a heartbeat at the
+    /// follower's `next`, then ships.
     Reconnect(usize, NodeId),
     Crash(usize),
 }
@@ -1160,6 +1161,12 @@ impl Model for Raft {
             }
             Action::Reconnect(i, peer) => {
                 s.history.reconnects += 1;
+                // The answers to what the broken stream carried went down
+                // with it (the core is told nothing is in flight).
+                let leader = id(i);
+                s.net.retain(|e| {
+                    !(e.from == peer && e.to == leader && matches!(e.wire, Wire::AppendAck { .. }))
+                });
                 let term = s.members[i].replica.term();
                 self.step(&mut s, i, Input::Disconnected { peer, term }, None);
                 let next = s.members[i].replica.next_for(peer)?;

@@ -180,7 +180,7 @@ impl Node {
                 anyhow::bail!("no longer the leader of term {term}");
             }
             if let Err(e) = self.send_batches(peer.id, &tx, &mut inflight, term).await {
-                return Err(closed_because(&mut acks, &tx, e, rpc).await);
+                return Err(closed_because(&mut acks, &tx, e, rpc, answered).await);
             }
             tokio::select! {
                 biased;
@@ -217,7 +217,7 @@ impl Node {
                     if inflight.is_empty()
                         && let Err(e) = self.send_heartbeat(peer.id, &tx, &mut inflight, term).await
                     {
-                        return Err(closed_because(&mut acks, &tx, e, rpc).await);
+                        return Err(closed_because(&mut acks, &tx, e, rpc, answered).await);
                     }
                 }
             }
@@ -354,14 +354,16 @@ impl Node {
 }
 
 /// Why a replication stream ended, given that a send into it failed with
-/// `e`: if the follower's side closed the stream, its status says why (a
-/// refusal is the stream's status, and may close it while we send), and
-/// any acks queued before it are dropped with the stream.
+/// `e`: if the follower's side closed the stream, its status (read within
+/// `rpc`) says why (a refusal is the stream's status, and may close it
+/// while we send). Acks queued before the status are dropped with the
+/// stream, but still set `answered`.
 async fn closed_because(
     acks: &mut tonic::Streaming<pb::AppendAck>,
     tx: &mpsc::Sender<pb::AppendRequest>,
     e: anyhow::Error,
     rpc: Duration,
+    answered: &mut bool,
 ) -> anyhow::Error {
     if !tx.is_closed() {
         return e;
@@ -369,7 +371,7 @@ async fn closed_because(
     let outcome = tokio::time::timeout(rpc, async {
         loop {
             match acks.message().await {
-                Ok(Some(_)) => continue,
+                Ok(Some(_)) => *answered = true,
                 Ok(None) => return None,
                 Err(status) => return Some(status),
             }
