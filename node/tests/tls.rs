@@ -93,14 +93,27 @@ fn health_answers_over_tls_and_a_plaintext_client_is_refused() {
     let transport = cluster.transport();
     runtime().block_on(async {
         let channel = transport.endpoint(addr).unwrap().connect().await.unwrap();
-        let reply = HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "kv.v1.Kv".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(reply.status, ServingStatus::Serving as i32);
+        let mut health = HealthClient::new(channel);
+        // Node 1 reports SERVING once it knows the leader, which may be a
+        // little after the leader knows itself (and NOT_SERVING before, if
+        // the election took over twice the timeout on a loaded machine).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let reply = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "kv.v1.Kv".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if reply.status == ServingStatus::Serving as i32
+                || tokio::time::Instant::now() > deadline
+            {
+                break reply.status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status, ServingStatus::Serving as i32);
     });
     // The CLI's TLS settings from the environment, as etcdctl's.
     let tls = cluster.tls.as_ref().unwrap();
