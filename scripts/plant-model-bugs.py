@@ -258,11 +258,8 @@ def main():
                 sys.exit(f"{name}: cargo test failed without a test failing:\n{output[-3000:]}")
             if name == "none" and code != 0:
                 sys.exit(f"the unplanted run fails ({', '.join(failed)}): plants prove nothing")
-            rows.append((name, what, code, failed, found, secs))
-            if name == "none":
-                caught = "; ".join(failed) if failed else "every test passes"
-            else:
-                caught = "; ".join(failed) if failed else "NOT CAUGHT"
+            rows.append((name, what, failed, found))
+            caught = "every test passes" if name == "none" else "; ".join(failed) or "NOT CAUGHT"
             print(f"{name}: exit {code}, {secs:.0f} s: {caught}", flush=True)
             for search, prop, steps in found:
                 print(f"    model {search}: \"{prop}\" after {steps} steps", flush=True)
@@ -272,13 +269,13 @@ def main():
     print()
     print("| planted | caught by | model counterexample |")
     print("|---|---|---|")
-    for name, what, code, failed, found, _ in rows:
+    for name, what, failed, found in rows:
         if name == "none":
             continue
         caught = ", ".join(f"`{f}`" for f in failed) if failed else "**not caught**"
         cex = "; ".join(f'{s}: "{p}" after {n} steps' for s, p, n in found) or "-"
         print(f"| {what} | {caught} | {cex} |")
-    missed = [r[0] for r in rows if r[0] != "none" and not r[3]]
+    missed = [name for name, _, failed, _ in rows if name != "none" and not failed]
     if missed:
         sys.exit(f"not caught: {', '.join(missed)}")
 

@@ -883,14 +883,24 @@ impl Raft {
     fn open(&self) -> (State, Vec<String>) {
         let mut s = self.fresh();
         let mut trace = Vec::new();
+        // Takes one step of the opening, and notes it in the trace.
+        let play = |s: &State, action: Action, trace: &mut Vec<String>| {
+            trace.push(self.describe(s, &action));
+            self.next_state(s, action).unwrap_or_else(|| {
+                panic!(
+                    "opening of {}: {} did nothing",
+                    self.name,
+                    trace[trace.len() - 1]
+                )
+            })
+        };
         for m in &self.opening {
-            let action = match *m {
+            match *m {
                 Move::Timeout(i) => {
                     while self.local(i, s.time) < s.members[i].replica.election_due() {
-                        trace.push(self.describe(&s, &Action::Advance));
-                        s = self.next_state(&s, Action::Advance).expect("time advances");
+                        s = play(&s, Action::Advance, &mut trace);
                     }
-                    Action::Tick(i)
+                    s = play(&s, Action::Tick(i), &mut trace);
                 }
                 Move::Deliver(from, to, kind) => {
                     let k = s
@@ -907,14 +917,13 @@ impl Raft {
                                 s.members.iter().map(|m| &m.log).collect::<Vec<_>>()
                             )
                         });
-                    Action::Deliver(k, false)
+                    s = play(&s, Action::Deliver(k, false), &mut trace);
                 }
                 Move::Lose(from, to) => {
                     trace.push(format!("Lose every message from {from} to {to}"));
                     s.net.retain(|e| (e.from, e.to) != (from, to));
-                    continue;
                 }
-                Move::Write(i) => Action::Write(i),
+                Move::Write(i) => s = play(&s, Action::Write(i), &mut trace),
                 Move::StepDown(i) => {
                     while s.members[i].replica.role() == Role::Leader {
                         assert!(
@@ -923,22 +932,11 @@ impl Raft {
                             self.name,
                             id(i)
                         );
-                        for a in [Action::Advance, Action::Tick(i)] {
-                            trace.push(self.describe(&s, &a));
-                            s = self.next_state(&s, a).expect("time advances");
-                        }
+                        s = play(&s, Action::Advance, &mut trace);
+                        s = play(&s, Action::Tick(i), &mut trace);
                     }
-                    continue;
                 }
-            };
-            trace.push(self.describe(&s, &action));
-            s = self.next_state(&s, action).unwrap_or_else(|| {
-                panic!(
-                    "opening of {}: {} did nothing",
-                    self.name,
-                    trace[trace.len() - 1]
-                )
-            });
+            }
         }
         // The search counts its steps from here.
         s.steps = Steps::default();

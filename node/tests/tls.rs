@@ -91,30 +91,27 @@ fn health_answers_over_tls_and_a_plaintext_client_is_refused() {
     cluster.wait_leader();
     let addr = cluster.addrs[0];
     let transport = cluster.transport();
-    runtime().block_on(async {
-        let channel = transport.endpoint(addr).unwrap().connect().await.unwrap();
-        let mut health = HealthClient::new(channel);
-        // Node 1 reports SERVING once it knows the leader, which may be a
-        // little after the leader knows itself (and NOT_SERVING before, if
-        // the election took over twice the timeout on a loaded machine).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            let reply = health
+    let health = || {
+        runtime().block_on(async {
+            let channel = transport.endpoint(addr).unwrap().connect().await.unwrap();
+            HealthClient::new(channel)
                 .check(tonic_health::pb::HealthCheckRequest {
                     service: "kv.v1.Kv".into(),
                 })
                 .await
                 .unwrap()
-                .into_inner();
-            if reply.status == ServingStatus::Serving as i32
-                || tokio::time::Instant::now() > deadline
-            {
-                break reply.status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert_eq!(status, ServingStatus::Serving as i32);
-    });
+                .into_inner()
+                .status
+        })
+    };
+    // Node 1 reports SERVING once it knows the leader, which may be a
+    // little after the leader knows itself (and NOT_SERVING before, if the
+    // election took over twice the timeout on a loaded machine).
+    cluster.wait_until(
+        Duration::from_secs(10),
+        "node 1's health over TLS is SERVING",
+        |_| health() == ServingStatus::Serving as i32,
+    );
     // The CLI's TLS settings from the environment, as etcdctl's.
     let tls = cluster.tls.as_ref().unwrap();
     let out = std::process::Command::new(KV)
